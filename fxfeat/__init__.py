@@ -1,0 +1,44 @@
+"""fxfeat: compile any PyTorch vision model into a feature extractor with torch.fx.
+
+Example:
+    >>> import torch, torchvision, fxfeat
+    >>> extractor = fxfeat.compile(torchvision.models.resnet18())
+    >>> extractor.feature_info.channels()
+    [64, 64, 128, 256, 512]
+"""
+
+from fxfeat.api import Inspection, compile, inspect
+from fxfeat.errors import (
+    FxFeatError,
+    FxFeatWarning,
+    InvalidModelError,
+    InvalidRequestError,
+    NoFeatureMapsError,
+    OutIndicesError,
+    RewriteError,
+    ShapePropagationError,
+    TraceFailedError,
+    UnknownLevelError,
+)
+from fxfeat.feature_info import FeatureInfo
+from fxfeat.module import FeatureGraphModule
+
+__all__ = [
+    "compile",
+    "inspect",
+    "Inspection",
+    "FeatureInfo",
+    "FeatureGraphModule",
+    "FxFeatError",
+    "FxFeatWarning",
+    "InvalidModelError",
+    "InvalidRequestError",
+    "NoFeatureMapsError",
+    "OutIndicesError",
+    "RewriteError",
+    "ShapePropagationError",
+    "TraceFailedError",
+    "UnknownLevelError",
+]
+
+__version__ = "0.1.0"

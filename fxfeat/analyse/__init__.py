@@ -1,0 +1,92 @@
+"""Stage 2 of the pipeline: analyses of a traced model. They annotate, they never change the graph.
+
+Example:
+    >>> import torchvision
+    >>> from fxfeat.trace import trace_model
+    >>> from fxfeat.analyse import analyse
+    >>> analysis = analyse(trace_model(torchvision.models.resnet18().eval()), (3, 224, 224))
+    >>> [level.channels for level in analysis.levels]
+    [64, 64, 128, 256, 512]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fxfeat.analyse.dataflow import DataFlow
+from fxfeat.analyse.levels import Level, StrideChange, find_levels
+from fxfeat.analyse.shapes import NodeShape, propagate_shapes
+from fxfeat.trace import TracedModel
+
+__all__ = ["GraphAnalysis", "Level", "NodeShape", "StrideChange", "analyse"]
+
+
+@dataclass(frozen=True)
+class GraphAnalysis:
+    """Everything the planner needs to know about a traced model.
+
+    Attributes:
+        traced: the traced model.
+        input_size: probe size (C, H, W).
+        shapes: shape, layout and reduction of every tensor-valued node at the probe size.
+        dataflow: the data-flow graph.
+        chain: nodes every input-to-output path passes through, in order.
+        levels: the levels discovered from the graph.
+        stride_changes: where the reduction grows along the chain.
+        trunk: keys of the module calls that enclose the stages (empty: the model itself).
+        declared: the model's own timm-style ``feature_info`` (list of dicts), if it has one.
+    """
+
+    traced: TracedModel
+    input_size: tuple[int, int, int]
+    shapes: dict[str, NodeShape]
+    dataflow: DataFlow
+    chain: tuple[str, ...]
+    levels: tuple[Level, ...]
+    stride_changes: tuple[StrideChange, ...]
+    trunk: tuple[str, ...]
+    declared: tuple[dict[str, Any], ...] | None
+
+    def level_at(self, node: str, module: str | None = None) -> Level:
+        """Describe an arbitrary node as a level (used for levels the user or the model names)."""
+        shape = self.shapes.get(node)
+        if module is None:
+            returned_by = [call for call in self.traced.calls.values() if node in call.outputs]
+            module = min((call.path for call in returned_by), key=lambda p: p.count("."), default="")
+        return Level(
+            node=node,
+            module=module,
+            reduction=shape.reduction if shape else None,
+            channels=shape.channels if shape and shape.fmt else (shape.shape[0] if shape and shape.shape else None),
+            fmt=shape.fmt if shape else None,
+            shape=shape.shape if shape else (),
+        )
+
+
+def _declared_feature_info(model: Any) -> tuple[dict[str, Any], ...] | None:
+    info = getattr(model, "feature_info", None)
+    info = getattr(info, "info", info)  # timm's FeatureInfo object keeps the list in .info
+    if isinstance(info, Sequence) and info and all(isinstance(e, dict) and "module" in e for e in info):
+        return tuple(dict(entry) for entry in info)
+    return None
+
+
+def analyse(traced: TracedModel, input_size: tuple[int, int, int]) -> GraphAnalysis:
+    """Run every analysis on ``traced`` with probes of ``input_size`` (C, H, W)."""
+    shapes = propagate_shapes(traced.graph_module, input_size)
+    dataflow = DataFlow(traced.graph)
+    chain = dataflow.dominator_chain()
+    levels, changes, trunk = find_levels(traced, chain, shapes)
+    return GraphAnalysis(
+        traced=traced,
+        input_size=tuple(input_size),
+        shapes=shapes,
+        dataflow=dataflow,
+        chain=chain,
+        levels=levels,
+        stride_changes=changes,
+        trunk=trunk,
+        declared=_declared_feature_info(traced.root),
+    )

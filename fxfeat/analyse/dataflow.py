@@ -1,0 +1,110 @@
+"""The data-flow graph of a traced model (networkx) and the nodes every input-to-output path goes through.
+
+Only data flow counts. Parameters and constants (``get_attr`` nodes and what is computed from them alone, such
+as a layer-scale ``gamma.reshape(...)`` or a position embedding) are not data flow, and neither are uses that
+read only a tensor's metadata (``x.shape``, ``x.size()``, ``torch.zeros_like(x)``...) nor tensors built from
+such metadata (``torch.zeros(x.shape[0], ...)``). Wiring those to the input would create paths that bypass
+the real computation and break dominance for everything before them.
+
+This module is the only one that speaks networkx; the rest of fxfeat works with node names.
+
+Example:
+    >>> import torchvision
+    >>> from fxfeat.trace import trace_model
+    >>> from fxfeat.analyse.dataflow import DataFlow
+    >>> flow = DataFlow(trace_model(torchvision.models.resnet18().eval()).graph)
+    >>> flow.dominator_chain()[:4]
+    ('x', 'conv1', 'bn1', 'relu')
+"""
+
+from __future__ import annotations
+
+import functools
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+__all__ = ["DataFlow"]
+
+_METADATA_ATTRIBUTES = {
+    "shape", "dtype", "device", "ndim", "is_cuda", "layout", "requires_grad", "is_sparse", "is_quantized",
+    "is_meta", "names",
+}
+_METADATA_METHODS = {
+    "size", "dim", "ndimension", "numel", "nelement", "element_size", "get_device", "is_contiguous",
+    "is_floating_point", "is_complex", "new_zeros", "new_ones", "new_empty", "new_full",
+}
+# Methods whose *other* tensor argument only lends its shape or dtype.
+_SHAPE_DONOR_METHODS = {"expand_as", "view_as", "reshape_as", "type_as"}
+_METADATA_FUNCTIONS = {
+    len, torch.numel, torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
+    torch.rand_like, torch.randn_like, torch.randint_like,
+}
+
+
+def data_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs of ``node`` whose values (not only metadata) flow into its result."""
+    if node.op in ("placeholder", "get_attr"):
+        return []
+    if node.op == "call_function":
+        if node.target is getattr and len(node.args) > 1 and node.args[1] in _METADATA_ATTRIBUTES:
+            return []
+        if node.target in _METADATA_FUNCTIONS:
+            return []
+    if node.op == "call_method":
+        if node.target in _METADATA_METHODS:
+            return []
+        if node.target in _SHAPE_DONOR_METHODS:
+            return [node.args[0]] if isinstance(node.args[0], fx.Node) else []
+    return list(node.all_input_nodes)
+
+
+class DataFlow:
+    """Data-flow graph of an fx graph: an edge ``u -> v`` when ``u``'s value flows into ``v``.
+
+    Args:
+        graph: the traced graph; its first placeholder is the image input.
+    """
+
+    def __init__(self, graph: fx.Graph):
+        nodes = list(graph.nodes)
+        self._fx_nodes = nodes
+        self.order = {node.name: i for i, node in enumerate(nodes)}
+        self.source = next(node.name for node in nodes if node.op == "placeholder")
+        self.sink = next(node.name for node in reversed(nodes) if node.op == "output")
+        self.graph = nx.DiGraph()
+        self.graph.add_nodes_from(node.name for node in nodes)
+        self.graph.add_edges_from((arg.name, node.name) for node in nodes for arg in data_inputs(node))
+        self.data_nodes = nx.descendants(self.graph, self.source) | {self.source}
+
+    def depends_on_input(self, name: str) -> bool:
+        """Whether the value of node ``name`` is computed from the input image."""
+        return name in self.data_nodes
+
+    def dominator_chain(self, sink: str | None = None) -> tuple[str, ...]:
+        """Nodes that every path from the input to ``sink`` (default: the output) passes through, in order."""
+        sink = sink or self.sink
+        if sink not in self.data_nodes:
+            return ()
+        on_paths = self.data_nodes & (nx.ancestors(self.graph, sink) | {sink})
+        dominators = nx.immediate_dominators(self.graph.subgraph(on_paths), self.source)
+        chain = [sink]
+        while chain[-1] != self.source:
+            chain.append(dominators[chain[-1]])
+        return tuple(reversed(chain))
+
+    def ancestors(self, names: list[str]) -> set[str]:
+        """Every node (data or not) some of ``names`` is computed from, themselves included."""
+        found = set(names)
+        for name in names:
+            found |= nx.ancestors(self.graph_with_all_inputs, name)
+        return found
+
+    @functools.cached_property
+    def graph_with_all_inputs(self) -> nx.DiGraph:
+        """Dependency graph including parameter and metadata edges."""
+        graph = nx.DiGraph()
+        graph.add_nodes_from(self.graph.nodes)
+        graph.add_edges_from((arg.name, node.name) for node in self._fx_nodes for arg in node.all_input_nodes)
+        return graph

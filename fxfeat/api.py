@@ -1,0 +1,202 @@
+"""``fxfeat.compile`` and ``fxfeat.inspect``: the pipeline as a short list of named steps.
+
+trace -> analyse -> plan -> rewrite -> build.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxfeat.analyse import GraphAnalysis, analyse
+from fxfeat.feature_info import FeatureInfo
+from fxfeat.module import FeatureGraphModule
+from fxfeat.passes import expose_outputs, remove_dead_code, run_passes
+from fxfeat.plan import make_plan, make_request
+from fxfeat.plan.plan import format_table
+from fxfeat.trace import evaluation_mode, trace_model
+
+__all__ = ["compile", "inspect", "Inspection"]
+
+
+def compile(  # noqa: A001 - the public name is the point
+    model: nn.Module,
+    *,
+    mode: str = "features",
+    out_indices: int | tuple[int, ...] | None = None,
+    output_stride: int | None = None,
+    levels: str | list[str] | None = None,
+    input_size: tuple[int, int, int] | None = None,
+    output_fmt: str = "NCHW",
+    return_dict: bool = False,
+) -> FeatureGraphModule:
+    """Compile ``model`` into a feature extractor.
+
+    Args:
+        model: any ``nn.Module`` taking one image batch. It is never modified.
+        mode: ``"features"`` returns a feature pyramid.
+        out_indices: which levels to return, as in timm: ``None`` all of them, an int ``n`` the last ``n``,
+            a tuple the given indices (negative ones count from the end).
+        output_stride: reserved for the dilation rewrite (``None`` keeps the native stride).
+        levels: ``None`` uses the model's declared timm-style ``feature_info`` if it has one, else discovers
+            the levels; ``"auto"`` always discovers them from the graph; a list of module paths or fx node
+            names picks them.
+        input_size: ``(C, H, W)`` of the probe input; default from the model's ``pretrained_cfg`` or
+            ``default_cfg``, else ``(3, 224, 224)``. The extractor works at any size the model accepts.
+        output_fmt: ``"NCHW"`` permutes channels-last maps to NCHW; ``"native"`` returns them as computed.
+        return_dict: return a dict keyed by level name instead of a list.
+
+    Returns:
+        A :class:`FeatureGraphModule` (a ``torch.fx.GraphModule``) with ``feature_info``. It keeps only the
+        submodules and parameters the returned levels need, shares parameter storage with ``model`` and is in
+        ``model``'s training mode. The graph is traced in eval mode.
+
+    Example:
+        >>> import torch, torchvision, fxfeat
+        >>> extractor = fxfeat.compile(torchvision.models.resnet50(), out_indices=(1, 2, 3, 4))
+        >>> extractor.feature_info.channels(), extractor.feature_info.reduction()
+        ([256, 512, 1024, 2048], [4, 8, 16, 32])
+        >>> [tuple(f.shape) for f in extractor.eval()(torch.randn(1, 3, 224, 224))][-1]
+        (1, 2048, 7, 7)
+    """
+    request = make_request(
+        model, mode=mode, out_indices=out_indices, output_stride=output_stride,
+        levels=levels, input_size=input_size, output_fmt=output_fmt, return_dict=return_dict,
+    )
+    _check_supported(request)
+    with evaluation_mode(model):
+        traced = trace_model(model)
+        analysis = analyse(traced, request.input_size)
+    plan = make_plan(analysis, request)
+    graph = run_passes(traced.graph, plan, [expose_outputs, remove_dead_code])
+    feature_info = FeatureInfo(plan.feature_info(), plan.out_indices)
+    return FeatureGraphModule.build(
+        traced.graph_module, graph, feature_info, training=model.training, class_name=f"{traced.model_name}Features"
+    )
+
+
+def _check_supported(request) -> None:
+    from fxfeat.errors import InvalidRequestError
+
+    if request.mode != "features" or request.output_stride is not None:
+        raise InvalidRequestError(
+            f"mode={request.mode!r} with output_stride={request.output_stride!r} is not implemented yet.",
+            hint="use mode='features' and output_stride=None.",
+        )
+
+
+@dataclass(frozen=True)
+class LevelReport:
+    """One row of :class:`Inspection`."""
+
+    index: int
+    module: str
+    node: str
+    channels: int | None
+    reduction: int | None
+    shape: tuple[int, ...]
+    parameters: int
+    candidates: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What fxfeat sees in a model: its levels with their candidate nodes, and the parameters each keeps.
+
+    Attributes:
+        model_name: class name of the model.
+        input_size: probe size (C, H, W).
+        source: where the levels come from (``"declared"``, ``"discovered"``, ``"user"``).
+        levels: one report per level.
+        total_parameters: parameters of the whole model.
+        opaque_modules: submodules torch.fx could not trace through, with the reason.
+    """
+
+    model_name: str
+    input_size: tuple[int, int, int]
+    source: str
+    levels: tuple[LevelReport, ...]
+    total_parameters: int
+    opaque_modules: dict[str, str]
+
+    def __str__(self) -> str:
+        origin = {"declared": "declared by the model", "discovered": "discovered from the graph",
+                  "user": "chosen by the user"}[self.source]
+        rows = [
+            (r.index, r.module or "-", r.node, r.channels, r.reduction, "x".join(map(str, r.shape)),
+             f"{r.parameters / 1e6:.2f}M", ", ".join(c for c in r.candidates if c != r.node) or "-")
+            for r in self.levels
+        ]
+        lines = [
+            f"{self.model_name}: {len(self.levels)} levels ({origin}) at input size {self.input_size}; "
+            f"{self.total_parameters / 1e6:.2f}M parameters in the model",
+            format_table(("index", "module", "node", "channels", "reduction", "shape", "params kept",
+                          "other candidates"), rows),
+        ]
+        for path, reason in self.opaque_modules.items():
+            lines.append(f"  opaque: {path} ({reason})")
+        return "\n".join(lines)
+
+
+def _parameters_needed(analysis: GraphAnalysis, node: str) -> int:
+    """Number of parameters needed to compute ``node``."""
+    gm = analysis.traced.graph_module
+    graph_nodes = {n.name: n for n in gm.graph.nodes}
+    seen: dict[int, int] = {}
+    for name in analysis.dataflow.ancestors([node]):
+        fx_node = graph_nodes[name]
+        if fx_node.op == "call_module":
+            tensors = list(gm.get_submodule(fx_node.target).parameters())
+        elif fx_node.op == "get_attr":
+            value = getattr(gm, fx_node.target.replace(".", "_"), None)
+            try:
+                value = gm.get_parameter(fx_node.target)
+            except AttributeError:
+                value = None
+            tensors = [value] if isinstance(value, torch.Tensor) else []
+        else:
+            tensors = []
+        for tensor in tensors:
+            seen[id(tensor)] = tensor.numel()
+    return sum(seen.values())
+
+
+def inspect(
+    model: nn.Module, *, levels: str | list[str] | None = None, input_size: tuple[int, int, int] | None = None
+) -> Inspection:
+    """Show every level fxfeat finds (or the given ``levels``) with candidates, shapes and parameters kept.
+
+    Example:
+        >>> import torchvision, fxfeat
+        >>> report = fxfeat.inspect(torchvision.models.resnet18())
+        >>> [(level.module, level.channels, level.reduction) for level in report.levels][:2]
+        [('relu', 64, 2), ('layer1', 64, 4)]
+        >>> print(report)  # doctest: +ELLIPSIS
+        ResNet: 5 levels (discovered from the graph) at input size (3, 224, 224); 11.69M parameters in the model
+          index  module  node  channels  reduction  shape  params kept  other candidates
+          0      relu    relu  64        2          64x112x112  0.01M  conv1, bn1
+        ...
+    """
+    request = make_request(model, levels=levels, input_size=input_size)
+    with evaluation_mode(model):
+        traced = trace_model(model)
+        analysis = analyse(traced, request.input_size)
+    plan = make_plan(analysis, request)
+    reports = tuple(
+        LevelReport(
+            index=i, module=level.module, node=level.node, channels=level.channels, reduction=level.reduction,
+            shape=level.shape, parameters=_parameters_needed(analysis, level.node), candidates=level.candidates,
+        )
+        for i, level in enumerate(plan.levels)
+    )
+    return Inspection(
+        model_name=traced.model_name,
+        input_size=request.input_size,
+        source=plan.source,
+        levels=reports,
+        total_parameters=sum(p.numel() for p in model.parameters()),
+        opaque_modules=dict(traced.opaque_modules),
+    )

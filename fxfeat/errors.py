@@ -1,0 +1,83 @@
+"""The one error hierarchy of fxfeat.
+
+Every problem a user can cause is reported as a subclass of :class:`FxFeatError` whose message states the
+fact, names the model, node or module involved, and ends with a ``Hint:`` giving the next step.
+
+Example:
+    >>> import torch, fxfeat
+    >>> try:
+    ...     fxfeat.compile("resnet50")
+    ... except fxfeat.FxFeatError as error:
+    ...     print(type(error).__name__)
+    InvalidModelError
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FxFeatError",
+    "InvalidModelError",
+    "InvalidRequestError",
+    "OutIndicesError",
+    "UnknownLevelError",
+    "TraceFailedError",
+    "ShapePropagationError",
+    "NoFeatureMapsError",
+    "RewriteError",
+]
+
+
+class FxFeatError(Exception):
+    """Base class of every error fxfeat raises on purpose.
+
+    Args:
+        message: what is wrong, naming the model, node or module involved.
+        hint: the next step for the user; appended as ``Hint: ...``.
+    """
+
+    def __init__(self, message: str, hint: str | None = None):
+        self.message = message
+        self.hint = hint
+        super().__init__(f"{message}\nHint: {hint}" if hint else message)
+
+
+class InvalidModelError(FxFeatError, TypeError):
+    """The object given as a model is not something fxfeat can compile (e.g. not an ``nn.Module``)."""
+
+
+class InvalidRequestError(FxFeatError, ValueError):
+    """An argument of ``compile``/``inspect`` is malformed (wrong type, unknown mode, ...)."""
+
+
+class OutIndicesError(InvalidRequestError, IndexError):
+    """``out_indices`` selects a level that does not exist."""
+
+
+class UnknownLevelError(InvalidRequestError, KeyError):
+    """A name in ``levels=[...]`` is neither a module path nor an fx node name of the model."""
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return Exception.__str__(self)
+
+
+class TraceFailedError(FxFeatError, RuntimeError):
+    """``torch.fx`` could not trace the model, even after making failing submodules opaque."""
+
+
+class ShapePropagationError(FxFeatError, RuntimeError):
+    """Running the traced model on a probe input failed."""
+
+
+class NoFeatureMapsError(FxFeatError, ValueError):
+    """The model computes no spatial feature map (e.g. an MLP), so there is nothing to extract."""
+
+
+class RewriteError(FxFeatError, RuntimeError):
+    """A rewrite pass failed; the message names the pass."""
+
+
+class FxFeatWarning(UserWarning):
+    """Something fxfeat worked around (a submodule made opaque, a declared ``feature_info`` ignored...)."""
+
+
+__all__.append("FxFeatWarning")

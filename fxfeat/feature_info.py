@@ -1,0 +1,88 @@
+"""``FeatureInfo``: what each output of an extractor is, in timm's schema plus fxfeat's own fields.
+
+Each entry is a dict with timm's keys ``num_chs``, ``reduction``, ``module`` (so heads written for timm work
+unchanged) and fxfeat's ``node`` (fx node name), ``fmt`` (layout of the returned tensor, e.g. ``"NCHW"``),
+``shape`` (per-sample shape of the returned tensor at the probe size, batch dimension left out) and ``index``.
+
+Like timm's class, ``len()`` and ``[i]`` cover every level the model has, while the accessors
+(``channels()``, ``reduction()``, ...) default to the selected ``out_indices``.
+
+Example:
+    >>> from fxfeat import FeatureInfo
+    >>> info = FeatureInfo(
+    ...     [dict(num_chs=64, reduction=2, module="act1"), dict(num_chs=256, reduction=4, module="layer1")],
+    ...     out_indices=(1,),
+    ... )
+    >>> info.channels(), info.reduction(), info.module_name(), len(info)
+    ([256], [4], ['layer1'], 2)
+    >>> info.channels(idx=0)
+    64
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["FeatureInfo"]
+
+IndexArg = int | Sequence[int] | None
+
+
+class FeatureInfo:
+    """Describes every level of a model and which of them an extractor returns.
+
+    Args:
+        info: one dict per level, in level order.
+        out_indices: indices (into ``info``) of the levels the extractor returns, in output order.
+    """
+
+    def __init__(self, info: Sequence[dict[str, Any]], out_indices: Sequence[int]):
+        self.info = [dict(entry, index=entry.get("index", i)) for i, entry in enumerate(info)]
+        self.out_indices = tuple(out_indices)
+
+    def get(self, key: str, idx: IndexArg = None) -> Any:
+        """Value of ``key`` for each returned level (``idx=None``), one level (int) or several (list)."""
+        if idx is None:
+            return [self.info[i][key] for i in self.out_indices]
+        if isinstance(idx, Sequence):
+            return [self.info[i][key] for i in idx]
+        return self.info[idx][key]
+
+    def get_dicts(self, keys: Sequence[str] | None = None, idx: IndexArg = None) -> Any:
+        """The info dicts (restricted to ``keys`` if given) of the returned levels, or of ``idx``."""
+
+        def select(i: int) -> dict[str, Any]:
+            entry = self.info[i]
+            return dict(entry) if keys is None else {k: entry[k] for k in keys}
+
+        if idx is None:
+            return [select(i) for i in self.out_indices]
+        if isinstance(idx, Sequence):
+            return [select(i) for i in idx]
+        return select(idx)
+
+    def channels(self, idx: IndexArg = None) -> Any:
+        """Number of channels of each returned level."""
+        return self.get("num_chs", idx)
+
+    def reduction(self, idx: IndexArg = None) -> Any:
+        """Spatial reduction (stride relative to the input) of each returned level."""
+        return self.get("reduction", idx)
+
+    def module_name(self, idx: IndexArg = None) -> Any:
+        """Path of the module whose output each returned level is."""
+        return self.get("module", idx)
+
+    def from_other(self, out_indices: Sequence[int]) -> FeatureInfo:
+        """The same levels with another selection."""
+        return FeatureInfo(self.info, out_indices)
+
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        return self.info[item]
+
+    def __len__(self) -> int:
+        return len(self.info)
+
+    def __repr__(self) -> str:
+        return f"FeatureInfo(channels={self.channels()}, reduction={self.reduction()}, out_indices={self.out_indices})"

@@ -1,0 +1,27 @@
+"""Pass: make the graph return the planned nodes (a list or a dict), permuted to the requested layout."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from fxfeat.plan import ExtractionPlan
+
+__all__ = ["expose_outputs"]
+
+
+def expose_outputs(graph: fx.Graph, plan: ExtractionPlan) -> None:
+    """Replace the graph's output by the plan's outputs."""
+    nodes = {node.name: node for node in graph.nodes}
+    old_output = next(node for node in reversed(graph.nodes) if node.op == "output")
+    values = []
+    with graph.inserting_before(old_output):
+        for output in plan.outputs:
+            value = nodes[output.node]
+            if output.permute:
+                value = graph.call_method("permute", (value, *output.permute))
+            values.append(value)
+    graph.erase_node(old_output)
+    if plan.return_dict:
+        graph.output({output.name: value for output, value in zip(plan.outputs, values)})
+    else:
+        graph.output(values)

@@ -1,0 +1,219 @@
+"""The extraction plan: which nodes become which outputs. A pure function of (analysis, request).
+
+Example:
+    >>> import torchvision
+    >>> from fxfeat.trace import trace_model
+    >>> from fxfeat.analyse import analyse
+    >>> from fxfeat.plan import make_plan, make_request
+    >>> model = torchvision.models.resnet18().eval()
+    >>> request = make_request(model, out_indices=(1, 3))
+    >>> print(make_plan(analyse(trace_model(model), request.input_size), request))
+    ExtractionPlan (levels discovered from the graph, 2 of 5 returned as a list)
+      index  name    node             channels  reduction  fmt
+      1      layer1  layer1_1_relu_1  64        4          NCHW
+      3      layer3  layer3_1_relu_1  256       16         NCHW
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from fxfeat.analyse import GraphAnalysis, Level
+from fxfeat.errors import FxFeatWarning, NoFeatureMapsError, OutIndicesError, UnknownLevelError
+from fxfeat.plan.request import Request
+
+__all__ = ["ExtractionPlan", "PlannedOutput", "make_plan", "format_table"]
+
+_TO_NCHW = {"NHWC": (0, 3, 1, 2)}
+
+
+@dataclass(frozen=True)
+class PlannedOutput:
+    """One returned tensor.
+
+    Attributes:
+        name: key of the output when the extractor returns a dict.
+        node: the fx node whose value is returned.
+        permute: dimension order applied to the node's value before returning it (``None``: as is).
+        fmt: layout of the returned tensor.
+    """
+
+    name: str
+    node: str
+    permute: tuple[int, ...] | None
+    fmt: str | None
+
+
+@dataclass(frozen=True)
+class ExtractionPlan:
+    """Which levels exist, which are returned and how.
+
+    Attributes:
+        levels: every level of the model, in order.
+        out_indices: indices of the returned levels.
+        outputs: one entry per returned level, in output order.
+        return_dict: return a dict keyed by output name instead of a list.
+        source: where the levels come from: ``"declared"``, ``"discovered"`` or ``"user"``.
+    """
+
+    levels: tuple[Level, ...]
+    out_indices: tuple[int, ...]
+    outputs: tuple[PlannedOutput, ...]
+    return_dict: bool
+    source: str
+
+    def feature_info(self) -> list[dict[str, Any]]:
+        """timm-style info dicts for every level, describing the tensors as they are returned."""
+        planned = dict(zip(self.out_indices, self.outputs))
+        entries = []
+        for index, level in enumerate(self.levels):
+            output = planned.get(index)
+            fmt = output.fmt if output else level.fmt
+            shape = level.shape
+            if output and output.permute:
+                shape = tuple(level.shape[d - 1] for d in output.permute[1:])
+            entries.append(
+                dict(
+                    num_chs=level.channels,
+                    reduction=level.reduction,
+                    module=level.module,
+                    node=level.node,
+                    fmt=fmt,
+                    shape=shape,
+                    index=index,
+                )
+            )
+        return entries
+
+    def __str__(self) -> str:
+        origin = {"declared": "the model's declared feature_info", "discovered": "discovered from the graph",
+                  "user": "chosen by the user"}[self.source]
+        kind = "a dict" if self.return_dict else "a list"
+        rows = [
+            (index, output.name, output.node, level.channels, level.reduction, output.fmt)
+            for index, output in zip(self.out_indices, self.outputs)
+            for level in [self.levels[index]]
+        ]
+        header = f"ExtractionPlan (levels {origin}, {len(self.outputs)} of {len(self.levels)} returned as {kind})"
+        return header + "\n" + format_table(("index", "name", "node", "channels", "reduction", "fmt"), rows)
+
+
+def format_table(header: tuple[str, ...], rows: list[tuple]) -> str:
+    """A plain-text table, two spaces between columns, indented by two."""
+    cells = [tuple(map(str, header))] + [tuple("-" if v is None else str(v) for v in row) for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def _describe(levels: tuple[Level, ...]) -> str:
+    return "\n".join(
+        f"  {i}: {level.module or level.node} ({level.channels} channels, reduction {level.reduction})"
+        for i, level in enumerate(levels)
+    )
+
+
+def _resolve_name(analysis: GraphAnalysis, name: str) -> Level:
+    traced = analysis.traced
+    calls = traced.calls_of_module(name)
+    if calls and calls[-1].outputs:
+        return analysis.level_at(calls[-1].outputs[0], module=name)
+    node_names = {node.name for node in traced.graph.nodes}
+    if name in node_names:
+        return analysis.level_at(name)
+    known = sorted({call.path for call in traced.calls.values()} | node_names)
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+    raise UnknownLevelError(
+        f"{name!r} is neither a module path nor an fx node name of {traced.model_name}."
+        + (f" Close names: {', '.join(close)}." if close else ""),
+        hint="run fxfeat.inspect(model) for the levels and their candidate nodes, or "
+        "torchvision.models.feature_extraction.get_graph_node_names(model) for every node.",
+    )
+
+
+def _declared_levels(analysis: GraphAnalysis) -> tuple[Level, ...] | None:
+    """Levels named by the model's own ``feature_info``; ``None`` if one cannot be found in the graph."""
+    levels = []
+    for entry in analysis.declared or ():
+        calls = analysis.traced.calls_of_module(entry["module"])
+        if not calls:
+            return None
+        nodes = calls[-1].inputs if entry.get("hook_type") == "forward_pre" else calls[-1].outputs
+        if not nodes:
+            return None
+        levels.append(analysis.level_at(nodes[0], module=entry["module"]))
+    return tuple(levels)
+
+
+def _choose_levels(analysis: GraphAnalysis, request: Request) -> tuple[tuple[Level, ...], str]:
+    if isinstance(request.levels, tuple):
+        return tuple(_resolve_name(analysis, name) for name in request.levels), "user"
+    if request.levels is None and analysis.declared:
+        declared = _declared_levels(analysis)
+        if declared is not None:
+            return declared, "declared"
+        warnings.warn(
+            f"{analysis.traced.model_name} declares a feature_info whose modules are not all in the traced "
+            "graph; discovering the levels from the graph instead.",
+            FxFeatWarning,
+            stacklevel=4,
+        )
+    if not analysis.levels:
+        raise NoFeatureMapsError(
+            f"{analysis.traced.model_name} computes no spatial feature map at input size "
+            f"{analysis.input_size}: no tensor on the input-to-output path has dimensions that follow the "
+            "input's height and width.",
+            hint="fxfeat extracts features from image models; check input_size, or pick nodes yourself with "
+            "levels=[...].",
+        )
+    return analysis.levels, "discovered"
+
+
+def _select(out_indices: int | tuple[int, ...] | None, levels: tuple[Level, ...]) -> tuple[int, ...]:
+    count = len(levels)
+    if out_indices is None:
+        return tuple(range(count))
+    if isinstance(out_indices, int):
+        if not 0 < out_indices <= count:
+            raise OutIndicesError(
+                f"out_indices={out_indices} asks for the last {out_indices} levels, but the model has {count}:\n"
+                + _describe(levels),
+                hint=f"use an int from 1 to {count}, or a tuple of indices.",
+            )
+        return tuple(range(count - out_indices, count))
+    selected = set()
+    for index in out_indices:
+        absolute = index + count if index < 0 else index
+        if not 0 <= absolute < count:
+            raise OutIndicesError(
+                f"out_indices {out_indices} selects level {index}, but the model has {count} levels "
+                f"(indices 0 to {count - 1}, or -{count} to -1):\n" + _describe(levels),
+                hint="pick indices from the list above.",
+            )
+        selected.add(absolute)
+    return tuple(sorted(selected))
+
+
+def _output_name(level: Level) -> str:
+    return (level.module or level.node).replace(".", "_")
+
+
+def make_plan(analysis: GraphAnalysis, request: Request) -> ExtractionPlan:
+    """Choose the levels and the returned outputs.
+
+    Raises:
+        NoFeatureMapsError: the model has no spatial feature map.
+        OutIndicesError: ``out_indices`` selects a level that does not exist.
+        UnknownLevelError: a name in ``levels=[...]`` is not in the graph.
+    """
+    levels, source = _choose_levels(analysis, request)
+    out_indices = _select(request.out_indices, levels)
+    outputs = []
+    for index in out_indices:
+        level = levels[index]
+        permute = _TO_NCHW.get(level.fmt) if request.output_fmt == "NCHW" else None
+        fmt = "NCHW" if permute else level.fmt
+        outputs.append(PlannedOutput(_output_name(level), level.node, permute, fmt))
+    return ExtractionPlan(levels, out_indices, tuple(outputs), request.return_dict, source)

@@ -1,0 +1,134 @@
+"""Validate the arguments of ``compile``/``inspect`` into a frozen :class:`Request`.
+
+Example:
+    >>> import torchvision
+    >>> from fxfeat.plan import make_request
+    >>> make_request(torchvision.models.resnet18(), out_indices=[1, -1]).out_indices
+    (1, -1)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from fxfeat.errors import InvalidModelError, InvalidRequestError
+
+__all__ = ["MODES", "OUTPUT_FORMATS", "Request", "make_request"]
+
+MODES = ("features", "unpooled", "pooled")
+OUTPUT_FORMATS = ("NCHW", "native")
+DEFAULT_INPUT_SIZE = (3, 224, 224)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What the user asked for, validated. See :func:`fxfeat.compile` for the meaning of each field."""
+
+    mode: str = "features"
+    out_indices: int | tuple[int, ...] | None = None
+    output_stride: int | None = None
+    levels: str | tuple[str, ...] | None = None
+    input_size: tuple[int, int, int] = DEFAULT_INPUT_SIZE
+    output_fmt: str = "NCHW"
+    return_dict: bool = False
+
+
+def _model_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """The input size a model declares (timm's ``pretrained_cfg``/``default_cfg``), else 3x224x224."""
+    for attribute in ("pretrained_cfg", "default_cfg"):
+        config = getattr(model, attribute, None)
+        size = config.get("input_size") if isinstance(config, dict) else None
+        if isinstance(size, Sequence) and len(size) == 3 and all(isinstance(d, int) for d in size):
+            return tuple(size)
+    return DEFAULT_INPUT_SIZE
+
+
+def _check_input_size(input_size: Any) -> tuple[int, int, int]:
+    if (
+        not isinstance(input_size, Sequence)
+        or len(input_size) != 3
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_size)
+    ):
+        raise InvalidRequestError(
+            f"input_size must be (channels, height, width) as three positive ints; got {input_size!r}.",
+            hint="e.g. input_size=(3, 224, 224).",
+        )
+    return tuple(input_size)
+
+
+def _check_out_indices(out_indices: Any) -> int | tuple[int, ...] | None:
+    if out_indices is None:
+        return None
+    if isinstance(out_indices, int) and not isinstance(out_indices, bool):
+        return out_indices
+    if isinstance(out_indices, Sequence) and not isinstance(out_indices, str) and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in out_indices
+    ):
+        if not out_indices:
+            raise InvalidRequestError("out_indices is empty.", hint="select at least one level, or pass None.")
+        return tuple(out_indices)
+    raise InvalidRequestError(
+        f"out_indices must be None, an int (the last n levels) or a sequence of level indices; "
+        f"got {out_indices!r}.",
+        hint="e.g. out_indices=(1, 2, 3), out_indices=(-1,) or out_indices=3.",
+    )
+
+
+def _check_levels(levels: Any) -> str | tuple[str, ...] | None:
+    if levels is None or levels == "auto":
+        return levels
+    if isinstance(levels, Sequence) and not isinstance(levels, str) and levels and all(
+        isinstance(name, str) for name in levels
+    ):
+        return tuple(levels)
+    raise InvalidRequestError(
+        f"levels must be None, 'auto' or a non-empty list of module paths / fx node names; got {levels!r}.",
+        hint="run fxfeat.inspect(model) to see the levels and candidate nodes.",
+    )
+
+
+def make_request(
+    model: Any,
+    *,
+    mode: str = "features",
+    out_indices: Any = None,
+    output_stride: Any = None,
+    levels: Any = None,
+    input_size: Any = None,
+    output_fmt: str = "NCHW",
+    return_dict: bool = False,
+) -> Request:
+    """Check every argument and fill in defaults taken from the model.
+
+    Raises:
+        InvalidModelError: ``model`` is not an ``nn.Module``.
+        InvalidRequestError: an argument is malformed.
+    """
+    if not isinstance(model, nn.Module):
+        raise InvalidModelError(
+            f"fxfeat compiles torch.nn.Module instances; got {type(model).__name__}.",
+            hint="pass the model object itself, e.g. fxfeat.compile(torchvision.models.resnet50()).",
+        )
+    if mode not in MODES:
+        raise InvalidRequestError(f"Unknown mode {mode!r}.", hint=f"use one of {', '.join(map(repr, MODES))}.")
+    if output_fmt not in OUTPUT_FORMATS:
+        raise InvalidRequestError(
+            f"Unknown output_fmt {output_fmt!r}.", hint=f"use one of {', '.join(map(repr, OUTPUT_FORMATS))}."
+        )
+    if output_stride not in (None, 8, 16, 32):
+        raise InvalidRequestError(
+            f"output_stride must be None, 8, 16 or 32; got {output_stride!r}.", hint="e.g. output_stride=16."
+        )
+    return Request(
+        mode=mode,
+        out_indices=_check_out_indices(out_indices),
+        output_stride=output_stride,
+        levels=_check_levels(levels),
+        input_size=_model_input_size(model) if input_size is None else _check_input_size(input_size),
+        output_fmt=output_fmt,
+        return_dict=bool(return_dict),
+    )

@@ -1,0 +1,234 @@
+"""Trace a model with ``torch.fx``, remembering every module call, and make untraceable submodules opaque.
+
+The tracer records, for each module call, the nodes it was given and the nodes it returned: the analyses need
+them to tell a block's output from a node in the middle of a block. ``torch.fx`` already records the stack of
+module calls that created each node in ``node.meta["nn_module_stack"]``; its keys (``"layer1.0.relu@1"`` for
+the second call of a module) are the call keys used everywhere in fxfeat.
+
+When tracing fails inside a submodule (data-dependent control flow, an ``int(tensor)``...), that submodule is
+made a leaf (called as one opaque ``call_module`` node) and tracing starts again, so the rest of the model
+stays visible. Only a failure in the model's own ``forward`` is fatal.
+
+Example:
+    >>> import torchvision
+    >>> from fxfeat.trace import trace_model
+    >>> traced = trace_model(torchvision.models.resnet18().eval())
+    >>> traced.calls["layer1"].outputs
+    ('layer1_1_relu_1',)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxfeat.errors import FxFeatWarning, TraceFailedError
+
+__all__ = ["ModuleCall", "TracedModel", "evaluation_mode", "trace_model"]
+
+_CONTAINER_FORWARDS = {nn.Sequential.forward, nn.ModuleList.forward, nn.ModuleDict.forward}
+
+
+@dataclass(frozen=True)
+class ModuleCall:
+    """One call of a submodule during tracing.
+
+    Attributes:
+        key: unique name of the call: the module path, with ``@n`` appended for its (n+1)-th call.
+        path: qualified name of the module (``"layer1.0.conv1"``).
+        module_type: the module's class.
+        is_container: the module only chains its children (``nn.Sequential`` and subclasses that keep its
+            ``forward``), so it is not a block of its own.
+        is_leaf: the call is a single opaque ``call_module`` node.
+        inputs: names of the nodes passed to the call.
+        outputs: names of the nodes the call returned.
+    """
+
+    key: str
+    path: str
+    module_type: type
+    is_container: bool
+    is_leaf: bool
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass
+class TracedModel:
+    """The traced graph and what the tracer learned about module calls.
+
+    Attributes:
+        root: the model that was traced (the user's object; never modified).
+        graph_module: a ``GraphModule`` over the traced graph; it shares submodules with ``root``.
+        calls: every module call by key.
+        node_calls: for each node name, the keys of the calls that created it, outermost first.
+        opaque_modules: submodules made leaves because tracing through them failed, with the reason.
+    """
+
+    root: nn.Module
+    graph_module: fx.GraphModule
+    calls: dict[str, ModuleCall]
+    node_calls: dict[str, tuple[str, ...]]
+    opaque_modules: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.graph_module.graph
+
+    @property
+    def model_name(self) -> str:
+        return type(self.root).__name__
+
+    def calls_of_module(self, path: str) -> list[ModuleCall]:
+        """Every call of the module at ``path``, in call order."""
+        return [call for call in self.calls.values() if call.path == path]
+
+
+def _proxy_node_names(value: object) -> tuple[str, ...]:
+    names: list[str] = []
+
+    def visit(item: object) -> None:
+        if isinstance(item, fx.Proxy):
+            names.append(item.node.name)
+        elif isinstance(item, (list, tuple)):
+            for element in item:
+                visit(element)
+        elif isinstance(item, dict):
+            for element in item.values():
+                visit(element)
+
+    visit(value)
+    return tuple(names)
+
+
+def _library_notrace_hints() -> tuple[tuple[type, ...], tuple]:
+    """Modules and functions a model library already loaded declares as not traceable.
+
+    timm keeps such a registry for its own layers (``timm.layers._fx``); honouring it keeps "same"-padding
+    convolutions and similar layers whole. The registry is only read if the model's library imported it.
+    """
+    registry = sys.modules.get("timm.layers._fx")
+    if registry is None:
+        return (), ()
+    modules = tuple(getattr(registry, "get_notrace_modules", list)())
+    functions = tuple(getattr(registry, "get_notrace_functions", list)())
+    return modules, functions
+
+
+class _RecordingTracer(fx.Tracer):
+    """An ``fx.Tracer`` that records module calls and treats chosen submodules as leaves."""
+
+    def __init__(self, opaque: set[str], leaf_types: tuple[type, ...], autowrap_functions: tuple):
+        super().__init__(autowrap_functions=autowrap_functions)
+        self.opaque = opaque
+        self.leaf_types = leaf_types
+        self.calls: dict[str, ModuleCall] = {}
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self.opaque or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        path = self.path_of_module(m)
+        count = self.num_calls.get(path, 0)
+        key = f"{path}@{count}" if count else path
+        try:
+            result = super().call_module(m, forward, args, kwargs)
+        except Exception as error:  # remember the innermost module that failed, then let it propagate
+            if not hasattr(error, "_fxfeat_module"):
+                with contextlib.suppress(AttributeError, TypeError):
+                    error._fxfeat_module = path
+            raise
+        self.calls[key] = ModuleCall(
+            key=key,
+            path=path,
+            module_type=type(m),
+            is_container=type(m).forward in _CONTAINER_FORWARDS,
+            is_leaf=self.is_leaf_module(m, path),
+            inputs=_proxy_node_names((args, kwargs)),
+            outputs=_proxy_node_names(result),
+        )
+        return result
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode for the duration, then restore every submodule's own ``training`` flag."""
+    flags = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags.items():
+            module.training = flag
+
+
+def trace_model(model: nn.Module, max_opaque: int = 64) -> TracedModel:
+    """Trace ``model`` (which should already be in eval mode) into a :class:`TracedModel`.
+
+    Submodules that cannot be traced through are made opaque, one at a time, innermost first; each one is
+    reported with an :class:`~fxfeat.errors.FxFeatWarning`.
+
+    Raises:
+        TraceFailedError: the model's own ``forward`` cannot be traced.
+    """
+    leaf_types, autowrap_functions = _library_notrace_hints()
+    opaque: dict[str, str] = {}
+    first_failure: tuple[str, BaseException] | None = None
+    while True:
+        tracer = _RecordingTracer(set(opaque), leaf_types, autowrap_functions)
+        try:
+            graph = tracer.trace(model)
+            break
+        except Exception as error:
+            path = getattr(error, "_fxfeat_module", "")
+            if first_failure is None:
+                first_failure = (path, error)
+            if not path or path in opaque or len(opaque) >= max_opaque:
+                raise _trace_failure(model, path, error, first_failure, opaque) from error
+            opaque[path] = f"{type(error).__name__}: {error}".splitlines()[0]
+    for path, reason in opaque.items():
+        warnings.warn(
+            f"torch.fx cannot trace through {type(model).__name__}.{path} "
+            f"({type(model.get_submodule(path)).__name__}); it is kept as one opaque call, so no level "
+            f"can be found inside it. Reason: {reason}",
+            FxFeatWarning,
+            stacklevel=3,
+        )
+    graph_module = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    node_calls = {
+        node.name: tuple(node.meta.get("nn_module_stack", {}).keys()) for node in graph_module.graph.nodes
+    }
+    return TracedModel(model, graph_module, tracer.calls, node_calls, opaque)
+
+
+def _trace_failure(
+    model: nn.Module,
+    path: str,
+    error: BaseException,
+    first_failure: tuple[str, BaseException],
+    opaque: dict[str, str],
+) -> TraceFailedError:
+    model_name = type(model).__name__
+    where = f"submodule '{path}' ({type(model.get_submodule(path)).__name__})" if path else "its own forward()"
+    first_path, first_error = first_failure
+    text = f"torch.fx cannot trace {model_name}: the failure is in {where}: {type(error).__name__}: {error}"
+    if first_error is not error:
+        first_where = f"submodule '{first_path}'" if first_path else "forward()"
+        text += (
+            f"\nIt started in {first_where} ({type(first_error).__name__}: {first_error}); making "
+            f"{', '.join(repr(p) for p in opaque) or 'it'} opaque did not help."
+        )
+    return TraceFailedError(
+        text,
+        hint="torch.fx needs forward() code without data-dependent Python control flow; move such code into "
+        "a submodule (fxfeat then keeps it opaque) or wrap the function with torch.fx.wrap.",
+    )
