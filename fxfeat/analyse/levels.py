@@ -5,8 +5,9 @@ each node on it, and the module calls recorded by the tracer:
 
 1. **Stride changes.** Walking the chain, a node whose reduction exceeds every earlier one changes the stride.
 2. **Downsampling units.** The unit of a stride change is the outermost module call that contains it, contains
-   no other stride change, and holds no earlier *stage-like* output before it: a block output of a module
-   with a same-class sibling (``blocks.0``/``blocks.1``, two ``Conv2d`` in a VGG stage). So ResNet's unit is
+   no other stride change, and holds no earlier *stage-like* output before it: a block boundary returned by
+   a module with a same-class sibling (``blocks.0``/``blocks.1``, the two ``ReLU`` of a VGG stage; plain
+   containers such as ``nn.Sequential`` subclasses do not count). So ResNet's unit is
    ``layer2``, EfficientNet's is ``blocks.2`` (its 1x1 expansion conv runs at the old resolution but in the
    middle of a block), DenseNet's is ``transition1`` (its channel-halving conv belongs to the transition),
    and a VGG stage's is the max-pool itself.
@@ -129,7 +130,9 @@ class _Structure:
         return self._twins[path]
 
     def holds_stage_output(self, key: str, before: int) -> bool:
-        """Whether a chain node of call ``key`` before position ``before`` is the output of a repeated block."""
+        """Whether a chain node of call ``key`` before position ``before`` is a block boundary returned by a
+        module (not a plain container) that has a same-class sibling: the work of a stage, not of a
+        downsampling unit."""
         first, _ = self.span[key]
         for name in self.chain[first:before]:
             stack = self.stack(name)
@@ -137,7 +140,7 @@ class _Structure:
             calls = [self.traced.calls[k] for k in inner if k in self.traced.calls]
             if any(not call.is_container and name not in call.outputs for call in calls):
                 continue  # in the middle of a block: not a boundary
-            if any(name in call.outputs and self.has_twin(call.path) for call in calls):
+            if any(name in call.outputs and not call.is_container and self.has_twin(call.path) for call in calls):
                 return True
         return False
 

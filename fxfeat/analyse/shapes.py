@@ -179,8 +179,8 @@ def _layout_from_two_probes(shape: tuple[int, ...], other: tuple[int, ...] | Non
 
 
 def _layout_from_one_probe(shape: tuple[int, ...], height: int, width: int) -> str | None:
-    def plausible(h: int, w: int) -> bool:
-        return h <= height and w <= width and reduction_of(h, height) == reduction_of(w, width)
+    def plausible(h: int, w: int) -> bool:  # a 1x1 map is a global pooling's output, not a feature map
+        return 1 < h <= height and 1 < w <= width and reduction_of(h, height) == reduction_of(w, width)
 
     if len(shape) == 4:
         if plausible(shape[2], shape[3]):

@@ -1,0 +1,36 @@
+# fxfeat: `make demo` and `make test` work from a fresh clone (they install what they need first).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+# torch and torchvision are pinned to the builds that lie on the development machines' disk.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test test-zoo bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e ".[test,export,bench]" $(TORCH_PINS)
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m fxfeat demo
+
+test: install
+	$(PY) -m pytest -q
+
+test-zoo: install
+	$(PY) -m pytest -q -m zoo
+
+bench: install
+	$(PY) -m benchmarks.run --out docs/benchmarks.json --markdown docs/benchmarks.md
+
+lint: install
+	$(PY) -m pip install -q ruff && $(PY) -m ruff check fxfeat tests benchmarks
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -1,0 +1,1 @@
+"""Benchmarks of fxfeat against timm, torchvision and the physical limit. Not tests: see docs/benchmarks.md."""

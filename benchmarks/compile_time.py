@@ -1,0 +1,89 @@
+"""Build time of an extractor: fxfeat.compile vs torchvision's create_feature_extractor vs timm's wrapper.
+
+All three are measured in one process, on the same model objects, on the same feature levels:
+
+- ``fxfeat``: ``fxfeat.compile(model)`` (trace, two shape probes, analyses, rewrite, build);
+- ``torchvision``: ``create_feature_extractor(model, return_nodes=<fxfeat's level modules>)`` (it traces the
+  model twice, in train and eval mode);
+- ``timm``: ``FeatureListNet(model, out_indices)``, the wrapper ``timm.create_model(features_only=True)``
+  builds around an existing model (it reuses the model's modules, so each run gets a fresh copy).
+
+Usage: ``python -m benchmarks.compile_time [--models resnet50 ...] [--repeats 5] [--out results.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+import warnings
+
+import timm
+import torch
+import torchvision
+from timm.models import FeatureListNet
+from torchvision.models.feature_extraction import create_feature_extractor
+
+import fxfeat
+
+DEFAULT_MODELS = ["resnet50", "efficientnet_b0", "convnext_tiny"]
+
+
+def _median_time(fn, repeats: int, setup=lambda: None) -> float:
+    times = []
+    for _ in range(repeats):
+        argument = setup()
+        start = time.perf_counter()
+        fn(argument)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure(name: str, repeats: int) -> dict:
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fxfeat.compile(model)  # warm-up: imports and first-call caches are not build time
+        modules = fxfeat.compile(model).feature_info.module_name()
+        out_indices = tuple(range(len(modules)))
+        results = {
+            "model": name,
+            "levels": modules,
+            "fxfeat_s": _median_time(lambda _: fxfeat.compile(model), repeats),
+            "torchvision_s": _median_time(lambda _: create_feature_extractor(model, return_nodes=modules), repeats),
+            "timm_s": _median_time(
+                lambda fresh: FeatureListNet(fresh, out_indices=out_indices), repeats, lambda: copy.deepcopy(model)
+            ),
+        }
+    results["fxfeat_over_torchvision"] = results["fxfeat_s"] / results["torchvision_s"]
+    results["fxfeat_over_timm"] = results["fxfeat_s"] / results["timm_s"]
+    return results
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=DEFAULT_MODELS, help="timm model names")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    rows = [measure(name, args.repeats) for name in args.models]
+    print(f"Build time, median of {args.repeats}, CPU: {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}, torchvision {torchvision.__version__}, "
+          f"timm {timm.__version__}")
+    print(f"{'model':<18}{'fxfeat':>10}{'torchvision':>13}{'timm':>10}{'fx/tv':>8}{'fx/timm':>9}")
+    for row in rows:
+        print(f"{row['model']:<18}{row['fxfeat_s'] * 1e3:>8.0f}ms{row['torchvision_s'] * 1e3:>11.0f}ms"
+              f"{row['timm_s'] * 1e3:>8.0f}ms{row['fxfeat_over_torchvision']:>8.2f}{row['fxfeat_over_timm']:>9.2f}")
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(dict(device="cpu", torch=torch.__version__, torchvision=torchvision.__version__,
+                           timm=timm.__version__, results=rows), handle, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Unit tests of the analyses: reductions, layouts, data flow and dominance."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import fxfeat
+from fxfeat.analyse import analyse
+from fxfeat.analyse.shapes import reduction_of
+from fxfeat.trace import trace_model
+from tests.helpers import assert_bit_equal_to_eager
+
+
+def test_reduction_is_a_power_of_two_robust_to_valid_convolutions():
+    assert [reduction_of(s, 299) for s in (149, 147, 73, 71, 35, 17, 8)] == [2, 2, 4, 4, 8, 16, 32]
+    assert [reduction_of(s, 224) for s in (112, 56, 28, 14, 7, 109, 5)] == [2, 4, 8, 16, 32, 2, 32]
+    assert reduction_of(300, 224) == 1  # upsampled maps report no reduction
+
+
+class _LayerScaleBlock(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.gamma = nn.Parameter(torch.full((channels,), 0.1))
+
+    def forward(self, x):
+        return x + self.gamma.reshape(1, -1, 1, 1) * self.conv(x)  # parameter-only subgraph: not data flow
+
+
+class _ShapeUser(nn.Module):
+    """Stages whose outputs dominate only if shape-derived tensors are not counted as data flow."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.stage1 = _LayerScaleBlock(8)
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.stage2 = _LayerScaleBlock(16)
+        self.token = nn.Parameter(torch.zeros(1, 1))
+        self.head = nn.Linear(18, 5)
+
+    def forward(self, x):
+        token = self.token.expand(x.shape[0], -1)  # a parameter sized from the input's metadata
+        zeros = x.new_zeros(x.shape[0], 1)  # a tensor built from the input's metadata
+        y = self.stage2(self.down(self.stage1(self.stem(x))))
+        return self.head(torch.cat([y.mean((2, 3)), token, zeros], dim=1))
+
+
+def test_metadata_and_parameter_subgraphs_do_not_break_dominance():
+    model = _ShapeUser().eval()
+    analysis = analyse(trace_model(model), (3, 64, 64))
+    assert [level.module for level in analysis.levels] == ["stage1", "stage2"]
+    assert not analysis.dataflow.depends_on_input("expand")
+    assert not analysis.dataflow.depends_on_input("new_zeros")
+    extractor = fxfeat.compile(model, input_size=(3, 64, 64))
+    assert_bit_equal_to_eager(model, extractor, torch.randn(2, 3, 48, 80))
+
+
+def test_fixed_size_maps_are_not_feature_maps():
+    # torchvision's AlexNet pools to a fixed 6x6: at 224 that looks like a stride-32 map, but it is not.
+    from tests.conftest import torchvision_model
+
+    model = torchvision_model("alexnet")
+    analysis = analyse(trace_model(model), (3, 224, 224))
+    assert analysis.shapes["avgpool"].shape == (256, 6, 6) and analysis.shapes["avgpool"].fmt is None
+    assert analysis.shapes["features_12"].fmt == "NCHW"
+    assert analysis.levels[-1].node == "features_12"
+
+
+def test_valid_convolutions_keep_their_levels():
+    from tests.conftest import torchvision_model
+    from tests.helpers import eager_references
+
+    model = torchvision_model("inception_v3")
+    extractor = fxfeat.compile(model, input_size=(3, 299, 299))
+    info = extractor.feature_info
+    assert info.reduction() == [2, 4, 8, 16, 32]
+    references = eager_references(model, info, torch.randn(1, 3, 299, 299))
+    assert info.get("shape") == [tuple(reference.shape[1:]) for reference in references]

@@ -1,0 +1,132 @@
+"""The public API: out_indices, return_dict, levels=[...], output_fmt, FeatureInfo, inspect, the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import fxfeat
+from tests.conftest import timm_model, torchvision_model
+from tests.helpers import assert_bit_equal_to_eager
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    return torchvision_model("resnet18")
+
+
+def test_out_indices_semantics(resnet18):
+    every = fxfeat.compile(resnet18).feature_info
+    assert every.out_indices == (0, 1, 2, 3, 4)
+    assert fxfeat.compile(resnet18, out_indices=2).feature_info.out_indices == (3, 4)
+    assert fxfeat.compile(resnet18, out_indices=(-1, 1)).feature_info.out_indices == (1, 4)
+    info = fxfeat.compile(resnet18, out_indices=(1, 3)).feature_info
+    assert info.channels() == [64, 256] and info.reduction() == [4, 16] and len(info) == 5
+
+
+def test_return_dict_keys_follow_module_names(resnet18):
+    extractor = fxfeat.compile(resnet18, out_indices=(0, 4), return_dict=True).eval()
+    with torch.no_grad():
+        out = extractor(torch.randn(1, 3, 224, 224))
+    assert list(out) == ["relu", "layer4"]
+    assert_bit_equal_to_eager(resnet18, extractor, torch.randn(1, 3, 224, 224))
+
+
+def test_levels_by_module_path_and_node_name(resnet18):
+    extractor = fxfeat.compile(resnet18, levels=["layer2", "layer3_1_relu_1", "layer3.0"])
+    info = extractor.feature_info
+    assert info.module_name() == ["layer2", "layer3", "layer3.0"]
+    assert info.channels() == [128, 256, 256] and info.reduction() == [8, 16, 16]
+    assert_bit_equal_to_eager(resnet18, extractor, torch.randn(1, 3, 224, 224))
+
+
+def test_feature_info_matches_timm_semantics():
+    from timm.models._features import FeatureInfo as TimmFeatureInfo
+
+    entries = [dict(num_chs=c, reduction=r, module=f"m{i}") for i, (c, r) in enumerate([(8, 2), (16, 4), (32, 8)])]
+    ours, theirs = fxfeat.FeatureInfo(entries, (0, 2)), TimmFeatureInfo([dict(e) for e in entries], (0, 2))
+    for accessor in ("channels", "reduction", "module_name"):
+        for idx in (None, 1, [0, 1]):
+            assert getattr(ours, accessor)(idx) == getattr(theirs, accessor)(idx)
+    assert len(ours) == len(theirs)
+    assert ours.get_dicts(keys=["num_chs"]) == theirs.get_dicts(keys=["num_chs"])
+    assert ours[1]["module"] == theirs[1]["module"]
+
+
+def test_entries_carry_node_fmt_and_shape(resnet18):
+    entry = fxfeat.compile(resnet18).feature_info.get_dicts()[2]
+    assert entry["node"] == "layer2_1_relu_1" and entry["fmt"] == "NCHW" and entry["shape"] == (128, 28, 28)
+
+
+class _Stage(nn.Module):  # channels-last residual block: NHWC in, NHWC out
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels)
+        self.mlp = nn.Linear(channels, channels)
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))
+
+
+class _Down(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 2, stride=2)
+
+    def forward(self, x):
+        return self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class _ChannelsLastNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, stride=4)
+        self.stages = nn.Sequential(_Stage(8), _Down(8, 16), _Stage(16), _Down(16, 32), _Stage(32))
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.stages(self.stem(x).permute(0, 2, 3, 1))
+        return self.head(x.mean((1, 2)))
+
+
+def test_channels_last_levels_are_detected_and_returned_nchw_or_native():
+    model = _ChannelsLastNet().eval()
+    x = torch.randn(2, 3, 96, 128)
+    nchw = fxfeat.compile(model, input_size=(3, 96, 96))
+    assert nchw.feature_info.module_name() == ["stages.0", "stages.2", "stages.4"]
+    assert nchw.feature_info.channels() == [8, 16, 32] and nchw.feature_info.reduction() == [4, 8, 16]
+    assert nchw.feature_info.get("fmt") == ["NCHW"] * 3
+    native = fxfeat.compile(model, input_size=(3, 96, 96), output_fmt="native")
+    assert native.feature_info.get("fmt") == ["NHWC"] * 3
+    assert native.feature_info.get("shape")[0] == (24, 24, 8) and nchw.feature_info.get("shape")[0] == (8, 24, 24)
+    with torch.no_grad():
+        for a, b in zip(nchw.eval()(x), native.eval()(x)):
+            assert torch.equal(a, b.permute(0, 3, 1, 2))
+    assert_bit_equal_to_eager(model, nchw, x)
+
+
+def test_input_size_defaults_to_the_model_config():
+    model = timm_model("resnet50")
+    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, 160, 160))
+    assert fxfeat.compile(model).feature_info.get("shape")[-1] == (2048, 5, 5)
+
+
+def test_extractor_is_a_graph_module_that_survives_deepcopy(resnet18):
+    import copy
+
+    extractor = fxfeat.compile(resnet18, out_indices=(1,))
+    assert isinstance(extractor, torch.fx.GraphModule)
+    clone = copy.deepcopy(extractor)
+    assert isinstance(clone, fxfeat.FeatureGraphModule) and clone.feature_info.channels() == [64]
+
+
+def test_inspect_cli():
+    result = subprocess.run(
+        [sys.executable, "-m", "fxfeat", "inspect", "torchvision:resnet18"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "layer4" in result.stdout and "reduction" in result.stdout

@@ -1,0 +1,109 @@
+"""Bad input gets an FxFeatError subclass with a hint, never an internal AssertionError or KeyError."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxfeat
+from tests.conftest import torchvision_model
+from tests.helpers import assert_bit_equal_to_eager
+
+
+def _raises(error_type, fn, *args, **kwargs) -> str:
+    with pytest.raises(error_type) as caught:
+        fn(*args, **kwargs)
+    assert isinstance(caught.value, fxfeat.FxFeatError)
+    text = str(caught.value)
+    assert "Hint:" in text
+    return text
+
+
+def test_not_a_module():
+    text = _raises(fxfeat.InvalidModelError, fxfeat.compile, "resnet50")
+    assert "str" in text
+
+
+def test_out_indices_out_of_range_lists_the_levels():
+    model = torchvision_model("resnet18")
+    text = _raises(fxfeat.OutIndicesError, fxfeat.compile, model, out_indices=(0, 5))
+    assert "layer4" in text and "5 levels" in text
+    _raises(fxfeat.OutIndicesError, fxfeat.compile, model, out_indices=(-6,))
+    _raises(fxfeat.OutIndicesError, fxfeat.compile, model, out_indices=6)
+    _raises(fxfeat.InvalidRequestError, fxfeat.compile, model, out_indices="all")
+
+
+def test_unknown_level_name_suggests_close_names():
+    model = torchvision_model("resnet18")
+    text = _raises(fxfeat.UnknownLevelError, fxfeat.compile, model, levels=["layer5"])
+    assert "layer4" in text
+
+
+def test_bad_arguments():
+    model = torchvision_model("resnet18")
+    _raises(fxfeat.InvalidRequestError, fxfeat.compile, model, mode="everything")
+    _raises(fxfeat.InvalidRequestError, fxfeat.compile, model, input_size=(224, 224))
+    _raises(fxfeat.InvalidRequestError, fxfeat.compile, model, output_fmt="NHWC")
+    _raises(fxfeat.InvalidRequestError, fxfeat.compile, model, output_stride=4)
+
+
+def test_model_without_feature_maps():
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 64), nn.ReLU(), nn.Linear(64, 10))
+    text = _raises(fxfeat.NoFeatureMapsError, fxfeat.compile, mlp, input_size=(3, 32, 32))
+    assert "Sequential" in text
+
+
+class _DataDependentRoot(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+
+    def forward(self, x):
+        if x.mean() > 0:  # Python control flow on a tensor value: torch.fx cannot trace it
+            x = -x
+        return self.conv(x)
+
+
+def test_untraceable_forward_names_the_model_and_the_error():
+    text = _raises(fxfeat.TraceFailedError, fxfeat.compile, _DataDependentRoot())
+    assert "_DataDependentRoot" in text and "forward()" in text and "control flow" in text
+
+
+class _Gate(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.mean() > 0 else x
+
+
+class _ModelWithUntraceableBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.gate = _Gate()
+        self.stage = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.stage(self.gate(self.stem(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def test_untraceable_submodule_is_made_opaque_and_named():
+    model = _ModelWithUntraceableBlock().eval()
+    with pytest.warns(fxfeat.FxFeatWarning, match=r"_ModelWithUntraceableBlock\.gate \(_Gate\)"):
+        extractor = fxfeat.compile(model, input_size=(3, 64, 64))
+    assert extractor.feature_info.module_name() == ["gate", "stage"]
+    assert_bit_equal_to_eager(model, extractor, torch.randn(2, 3, 64, 64))
+    report = fxfeat.inspect(model, input_size=(3, 64, 64))
+    assert "gate" in report.opaque_modules
+
+
+def test_no_internal_exceptions_leak():
+    model = torchvision_model("resnet18")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for kwargs in (dict(levels=["nope"]), dict(out_indices=(9,)), dict(levels=[""])):
+            with pytest.raises(fxfeat.FxFeatError):
+                fxfeat.compile(model, **kwargs)

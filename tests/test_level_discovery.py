@@ -1,0 +1,45 @@
+"""``levels="auto"`` finds, from the graph alone, the levels timm declares by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+import fxfeat
+from tests.conftest import timm_model
+
+TIMM_DECLARED = [
+    "resnet50",
+    "regnety_032",
+    "resnest26d",
+    "ecaresnet101d",
+    "ese_vovnet19b_dw",
+    "efficientnet_b0",
+    "mobilenetv3_large_100",
+    "densenet121",
+    "convnext_tiny",
+]
+
+
+@pytest.mark.parametrize("name", TIMM_DECLARED)
+def test_discovery_agrees_with_timm(name):
+    model = timm_model(name)
+    declared = [dict(entry) for entry in model.feature_info]
+    del model.feature_info  # the answer must come from the graph
+    info = fxfeat.compile(model, levels="auto").feature_info
+    assert info.channels() == [entry["num_chs"] for entry in declared]
+    assert info.reduction() == [entry["reduction"] for entry in declared]
+    # Not required by timm's contract, but the structural naming lands on the same modules.
+    assert info.module_name() == [entry["module"] for entry in declared]
+
+
+def test_inspect_reports_candidates_and_parameters():
+    model = timm_model("efficientnet_b0")
+    report = fxfeat.inspect(model, levels="auto")
+    assert [level.module for level in report.levels] == ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.6"]
+    parameters = [level.parameters for level in report.levels]
+    assert parameters == sorted(parameters) and parameters[-1] < report.total_parameters
+    # the expansion conv of the next strided block is a candidate at the old reduction but not the level
+    level = report.levels[1]
+    assert level.node in level.candidates and len(level.candidates) > 1
+    text = str(report)
+    assert "blocks.4" in text and "params kept" in text
