@@ -34,7 +34,7 @@ def check_model(name: str) -> None:
     extractor = fxfeat.compile(model)
     assert len(extractor.feature_info) >= 4, extractor.feature_info
     reductions = extractor.feature_info.reduction()
-    assert reductions == sorted(reductions) and reductions[-1] == 32
+    assert all(a < b for a, b in zip(reductions, reductions[1:])), reductions  # one level per reduction
     for height, width in SIZES:
         x = torch.randn(1, 3, height, width)
         assert_bit_equal_to_eager(model, extractor, x)

@@ -36,6 +36,7 @@ class GraphAnalysis:
         levels: the levels discovered from the graph.
         stride_changes: where the reduction grows along the chain.
         trunk: keys of the module calls that enclose the stages (empty: the model itself).
+        candidates: for each reduction, the feature maps of the chain at it that a module returns.
         declared: the model's own timm-style ``feature_info`` (list of dicts), if it has one.
     """
 
@@ -47,6 +48,7 @@ class GraphAnalysis:
     levels: tuple[Level, ...]
     stride_changes: tuple[StrideChange, ...]
     trunk: tuple[str, ...]
+    candidates: dict[int, tuple[str, ...]]
     declared: tuple[dict[str, Any], ...] | None
 
     def level_at(self, node: str, module: str | None = None) -> Level:
@@ -62,6 +64,7 @@ class GraphAnalysis:
             channels=shape.channels if shape and shape.fmt else (shape.shape[0] if shape and shape.shape else None),
             fmt=shape.fmt if shape else None,
             shape=shape.shape if shape else (),
+            candidates=self.candidates.get(shape.reduction, ()) if shape and shape.is_map else (),
         )
 
 
@@ -78,15 +81,16 @@ def analyse(traced: TracedModel, input_size: tuple[int, int, int]) -> GraphAnaly
     shapes = propagate_shapes(traced.graph_module, input_size)
     dataflow = DataFlow(traced.graph)
     chain = dataflow.dominator_chain()
-    levels, changes, trunk = find_levels(traced, chain, shapes)
+    search = find_levels(traced, chain, shapes)
     return GraphAnalysis(
         traced=traced,
         input_size=tuple(input_size),
         shapes=shapes,
         dataflow=dataflow,
         chain=chain,
-        levels=levels,
-        stride_changes=changes,
-        trunk=trunk,
+        levels=search.levels,
+        stride_changes=search.stride_changes,
+        trunk=search.trunk,
+        candidates=search.candidates,
         declared=_declared_feature_info(traced.root),
     )

@@ -39,7 +39,7 @@ from torch import nn
 from fxfeat.analyse.shapes import NodeShape
 from fxfeat.trace import TracedModel
 
-__all__ = ["Level", "StrideChange", "find_levels"]
+__all__ = ["Level", "LevelSearch", "StrideChange", "find_levels"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,23 @@ class Level:
     fmt: str | None
     shape: tuple[int, ...]
     candidates: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class LevelSearch:
+    """What :func:`find_levels` found.
+
+    Attributes:
+        levels: the levels, in order of reduction.
+        stride_changes: where the reduction grows along the dominator chain.
+        trunk: keys of the module calls enclosing the stages, outermost first (empty: the model itself).
+        candidates: for each reduction, every feature map of the chain at it that a module returns.
+    """
+
+    levels: tuple[Level, ...]
+    stride_changes: tuple[StrideChange, ...]
+    trunk: tuple[str, ...]
+    candidates: dict[int, tuple[str, ...]]
 
 
 class _Structure:
@@ -174,15 +191,8 @@ class _Structure:
         return self.traced.calls[outermost].path
 
 
-def find_levels(
-    traced: TracedModel, chain: tuple[str, ...], shapes: dict[str, NodeShape]
-) -> tuple[tuple[Level, ...], tuple[StrideChange, ...], tuple[str, ...]]:
-    """Discover the levels of a model (see the module docstring for the rule).
-
-    Returns:
-        The levels in order of reduction, the stride changes along the chain, and the trunk as the keys of
-        the module calls enclosing it (outermost first; empty for the model itself).
-    """
+def find_levels(traced: TracedModel, chain: tuple[str, ...], shapes: dict[str, NodeShape]) -> LevelSearch:
+    """Discover the levels of a model (see the module docstring for the rule)."""
     structure = _Structure(traced, chain, shapes)
     positions: list[tuple[int, int, int]] = []  # (position, before, after)
     running = 1
@@ -227,7 +237,8 @@ def find_levels(
         )
         for name in levels
     )
-    return result, tuple(changes), trunk
+    candidates = {reduction: tuple(names) for reduction, names in by_reduction.items()}
+    return LevelSearch(result, tuple(changes), trunk, candidates)
 
 
 def _last_candidate(structure: _Structure, positions, reduction: int, stop_on_other: bool) -> str | None:

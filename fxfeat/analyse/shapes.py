@@ -6,8 +6,9 @@ A dimension that changes with the input size is spatial, one that does not is ba
 feature map from a fixed-size one (the 7x7 output of an adaptive pooling is not a feature map). Models that
 only accept their native size fall back to one probe and a rule on equal dimensions.
 
-Probes run on the ``meta`` device (shapes without arithmetic) and fall back to real tensors when an op has
-no meta implementation or mixes devices.
+Probes run on the ``meta`` device (shapes without arithmetic; shape-preserving ops such as normalisations and
+activations pass their input through) and fall back to real tensors when an op has no meta implementation or
+mixes devices.
 
 Example:
     >>> import torch, torchvision
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from fxfeat.errors import ShapePropagationError
@@ -89,15 +92,46 @@ def second_probe_size(height: int, width: int) -> tuple[int, int]:
     return height + 32, width + 96
 
 
-class _MetaShapeProp(torch.nn.Module):
-    """Runs ``ShapeProp`` inside ``torch.func.functional_call`` so parameters can be swapped for meta ones."""
+# Ops whose output has the shape, dtype and device of their first argument. On the meta device many of them
+# run as slow Python decompositions; since a meta tensor holds no data, the probe passes the input through.
+_SHAPE_PRESERVING_MODULES = (
+    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.Identity, nn.Dropout, nn.Dropout2d,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
+    nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
+)
+_SHAPE_PRESERVING_FUNCTIONS = {
+    F.relu, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.dropout,
+    F.layer_norm, F.group_norm, F.batch_norm, torch.relu, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh,
+}
+
+
+def _is_meta(value: object) -> bool:
+    return isinstance(value, torch.Tensor) and value.device.type == "meta"
+
+
+class _ShapeProp(ShapeProp):
+    """``ShapeProp`` that skips the arithmetic of shape-preserving ops on meta tensors."""
+
+    def call_module(self, target, args, kwargs):
+        if args and _is_meta(args[0]) and isinstance(self.fetch_attr(target), _SHAPE_PRESERVING_MODULES):
+            return args[0]
+        return super().call_module(target, args, kwargs)
+
+    def call_function(self, target, args, kwargs):
+        if args and _is_meta(args[0]) and target in _SHAPE_PRESERVING_FUNCTIONS:
+            return args[0]
+        return super().call_function(target, args, kwargs)
+
+
+class _MetaShapeProp(nn.Module):
+    """Runs the propagation inside ``torch.func.functional_call`` so parameters can be swapped for meta ones."""
 
     def __init__(self, graph_module: fx.GraphModule):
         super().__init__()
         self.graph_module = graph_module
 
     def forward(self, example: torch.Tensor):
-        return ShapeProp(self.graph_module).propagate(example)
+        return _ShapeProp(self.graph_module).propagate(example)
 
 
 def _run_probe(graph_module: fx.GraphModule, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
@@ -117,7 +151,7 @@ def _run_probe(graph_module: fx.GraphModule, input_shape: tuple[int, ...]) -> di
         except Exception:
             example = torch.randn((PROBE_BATCH, *input_shape), device=device, dtype=dtype)
             with torch.no_grad():
-                ShapeProp(graph_module).propagate(example)
+                _ShapeProp(graph_module).propagate(example)
     shapes = {}
     for node in graph_module.graph.nodes:
         meta = node.meta.pop("tensor_meta", None)
