@@ -11,6 +11,7 @@ from fxfeat.api import Inspection, compile, inspect
 from fxfeat.errors import (
     FxFeatError,
     FxFeatWarning,
+    HeadNotFoundError,
     InvalidModelError,
     InvalidRequestError,
     NoFeatureMapsError,
@@ -31,6 +32,7 @@ __all__ = [
     "FeatureGraphModule",
     "FxFeatError",
     "FxFeatWarning",
+    "HeadNotFoundError",
     "InvalidModelError",
     "InvalidRequestError",
     "NoFeatureMapsError",

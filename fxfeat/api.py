@@ -6,23 +6,23 @@ trace -> analyse -> plan -> rewrite -> build.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from fxfeat.analyse import GraphAnalysis, analyse
+from fxfeat.analyse import GraphAnalysis, Head, analyse
+from fxfeat.errors import InvalidRequestError
 from fxfeat.feature_info import FeatureInfo
 from fxfeat.module import FeatureGraphModule
-from fxfeat.passes import expose_outputs, remove_dead_code, run_passes
+from fxfeat.passes import attach_classifier, expose_outputs, remove_dead_code, run_passes
 from fxfeat.plan import make_plan, make_request
-from fxfeat.plan.plan import format_table
+from fxfeat.plan.plan import NEW_CLASSIFIER, format_table
 from fxfeat.trace import evaluation_mode, trace_model
 
 __all__ = ["compile", "inspect", "Inspection"]
 
 
-def compile(  # noqa: A001 - the public name is the point
+def compile(
     model: nn.Module,
     *,
     mode: str = "features",
@@ -32,12 +32,15 @@ def compile(  # noqa: A001 - the public name is the point
     input_size: tuple[int, int, int] | None = None,
     output_fmt: str = "NCHW",
     return_dict: bool = False,
+    num_classes: int | None = None,
 ) -> FeatureGraphModule:
     """Compile ``model`` into a feature extractor.
 
     Args:
         model: any ``nn.Module`` taking one image batch. It is never modified.
-        mode: ``"features"`` returns a feature pyramid.
+        mode: ``"features"`` returns a feature pyramid (a list or dict); ``"unpooled"`` the last feature map
+            before the global pooling (timm's ``forward_features``); ``"pooled"`` the input of the classifier
+            (timm's ``num_classes=0``). The last two return one tensor.
         out_indices: which levels to return, as in timm: ``None`` all of them, an int ``n`` the last ``n``,
             a tuple the given indices (negative ones count from the end).
         output_stride: reserved for the dilation rewrite (``None`` keeps the native stride).
@@ -48,6 +51,8 @@ def compile(  # noqa: A001 - the public name is the point
             ``default_cfg``, else ``(3, 224, 224)``. The extractor works at any size the model accepts.
         output_fmt: ``"NCHW"`` permutes channels-last maps to NCHW; ``"native"`` returns them as computed.
         return_dict: return a dict keyed by level name instead of a list.
+        num_classes: with ``mode="pooled"``, put a new ``nn.Linear(C, num_classes)`` head on the pooled features
+            (timm's ``reset_classifier``); ``0`` is plain ``pooled``.
 
     Returns:
         A :class:`FeatureGraphModule` (a ``torch.fx.GraphModule``) with ``feature_info``. It keeps only the
@@ -63,28 +68,34 @@ def compile(  # noqa: A001 - the public name is the point
         (1, 2048, 7, 7)
     """
     request = make_request(
-        model, mode=mode, out_indices=out_indices, output_stride=output_stride,
-        levels=levels, input_size=input_size, output_fmt=output_fmt, return_dict=return_dict,
+        model, mode=mode, out_indices=out_indices, output_stride=output_stride, levels=levels,
+        input_size=input_size, output_fmt=output_fmt, return_dict=return_dict, num_classes=num_classes,
     )
     _check_supported(request)
     with evaluation_mode(model):
         traced = trace_model(model)
         analysis = analyse(traced, request.input_size)
     plan = make_plan(analysis, request)
-    graph = run_passes(traced.graph, plan, [expose_outputs, remove_dead_code])
+    graph = run_passes(traced.graph, plan, [attach_classifier, expose_outputs, remove_dead_code])
     feature_info = FeatureInfo(plan.feature_info(), plan.out_indices)
     return FeatureGraphModule.build(
-        traced.graph_module, graph, feature_info, training=model.training, class_name=f"{traced.model_name}Features"
+        traced.graph_module, graph, feature_info, training=model.training,
+        class_name=f"{traced.model_name}Features", new_modules=_new_modules(plan),
     )
 
 
-def _check_supported(request) -> None:
-    from fxfeat.errors import InvalidRequestError
+def _new_modules(plan) -> dict[str, nn.Module]:
+    """Modules the extractor gets that the model does not have: a fresh classifier (timm's reset_classifier)."""
+    if plan.classifier is None:
+        return {}
+    _, in_features, num_classes = plan.classifier
+    return {NEW_CLASSIFIER: nn.Linear(in_features, num_classes)}
 
-    if request.mode != "features" or request.output_stride is not None:
+
+def _check_supported(request) -> None:
+    if request.output_stride is not None:
         raise InvalidRequestError(
-            f"mode={request.mode!r} with output_stride={request.output_stride!r} is not implemented yet.",
-            hint="use mode='features' and output_stride=None.",
+            f"output_stride={request.output_stride!r} is not implemented yet.", hint="use output_stride=None."
         )
 
 
@@ -113,6 +124,7 @@ class Inspection:
         levels: one report per level.
         total_parameters: parameters of the whole model.
         opaque_modules: submodules torch.fx could not trace through, with the reason.
+        head: the global pooling and classifier found, with the unpooled and pooled nodes (``None``: none).
     """
 
     model_name: str
@@ -121,6 +133,7 @@ class Inspection:
     levels: tuple[LevelReport, ...]
     total_parameters: int
     opaque_modules: dict[str, str]
+    head: Head
 
     def __str__(self) -> str:
         origin = {"declared": "declared by the model", "discovered": "discovered from the graph",
@@ -136,6 +149,11 @@ class Inspection:
             format_table(("index", "module", "node", "channels", "reduction", "shape", "params kept",
                           "other candidates"), rows),
         ]
+        head = self.head
+        lines.append(
+            f"  unpooled: {head.unpooled or '-'} -> global pool: {head.global_pool or 'none found'}; "
+            f"pooled: {head.pooled or '-'} -> classifier: {head.classifier or 'none found'}"
+        )
         for path, reason in self.opaque_modules.items():
             lines.append(f"  opaque: {path} ({reason})")
         return "\n".join(lines)
@@ -199,4 +217,5 @@ def inspect(
         levels=reports,
         total_parameters=sum(p.numel() for p in model.parameters()),
         opaque_modules=dict(traced.opaque_modules),
+        head=analysis.head,
     )

@@ -23,6 +23,7 @@ __all__ = [
     "TraceFailedError",
     "ShapePropagationError",
     "NoFeatureMapsError",
+    "HeadNotFoundError",
     "RewriteError",
 ]
 
@@ -70,6 +71,10 @@ class ShapePropagationError(FxFeatError, RuntimeError):
 
 class NoFeatureMapsError(FxFeatError, ValueError):
     """The model computes no spatial feature map (e.g. an MLP), so there is nothing to extract."""
+
+
+class HeadNotFoundError(FxFeatError, ValueError):
+    """``mode="unpooled"``/``"pooled"`` found no global pooling or no classifier in the model."""
 
 
 class RewriteError(FxFeatError, RuntimeError):

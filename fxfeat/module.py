@@ -38,14 +38,42 @@ class FeatureGraphModule(fx.GraphModule):
 
     @classmethod
     def build(
-        cls, root: nn.Module, graph: fx.Graph, feature_info: FeatureInfo, training: bool, class_name: str
+        cls,
+        root: nn.Module,
+        graph: fx.Graph,
+        feature_info: FeatureInfo,
+        training: bool,
+        class_name: str,
+        new_modules: dict[str, nn.Module] | None = None,
     ) -> FeatureGraphModule:
-        """Make the extractor from ``graph``, keeping only the submodules and tensors it references."""
-        module = cls(root, graph, class_name)
+        """Make the extractor from ``graph``, keeping only the submodules and tensors it references.
+
+        Args:
+            root: the module the graph's ``call_module``/``get_attr`` targets refer to.
+            graph: the rewritten graph.
+            feature_info: what the outputs are.
+            training: the training flag to give the extractor.
+            class_name: name of the generated class.
+            new_modules: modules created for the extractor (a new classifier), by target.
+        """
+        new_modules = new_modules or {}
+        targets = {
+            node.target: new_modules[node.target] if node.target in new_modules else _lookup(root, node.target)
+            for node in graph.nodes
+            if node.op in ("call_module", "get_attr")
+        }
+        module = cls(targets, graph, class_name)
         module.feature_info = feature_info
         _own_module_objects(module)
         module.train(training)
         return module
+
+
+def _lookup(root: nn.Module, target: str):
+    value = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _own_module_objects(module: nn.Module) -> None:

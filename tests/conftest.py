@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fxfeat.cli import build_model  # noqa: E402
+from fxfeat.cli import build_model
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import fxfeat
@@ -25,7 +26,8 @@ def _assert_same(model, snapshot):
     assert params == {name: (p.dtype, p.device, p.requires_grad) for name, p in model.named_parameters()}
 
 
-def test_compile_leaves_the_model_untouched():
+@pytest.mark.parametrize("kwargs", [{}, {"mode": "unpooled"}, {"mode": "pooled", "num_classes": 3}])
+def test_compile_leaves_the_model_untouched(kwargs):
     model = torchvision_model("resnet18").train()  # training mode on purpose: compile traces in eval mode
     model.layer2.eval()  # a mixed state must survive too
     x = torch.randn(2, 3, 224, 224)
@@ -35,7 +37,7 @@ def test_compile_leaves_the_model_untouched():
         expected = model(x)
     model.train()
     model.layer2.eval()
-    extractor = fxfeat.compile(model)
+    extractor = fxfeat.compile(model, **kwargs)
     fxfeat.inspect(model)
     _assert_same(model, before)
     assert extractor.training  # the extractor follows the model's mode

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from fxfeat.analyse.dataflow import DataFlow
-from fxfeat.analyse.levels import Level, StrideChange, find_levels
+from fxfeat.analyse.heads import Head, find_head
+from fxfeat.analyse.levels import Level, StrideChange, find_levels, outermost_path, returning_calls
 from fxfeat.analyse.shapes import NodeShape, propagate_shapes
 from fxfeat.trace import TracedModel
 
-__all__ = ["GraphAnalysis", "Level", "NodeShape", "StrideChange", "analyse"]
+__all__ = ["GraphAnalysis", "Head", "Level", "NodeShape", "StrideChange", "analyse"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class GraphAnalysis:
         stride_changes: where the reduction grows along the chain.
         trunk: keys of the module calls that enclose the stages (empty: the model itself).
         candidates: for each reduction, the feature maps of the chain at it that a module returns.
+        head: the global pooling and the classifier, with the unpooled and pooled nodes.
         declared: the model's own timm-style ``feature_info`` (list of dicts), if it has one.
     """
 
@@ -49,14 +51,14 @@ class GraphAnalysis:
     stride_changes: tuple[StrideChange, ...]
     trunk: tuple[str, ...]
     candidates: dict[int, tuple[str, ...]]
+    head: Head
     declared: tuple[dict[str, Any], ...] | None
 
     def level_at(self, node: str, module: str | None = None) -> Level:
         """Describe an arbitrary node as a level (used for levels the user or the model names)."""
         shape = self.shapes.get(node)
         if module is None:
-            returned_by = [call for call in self.traced.calls.values() if node in call.outputs]
-            module = min((call.path for call in returned_by), key=lambda p: p.count("."), default="")
+            module = outermost_path(self.traced, returning_calls(self.traced, node))
         return Level(
             node=node,
             module=module,
@@ -92,5 +94,6 @@ def analyse(traced: TracedModel, input_size: tuple[int, int, int]) -> GraphAnaly
         stride_changes=search.stride_changes,
         trunk=search.trunk,
         candidates=search.candidates,
+        head=find_head(traced, chain, shapes),
         declared=_declared_feature_info(traced.root),
     )

@@ -177,18 +177,29 @@ class _Structure:
 
     def module_of(self, name: str, levels: list[str]) -> str:
         """Path of the outermost call that returns ``name`` and holds no other level: ``blocks.6``, not
-        ``blocks`` which holds every level. A block that returns ``name`` through an ``nn.Identity`` it calls
-        last counts as returning it."""
-        keys = list(self.returned_by.get(name, []))
-        for user in self.nodes[name].users:
-            if user.op == "call_module" and isinstance(self.traced.root.get_submodule(user.target), nn.Identity):
-                keys += [key for key in self.returned_by.get(user.name, []) if key in self.stack(name)]
+        ``blocks`` which holds every level."""
         others = [self.stack(level) for level in levels if level != name]
-        keys = [key for key in keys if not any(key in stack for stack in others)]
-        if not keys:
-            return ""
-        outermost = min(keys, key=lambda key: self.traced.calls[key].path.count("."))
-        return self.traced.calls[outermost].path
+        keys = [key for key in returning_calls(self.traced, name) if not any(key in stack for stack in others)]
+        return outermost_path(self.traced, keys)
+
+
+def returning_calls(traced: TracedModel, name: str) -> list[str]:
+    """Keys of the module calls that return node ``name``. A block that returns it through an
+    ``nn.Identity`` it calls last (an unused anti-aliasing layer, say) counts as returning it."""
+    keys = [call.key for call in traced.calls.values() if name in call.outputs]
+    node = next(node for node in traced.graph.nodes if node.name == name)
+    stack = traced.node_calls.get(name, ())
+    for user in node.users:
+        if user.op == "call_module" and isinstance(traced.root.get_submodule(user.target), nn.Identity):
+            keys += [call.key for call in traced.calls.values() if user.name in call.outputs and call.key in stack]
+    return keys
+
+
+def outermost_path(traced: TracedModel, keys: list[str]) -> str:
+    """Module path of the outermost of the calls ``keys`` (``""`` if there is none)."""
+    if not keys:
+        return ""
+    return traced.calls[min(keys, key=lambda key: traced.calls[key].path.count("."))].path
 
 
 def find_levels(traced: TracedModel, chain: tuple[str, ...], shapes: dict[str, NodeShape]) -> LevelSearch:

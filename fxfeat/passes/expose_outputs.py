@@ -1,4 +1,4 @@
-"""Pass: make the graph return the planned nodes (a list or a dict), permuted to the requested layout."""
+"""Pass: make the graph return the planned nodes (a list, a dict or one tensor), permuted as requested."""
 
 from __future__ import annotations
 
@@ -23,5 +23,7 @@ def expose_outputs(graph: fx.Graph, plan: ExtractionPlan) -> None:
     graph.erase_node(old_output)
     if plan.return_dict:
         graph.output({output.name: value for output, value in zip(plan.outputs, values)})
+    elif plan.single:
+        graph.output(values[0])
     else:
         graph.output(values)

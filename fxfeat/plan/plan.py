@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from fxfeat.analyse import GraphAnalysis, Level
-from fxfeat.errors import FxFeatWarning, NoFeatureMapsError, OutIndicesError, UnknownLevelError
+from fxfeat.errors import FxFeatWarning, HeadNotFoundError, NoFeatureMapsError, OutIndicesError, UnknownLevelError
 from fxfeat.plan.request import Request
 
 __all__ = ["ExtractionPlan", "PlannedOutput", "make_plan", "format_table"]
 
 _TO_NCHW = {"NHWC": (0, 3, 1, 2)}
+NEW_CLASSIFIER = "new_classifier"
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,10 @@ class ExtractionPlan:
         out_indices: indices of the returned levels.
         outputs: one entry per returned level, in output order.
         return_dict: return a dict keyed by output name instead of a list.
-        source: where the levels come from: ``"declared"``, ``"discovered"`` or ``"user"``.
+        source: where the levels come from: ``"declared"``, ``"discovered"``, ``"user"``, or the penultimate
+            node of ``mode="unpooled"``/``"pooled"``.
+        single: return the one output as a tensor (modes ``"unpooled"`` and ``"pooled"``).
+        classifier: ``(pooled node, in_features, num_classes)`` of a new linear head on the pooled features.
     """
 
     levels: tuple[Level, ...]
@@ -64,6 +68,8 @@ class ExtractionPlan:
     outputs: tuple[PlannedOutput, ...]
     return_dict: bool
     source: str
+    single: bool = False
+    classifier: tuple[str, int, int] | None = None
 
     def feature_info(self) -> list[dict[str, Any]]:
         """timm-style info dicts for every level, describing the tensors as they are returned."""
@@ -89,9 +95,8 @@ class ExtractionPlan:
         return entries
 
     def __str__(self) -> str:
-        origin = {"declared": "the model's declared feature_info", "discovered": "discovered from the graph",
-                  "user": "chosen by the user"}[self.source]
-        kind = "a dict" if self.return_dict else "a list"
+        origin = _ORIGINS[self.source]
+        kind = "a dict" if self.return_dict else ("a tensor" if self.single else "a list")
         rows = [
             (index, output.name, output.node, level.channels, level.reduction, output.fmt)
             for index, output in zip(self.out_indices, self.outputs)
@@ -99,6 +104,15 @@ class ExtractionPlan:
         ]
         header = f"ExtractionPlan (levels {origin}, {len(self.outputs)} of {len(self.levels)} returned as {kind})"
         return header + "\n" + format_table(("index", "name", "node", "channels", "reduction", "fmt"), rows)
+
+
+_ORIGINS = {
+    "declared": "the model's declared feature_info",
+    "discovered": "discovered from the graph",
+    "user": "chosen by the user",
+    "unpooled": "the last feature map before the global pooling",
+    "pooled": "the input of the classifier",
+}
 
 
 def format_table(header: tuple[str, ...], rows: list[tuple]) -> str:
@@ -200,6 +214,39 @@ def _output_name(level: Level) -> str:
     return (level.module or level.node).replace(".", "_")
 
 
+def _penultimate_level(analysis: GraphAnalysis, mode: str) -> Level:
+    head, name = analysis.head, analysis.traced.model_name
+    hint = "use mode='features' for the feature pyramid, or pick nodes with levels=[...] (see fxfeat.inspect)."
+    if mode == "unpooled":
+        if head.unpooled is None:
+            raise HeadNotFoundError(
+                f"{name} has no global pooling: no node after its last feature map removes the spatial "
+                "dimensions (the model may return maps itself).",
+                hint=hint,
+            )
+        return analysis.level_at(head.unpooled)
+    if head.pooled is None:
+        raise HeadNotFoundError(
+            f"{name} has no classifier: the last parametrised operation before its output is not a linear "
+            "layer or a 1x1 convolution.",
+            hint=hint,
+        )
+    level = analysis.level_at(head.pooled)
+    if analysis.shapes[head.pooled].fmt is not None:
+        raise HeadNotFoundError(
+            f"{name} applies its classifier ({head.classifier}) to a spatial {analysis.shapes[head.pooled].fmt} "
+            "tensor, before any global pooling, so it has no pooled embedding.",
+            hint=("use mode='unpooled' for the last feature map, or " if head.unpooled else "use ") + hint[4:],
+        )
+    return level
+
+
+def _output(level: Level, output_fmt: str) -> PlannedOutput:
+    permute = _TO_NCHW.get(level.fmt) if output_fmt == "NCHW" else None
+    fmt = "NCHW" if permute else (level.fmt or ("NC" if len(level.shape) == 1 else None))
+    return PlannedOutput(_output_name(level), level.node, permute, fmt)
+
+
 def make_plan(analysis: GraphAnalysis, request: Request) -> ExtractionPlan:
     """Choose the levels and the returned outputs.
 
@@ -207,13 +254,19 @@ def make_plan(analysis: GraphAnalysis, request: Request) -> ExtractionPlan:
         NoFeatureMapsError: the model has no spatial feature map.
         OutIndicesError: ``out_indices`` selects a level that does not exist.
         UnknownLevelError: a name in ``levels=[...]`` is not in the graph.
+        HeadNotFoundError: ``mode="unpooled"``/``"pooled"`` found no global pooling or no classifier.
     """
+    if request.mode != "features":
+        level = _penultimate_level(analysis, request.mode)
+        output = _output(level, request.output_fmt)
+        if not request.num_classes:
+            return ExtractionPlan((level,), (0,), (output,), request.return_dict, request.mode, single=True)
+        logits = Level(NEW_CLASSIFIER, NEW_CLASSIFIER, None, request.num_classes, "NC", (request.num_classes,))
+        return ExtractionPlan(
+            (logits,), (0,), (PlannedOutput(NEW_CLASSIFIER, NEW_CLASSIFIER, None, "NC"),), request.return_dict,
+            request.mode, single=True, classifier=(level.node, level.channels, request.num_classes),
+        )
     levels, source = _choose_levels(analysis, request)
     out_indices = _select(request.out_indices, levels)
-    outputs = []
-    for index in out_indices:
-        level = levels[index]
-        permute = _TO_NCHW.get(level.fmt) if request.output_fmt == "NCHW" else None
-        fmt = "NCHW" if permute else level.fmt
-        outputs.append(PlannedOutput(_output_name(level), level.node, permute, fmt))
-    return ExtractionPlan(levels, out_indices, tuple(outputs), request.return_dict, source)
+    outputs = tuple(_output(levels[index], request.output_fmt) for index in out_indices)
+    return ExtractionPlan(levels, out_indices, outputs, request.return_dict, source)

@@ -35,6 +35,7 @@ class Request:
     input_size: tuple[int, int, int] = DEFAULT_INPUT_SIZE
     output_fmt: str = "NCHW"
     return_dict: bool = False
+    num_classes: int | None = None
 
 
 def _model_input_size(model: nn.Module) -> tuple[int, int, int]:
@@ -101,6 +102,7 @@ def make_request(
     input_size: Any = None,
     output_fmt: str = "NCHW",
     return_dict: bool = False,
+    num_classes: Any = None,
 ) -> Request:
     """Check every argument and fill in defaults taken from the model.
 
@@ -123,6 +125,21 @@ def make_request(
         raise InvalidRequestError(
             f"output_stride must be None, 8, 16 or 32; got {output_stride!r}.", hint="e.g. output_stride=16."
         )
+    if num_classes is not None:
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+            raise InvalidRequestError(
+                f"num_classes must be a non-negative int; got {num_classes!r}.", hint="e.g. num_classes=10."
+            )
+        if mode != "pooled":
+            raise InvalidRequestError(
+                f"num_classes={num_classes} puts a new classifier on pooled features, but mode={mode!r}.",
+                hint="use mode='pooled' with num_classes.",
+            )
+    if mode != "features" and (out_indices is not None or levels is not None):
+        raise InvalidRequestError(
+            f"mode={mode!r} returns one tensor; out_indices and levels select levels of mode='features'.",
+            hint="drop out_indices/levels, or use mode='features'.",
+        )
     return Request(
         mode=mode,
         out_indices=_check_out_indices(out_indices),
@@ -131,4 +148,5 @@ def make_request(
         input_size=_model_input_size(model) if input_size is None else _check_input_size(input_size),
         output_fmt=output_fmt,
         return_dict=bool(return_dict),
+        num_classes=num_classes or None,
     )

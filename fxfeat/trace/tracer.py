@@ -25,7 +25,6 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
 from torch import nn
 

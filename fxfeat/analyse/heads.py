@@ -1,0 +1,99 @@
+"""Find the global pooling and the classifier of a model: where ``unpooled`` and ``pooled`` features are.
+
+- The *unpooled* node is the last feature map (or token sequence) on the dominator chain, skipping
+  ``nn.Identity`` calls. The chain node after it is the *global pooling*: whatever removes the spatial
+  dimensions (adaptive pooling to 1x1, a mean over the spatial axes, a pooling whose kernel covers the map,
+  class-token selection, a flatten).
+- The *classifier* is the last parametrised operation on the chain, if it is a projection (``nn.Linear``,
+  ``F.linear``, or a 1x1 convolution); the *pooled* node is its input. Layers between the pooling and the
+  classifier (a ``conv_head`` after pooling, a pre-logits block, a norm) stay in, as in timm's ``num_classes=0``:
+  the pooled features are exactly what the final projection sees.
+
+Example:
+    >>> import torchvision
+    >>> from fxfeat.trace import trace_model
+    >>> from fxfeat.analyse import analyse
+    >>> head = analyse(trace_model(torchvision.models.resnet18().eval()), (3, 224, 224)).head
+    >>> head.unpooled, head.global_pool, head.pooled, head.classifier
+    ('layer4_1_relu_1', 'avgpool', 'flatten', 'fc')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxfeat.analyse.shapes import NodeShape
+from fxfeat.trace import TracedModel
+
+__all__ = ["Head", "find_head"]
+
+
+@dataclass(frozen=True)
+class Head:
+    """The penultimate nodes of a model (``None`` where there is none).
+
+    Attributes:
+        unpooled: the last feature map or token sequence before the global pooling.
+        global_pool: the first node after it, which removes the spatial dimensions.
+        classifier: the final projection producing the logits.
+        pooled: the classifier's input.
+    """
+
+    unpooled: str | None
+    global_pool: str | None
+    classifier: str | None
+    pooled: str | None
+
+
+def _module(traced: TracedModel, node: fx.Node) -> nn.Module | None:
+    return traced.root.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _is_parametrised(traced: TracedModel, node: fx.Node) -> bool:
+    module = _module(traced, node)
+    if module is not None:
+        return next(module.parameters(), None) is not None
+    return any(arg.op == "get_attr" for arg in node.all_input_nodes)
+
+
+def _is_projection(traced: TracedModel, node: fx.Node) -> bool:
+    module = _module(traced, node)
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, nn.Conv2d):
+        return module.kernel_size == (1, 1) and module.groups == 1
+    return node.op == "call_function" and node.target is F.linear
+
+
+def find_head(traced: TracedModel, chain: tuple[str, ...], shapes: dict[str, NodeShape]) -> Head:
+    """Locate the global pooling and the classifier on the dominator chain."""
+    nodes = {node.name: node for node in traced.graph.nodes}
+
+    def is_spatial(name: str) -> bool:
+        return nodes[name].op != "output" and shapes.get(name) is not None and shapes[name].fmt is not None
+
+    def is_identity(name: str) -> bool:
+        return isinstance(_module(traced, nodes[name]), nn.Identity)
+
+    unpooled = global_pool = None
+    last = max((i for i, name in enumerate(chain) if i > 0 and is_spatial(name)), default=None)
+    if last is not None and nodes[chain[last + 1]].op != "output":
+        global_pool = chain[last + 1]
+        unpooled = next(
+            (chain[i] for i in range(last, 0, -1) if is_spatial(chain[i]) and not is_identity(chain[i])), None
+        )
+
+    classifier = pooled = None
+    for name in reversed(chain):
+        node = nodes[name]
+        if node.op in ("output", "placeholder") or not _is_parametrised(traced, node):
+            continue
+        if _is_projection(traced, node):
+            inputs = [arg for arg in node.all_input_nodes if arg.op != "get_attr"]
+            if inputs:
+                classifier, pooled = name, inputs[0].name
+        break
+    return Head(unpooled, global_pool, classifier, pooled)
