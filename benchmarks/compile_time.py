@@ -31,6 +31,18 @@ import fxfeat
 DEFAULT_MODELS = ["resnet50", "efficientnet_b0", "convnext_tiny"]
 
 
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _median_time(fn, repeats: int, setup=lambda: None) -> float:
     times = []
     for _ in range(repeats):
@@ -71,7 +83,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     rows = [measure(name, args.repeats) for name in args.models]
-    print(f"Build time, median of {args.repeats}, CPU: {platform.processor() or platform.machine()}, "
+    print(f"Build time, median of {args.repeats}, CPU: {cpu_name()}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}, torchvision {torchvision.__version__}, "
           f"timm {timm.__version__}")
     print(f"{'model':<18}{'fxfeat':>9}{'torchvision':>13}{'timm features_only':>20}{'(plain create)':>16}"
@@ -82,7 +94,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{row['fxfeat_over_torchvision']:>20.2f}{row['fxfeat_over_timm_features_only']:>13.2f}")
     if args.out:
         with open(args.out, "w") as handle:
-            json.dump(dict(device="cpu", torch=torch.__version__, torchvision=torchvision.__version__,
+            json.dump(dict(device=f"cpu: {cpu_name()}", threads=torch.get_num_threads(), torch=torch.__version__, torchvision=torchvision.__version__,
                            timm=timm.__version__, results=rows), handle, indent=2)
     return rows
 
