@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from fxfeat.analyse import GraphAnalysis, Head, analyse
-from fxfeat.errors import InvalidRequestError
 from fxfeat.feature_info import FeatureInfo
 from fxfeat.module import FeatureGraphModule
-from fxfeat.passes import attach_classifier, expose_outputs, remove_dead_code, run_passes
+from fxfeat.passes import attach_classifier, dilate, expose_outputs, remove_dead_code, run_passes
 from fxfeat.plan import make_plan, make_request
+from fxfeat.plan.output_stride import check_output_stride, edited_module
 from fxfeat.plan.plan import NEW_CLASSIFIER, format_table
 from fxfeat.trace import evaluation_mode, trace_model
 
@@ -43,7 +43,10 @@ def compile(
             (timm's ``num_classes=0``). The last two return one tensor.
         out_indices: which levels to return, as in timm: ``None`` all of them, an int ``n`` the last ``n``,
             a tuple the given indices (negative ones count from the end).
-        output_stride: reserved for the dilation rewrite (``None`` keeps the native stride).
+        output_stride: ``8``, ``16`` or ``32`` lowers the model's output stride to that value by removing the
+            strides of later convolutions and poolings and dilating what follows (timm's ``output_stride``,
+            torchvision's ``replace_stride_with_dilation``); ``None`` keeps the native stride. Rewritten modules
+            are copies. Raises ``OutputStrideError`` where the model cannot run denser (patch embeddings...).
         levels: ``None`` uses the model's declared timm-style ``feature_info`` if it has one, else discovers
             the levels; ``"auto"`` always discovers them from the graph; a list of module paths or fx node
             names picks them.
@@ -71,32 +74,41 @@ def compile(
         model, mode=mode, out_indices=out_indices, output_stride=output_stride, levels=levels,
         input_size=input_size, output_fmt=output_fmt, return_dict=return_dict, num_classes=num_classes,
     )
-    _check_supported(request)
     with evaluation_mode(model):
         traced = trace_model(model)
         analysis = analyse(traced, request.input_size)
     plan = make_plan(analysis, request)
-    graph = run_passes(traced.graph, plan, [attach_classifier, expose_outputs, remove_dead_code])
+    graph = run_passes(traced.graph, plan, [attach_classifier, dilate, expose_outputs, remove_dead_code])
     feature_info = FeatureInfo(plan.feature_info(), plan.out_indices)
-    return FeatureGraphModule.build(
+    extractor = FeatureGraphModule.build(
         traced.graph_module, graph, feature_info, training=model.training,
-        class_name=f"{traced.model_name}Features", new_modules=_new_modules(plan),
+        class_name=f"{traced.model_name}Features", new_modules=_new_modules(plan, traced.root),
     )
+    if plan.op_edits:
+        extractor.feature_info = _checked_output_stride_info(extractor, plan, request.input_size)
+    return extractor
 
 
-def _new_modules(plan) -> dict[str, nn.Module]:
-    """Modules the extractor gets that the model does not have: a fresh classifier (timm's reset_classifier)."""
-    if plan.classifier is None:
-        return {}
-    _, in_features, num_classes = plan.classifier
-    return {NEW_CLASSIFIER: nn.Linear(in_features, num_classes)}
+def _new_modules(plan, root: nn.Module) -> dict[str, nn.Module]:
+    """Modules the extractor gets instead of, or besides, the model's: edited copies for ``output_stride``
+    and a fresh classifier (timm's ``reset_classifier``)."""
+    modules = {edit.target: edited_module(root.get_submodule(edit.target), edit)
+               for edit in plan.op_edits if edit.target is not None}
+    if plan.classifier is not None:
+        _, in_features, num_classes = plan.classifier
+        modules[NEW_CLASSIFIER] = nn.Linear(in_features, num_classes)
+    return modules
 
 
-def _check_supported(request) -> None:
-    if request.output_stride is not None:
-        raise InvalidRequestError(
-            f"output_stride={request.output_stride!r} is not implemented yet.", hint="use output_stride=None."
-        )
+def _checked_output_stride_info(extractor: FeatureGraphModule, plan, input_size) -> FeatureInfo:
+    """Probe the dilated extractor; describe its outputs by their real shapes (other levels get no shape)."""
+    shapes = check_output_stride(extractor, plan, input_size)
+    entries = plan.feature_info()
+    for entry in entries:
+        entry["shape"] = None
+    for index, shape, output in zip(plan.out_indices, shapes, plan.outputs):
+        entries[index]["shape"] = shape if not output.permute else tuple(shape[d - 1] for d in output.permute[1:])
+    return FeatureInfo(entries, plan.out_indices)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ __all__ = [
     "ShapePropagationError",
     "NoFeatureMapsError",
     "HeadNotFoundError",
+    "OutputStrideError",
     "RewriteError",
 ]
 
@@ -75,6 +76,10 @@ class NoFeatureMapsError(FxFeatError, ValueError):
 
 class HeadNotFoundError(FxFeatError, ValueError):
     """``mode="unpooled"``/``"pooled"`` found no global pooling or no classifier in the model."""
+
+
+class OutputStrideError(FxFeatError, ValueError):
+    """The model cannot run at the requested ``output_stride`` (a patch embedding, a grid-sized reshape...)."""
 
 
 class RewriteError(FxFeatError, RuntimeError):

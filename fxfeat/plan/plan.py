@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import warnings
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any
 
 from fxfeat.analyse import GraphAnalysis, Level
 from fxfeat.errors import FxFeatWarning, HeadNotFoundError, NoFeatureMapsError, OutIndicesError, UnknownLevelError
+from fxfeat.plan.output_stride import OpEdit, plan_output_stride
 from fxfeat.plan.request import Request
 
 __all__ = ["ExtractionPlan", "PlannedOutput", "make_plan", "format_table"]
@@ -61,6 +63,8 @@ class ExtractionPlan:
             node of ``mode="unpooled"``/``"pooled"``.
         single: return the one output as a tensor (modes ``"unpooled"`` and ``"pooled"``).
         classifier: ``(pooled node, in_features, num_classes)`` of a new linear head on the pooled features.
+        op_edits: stride/dilation/padding changes of the ``output_stride`` rewrite.
+        output_stride: the requested output stride (``None``: native).
     """
 
     levels: tuple[Level, ...]
@@ -70,6 +74,8 @@ class ExtractionPlan:
     source: str
     single: bool = False
     classifier: tuple[str, int, int] | None = None
+    op_edits: tuple[OpEdit, ...] = ()
+    output_stride: int | None = None
 
     def feature_info(self) -> list[dict[str, Any]]:
         """timm-style info dicts for every level, describing the tensors as they are returned."""
@@ -258,15 +264,26 @@ def make_plan(analysis: GraphAnalysis, request: Request) -> ExtractionPlan:
     """
     if request.mode != "features":
         level = _penultimate_level(analysis, request.mode)
-        output = _output(level, request.output_fmt)
         if not request.num_classes:
-            return ExtractionPlan((level,), (0,), (output,), request.return_dict, request.mode, single=True)
-        logits = Level(NEW_CLASSIFIER, NEW_CLASSIFIER, None, request.num_classes, "NC", (request.num_classes,))
-        return ExtractionPlan(
-            (logits,), (0,), (PlannedOutput(NEW_CLASSIFIER, NEW_CLASSIFIER, None, "NC"),), request.return_dict,
-            request.mode, single=True, classifier=(level.node, level.channels, request.num_classes),
+            levels, outputs, classifier = (level,), (_output(level, request.output_fmt),), None
+        else:
+            logits = Level(NEW_CLASSIFIER, NEW_CLASSIFIER, None, request.num_classes, "NC", (request.num_classes,))
+            levels, outputs = (logits,), (PlannedOutput(NEW_CLASSIFIER, NEW_CLASSIFIER, None, "NC"),)
+            classifier = (level.node, level.channels, request.num_classes)
+        out_indices, source, single = (0,), request.mode, True
+    else:
+        levels, source = _choose_levels(analysis, request)
+        out_indices = _select(request.out_indices, levels)
+        outputs = tuple(_output(levels[index], request.output_fmt) for index in out_indices)
+        classifier, single = None, False
+    op_edits = plan_output_stride(analysis, request.output_stride)
+    if op_edits:
+        levels = tuple(
+            dataclasses.replace(level, reduction=min(level.reduction, request.output_stride))
+            if level.reduction is not None else level
+            for level in levels
         )
-    levels, source = _choose_levels(analysis, request)
-    out_indices = _select(request.out_indices, levels)
-    outputs = tuple(_output(levels[index], request.output_fmt) for index in out_indices)
-    return ExtractionPlan(levels, out_indices, outputs, request.return_dict, source)
+    return ExtractionPlan(
+        levels, out_indices, outputs, request.return_dict, source, single=single, classifier=classifier,
+        op_edits=op_edits, output_stride=request.output_stride,
+    )
