@@ -59,8 +59,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--output-stride", type=int, default=8)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rows = [measure(name, args.output_stride, args.batch, args.size) for name in args.models]
     print(f"Forward latency, output_stride={args.output_stride}, batch {args.batch}, {args.size}x{args.size}, "
           f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}, timm {timm.__version__}")

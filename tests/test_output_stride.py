@@ -136,3 +136,23 @@ def test_native_output_stride_changes_nothing():
     model = torchvision_model("resnet18")
     native, same = fxfeat.compile(model), fxfeat.compile(model, output_stride=32)
     assert native.code == same.code
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_pointwise_ops_stay_undilated(one_thread):
+    # A 1x1 convolution with dilation 2 computes the same values, but single-threaded CPU kernels for it sum in
+    # another order than the 1x1 fast path: timm and torchvision keep 1x1 ops at dilation 1, and so must fxfeat.
+    model = timm_model("resnet50")
+    extractor = fxfeat.compile(model, output_stride=8, out_indices=(-1,)).eval()
+    assert extractor.get_submodule("layer4.0.downsample.0").dilation == (1, 1)
+    reference = _timm_feature_model("resnet50", model, output_stride=8, out_indices=(-1,))
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(extractor(x)[0], reference(x)[0])

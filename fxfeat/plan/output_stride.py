@@ -179,7 +179,10 @@ def _edit(node, kind, current, factor, multiplier, r_in, r_out, output_stride, t
     if any(s % factor for s in stride):
         raise _cannot_rewrite(node, traced, r_in, r_out, output_stride)
     new_stride = tuple(s // factor for s in stride)
-    new_dilation = tuple(d * multiplier for d in dilation) if kind != "avg_pool" else dilation
+    if kind == "avg_pool":
+        new_dilation = dilation
+    else:  # a 1x1 op keeps dilation 1: same result, but other kernels could sum in another order
+        new_dilation = tuple(d * multiplier if k > 1 else d for d, k in zip(dilation, kernel))
     if new_stride == stride and new_dilation == dilation:
         return None  # a 1x1 op, or an average pooling that cannot be dilated
     target = node.target if node.op == "call_module" else None
