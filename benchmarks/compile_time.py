@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{row['fxfeat_over_torchvision']:>20.2f}{row['fxfeat_over_timm_features_only']:>13.2f}")
     if args.out:
         with open(args.out, "w") as handle:
-            json.dump(dict(device=f"cpu: {cpu_name()}", threads=torch.get_num_threads(), torch=torch.__version__, torchvision=torchvision.__version__,
+            json.dump(dict(device=f"cpu: {cpu_name()}", threads=torch.get_num_threads(), torch=torch.__version__,
+                           torchvision=torchvision.__version__,
                            timm=timm.__version__, results=rows), handle, indent=2)
     return rows
 

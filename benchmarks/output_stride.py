@@ -15,23 +15,10 @@ import torch
 
 import fxfeat
 from benchmarks.compile_time import cpu_name
+from benchmarks.references import timm_feature_model
 from benchmarks.timing import interleaved_latencies
 
 DEFAULT_MODELS = ["resnet50", "ecaresnet101d", "efficientnet_b0", "regnety_032", "convnext_tiny"]
-
-
-def _timm_feature_model(name: str, model: torch.nn.Module, **kwargs) -> torch.nn.Module:
-    reference = timm.create_model(name, pretrained=False, features_only=True, **kwargs).eval()
-    state = model.state_dict()
-
-    def source(key: str) -> str:  # features_only flattens the first level: "stages_0.x" is "stages.0.x"
-        if key in state:
-            return key
-        first, _, rest = key.partition(".")
-        return first.replace("_", ".", 1) + ("." + rest if rest else "")
-
-    reference.load_state_dict({key: state[source(key)] for key in reference.state_dict()})
-    return reference
 
 
 def measure(name: str, output_stride: int, batch: int, size: int) -> dict:
@@ -40,7 +27,7 @@ def measure(name: str, output_stride: int, batch: int, size: int) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         extractor = fxfeat.compile(model, output_stride=output_stride).eval()
-    reference = _timm_feature_model(name, model, output_stride=output_stride)
+    reference = timm_feature_model(name, model, output_stride=output_stride)
     x = torch.randn(batch, 3, size, size)
     with torch.no_grad():
         same = all(torch.equal(a, b) for a, b in zip(extractor(x), reference(x)))

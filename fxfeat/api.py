@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from fxfeat.analyse import GraphAnalysis, Head, analyse
@@ -181,12 +180,10 @@ def _parameters_needed(analysis: GraphAnalysis, node: str) -> int:
         if fx_node.op == "call_module":
             tensors = list(gm.get_submodule(fx_node.target).parameters())
         elif fx_node.op == "get_attr":
-            value = getattr(gm, fx_node.target.replace(".", "_"), None)
             try:
-                value = gm.get_parameter(fx_node.target)
-            except AttributeError:
-                value = None
-            tensors = [value] if isinstance(value, torch.Tensor) else []
+                tensors = [gm.get_parameter(fx_node.target)]
+            except AttributeError:  # a buffer or a constant, not a parameter
+                tensors = []
         else:
             tensors = []
         for tensor in tensors:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fxfeat
+from benchmarks.references import timm_feature_model
 from tests.conftest import timm_model, torchvision_model
 from tests.helpers import as_list, assert_feature_info_matches
 
@@ -28,30 +29,13 @@ def test_equal_to_torchvision_replace_stride_with_dilation(name, output_stride, 
     assert extractor.feature_info.reduction() == [output_stride]
 
 
-def _timm_feature_model(name: str, model: torch.nn.Module, **kwargs) -> torch.nn.Module:
-    """timm's own features_only model with ``kwargs``, carrying ``model``'s weights."""
-    import timm
-
-    reference = timm.create_model(name, pretrained=False, features_only=True, **kwargs).eval()
-    state = model.state_dict()
-
-    def source(key: str) -> str:  # features_only flattens the first level: "stages_0.x" is "stages.0.x"
-        if key in state:
-            return key
-        first, _, rest = key.partition(".")
-        return first.replace("_", ".", 1) + ("." + rest if rest else "")
-
-    reference.load_state_dict({key: state[source(key)] for key in reference.state_dict()})
-    return reference
-
-
 def test_seed_example_ecaresnet101d():
     model = timm_model("ecaresnet101d")
     extractor = fxfeat.compile(model, output_stride=8, out_indices=(2, 4)).eval()
     assert extractor.feature_info.channels() == [512, 2048]
     assert extractor.feature_info.reduction() == [8, 8]
     x = torch.randn(2, 3, 320, 320)
-    reference = _timm_feature_model("ecaresnet101d", model, output_stride=8, out_indices=(2, 4))
+    reference = timm_feature_model("ecaresnet101d", model, output_stride=8, out_indices=(2, 4))
     with torch.no_grad():
         outputs, expected = extractor(x), reference(x)
     assert [list(o.shape) for o in outputs] == [[2, 512, 40, 40], [2, 2048, 40, 40]]
@@ -68,7 +52,7 @@ TIMM_CASES = [
 def test_equal_to_timm_output_stride(name, output_stride):
     model = timm_model(name)
     extractor = fxfeat.compile(model, output_stride=output_stride).eval()
-    reference = _timm_feature_model(name, model, output_stride=output_stride)
+    reference = timm_feature_model(name, model, output_stride=output_stride)
     assert extractor.feature_info.reduction() == reference.feature_info.reduction()
     assert extractor.feature_info.channels() == reference.feature_info.channels()
     x = torch.randn(1, 3, 256, 256)
@@ -152,7 +136,7 @@ def test_pointwise_ops_stay_undilated(one_thread):
     model = timm_model("resnet50")
     extractor = fxfeat.compile(model, output_stride=8, out_indices=(-1,)).eval()
     assert extractor.get_submodule("layer4.0.downsample.0").dilation == (1, 1)
-    reference = _timm_feature_model("resnet50", model, output_stride=8, out_indices=(-1,))
+    reference = timm_feature_model("resnet50", model, output_stride=8, out_indices=(-1,))
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(extractor(x)[0], reference(x)[0])
