@@ -27,7 +27,7 @@ test-zoo: install
 	$(PY) -m pytest -q -m zoo
 
 bench: install
-	$(PY) -m benchmarks.run --out docs/benchmarks.json --markdown docs/benchmarks.md
+	$(PY) -m benchmarks.run --device cpu --out docs/benchmarks.json --markdown docs/benchmarks.md --plot docs/benchmarks.png
 
 lint: install
 	$(PY) -m pip install -q ruff && $(PY) -m ruff check fxfeat tests benchmarks

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fxfeat.analyse.levels import returning_calls
 from fxfeat.analyse.shapes import NodeShape
 from fxfeat.trace import TracedModel
 
@@ -40,12 +41,15 @@ class Head:
         global_pool: the first node after it, which removes the spatial dimensions.
         classifier: the final projection producing the logits.
         pooled: the classifier's input.
+        classifier_module: path of the innermost module returning the classifier's output, whose input the
+            pooled features are (``""`` if none).
     """
 
     unpooled: str | None
     global_pool: str | None
     classifier: str | None
     pooled: str | None
+    classifier_module: str = ""
 
 
 def _module(traced: TracedModel, node: fx.Node) -> nn.Module | None:
@@ -96,4 +100,6 @@ def find_head(traced: TracedModel, chain: tuple[str, ...], shapes: dict[str, Nod
             if inputs:
                 classifier, pooled = name, inputs[0].name
         break
-    return Head(unpooled, global_pool, classifier, pooled)
+    calls = [traced.calls[key].path for key in returning_calls(traced, classifier)] if classifier else []
+    classifier_module = max(calls, key=lambda path: path.count("."), default="")  # the projection itself
+    return Head(unpooled, global_pool, classifier, pooled, classifier_module)

@@ -1,0 +1,130 @@
+"""Reports of a harness run: a Markdown table per model, a target summary, and a PNG plot."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+METHODS = ["eager", "limit", "timm", "torchvision", "fxfeat", "fxfeat+compile"]
+
+
+def _groups(results: dict) -> dict:
+    """Rows by (model, setting, batch), then by method."""
+    groups: dict = defaultdict(dict)
+    for row in results["results"]:
+        groups[(row["model"], row["setting"], row["batch"])][row["method"]] = row
+    return groups
+
+
+def _ratio(rows: dict, method: str, baseline: str) -> float | None:
+    a, b = rows.get(method, {}).get("latency_ms"), rows.get(baseline, {}).get("latency_ms")
+    return a / b if a and b else None
+
+
+def _format(value, pattern: str) -> str:
+    return "-" if value is None else pattern.format(value)
+
+
+def targets(results: dict) -> list[str]:
+    """One line per target and configuration where fxfeat was measured against it."""
+    lines = []
+    for (model, setting, batch), rows in _groups(results).items():
+        checks = [("limit", 1.02, "within 2% of the limit"), ("timm", 1.0, "no slower than timm"),
+                  ("torchvision", 1.0, "no slower than torchvision")]
+        parts = []
+        for baseline, bound, text in checks:
+            ratio = _ratio(rows, "fxfeat", baseline)
+            if ratio is not None:
+                parts.append(f"{text}: {ratio:.3f} ({'met' if ratio <= bound else 'missed'})")
+        build_fx, build_tv = rows.get("fxfeat", {}).get("build_s"), rows.get("torchvision", {}).get("build_s")
+        if build_fx and build_tv:
+            ratio = build_fx / build_tv
+            parts.append(f"build no slower than torchvision: {ratio:.2f} ({'met' if ratio <= 1 else 'missed'})")
+        lines.append(f"- {model}, {setting}, batch {batch}: " + "; ".join(parts))
+    return lines
+
+
+def write_markdown(results: dict, path: str | None, plot: str | None) -> str:
+    """The report as Markdown; written to ``path`` when given. Returns the text."""
+    settings = results["settings"]
+    versions = ", ".join(f"{k} {v}" for k, v in results["versions"].items())
+    lines = [
+        "# Benchmarks: fxfeat vs timm vs torchvision vs the limit",
+        "",
+        f"Measured {results['date']} on **{results['device_name']}** ({results['device']}); {versions}.",
+        f"Settings: dtype {settings['dtype']}, channels-last {settings['channels_last']}, "
+        f"input {settings['input_size']}, mode {settings['mode']}, output_stride {settings['output_stride']}, "
+        f"torch.compile {'timed' if settings['compile'] else 'not timed'}.",
+        f"Command: `{results['command']}`",
+        "",
+        "Latency is the median of `torch.utils.benchmark` runs (IQR beside it); *vs limit* divides by the latency "
+        "of the eager model stopped right after the last requested feature. Every method's features were checked "
+        "against the eager model's (allclose) before it was timed; peak memory is the extra memory of one "
+        "forward. `eager` is the whole classifier.",
+        "",
+    ]
+    if plot:
+        lines += [f"![latency relative to the limit]({plot.rsplit('/', 1)[-1]})", ""]
+    lines += ["## Targets", "", *targets(results), ""]
+    by_model = defaultdict(list)
+    for key, rows in _groups(results).items():
+        by_model[key[0]].append((key, rows))
+    header = ("| setting | batch | method | latency ms | IQR ms | vs limit | images/s | peak MB | build s | note |\n"
+              "|---|---|---|---|---|---|---|---|---|---|")
+    for model, entries in by_model.items():
+        lines += [f"## {model}", "", header]
+        for (_, setting, batch), rows in entries:
+            for method in METHODS:
+                row = rows.get(method)
+                if row is None:
+                    continue
+                lines.append(
+                    f"| {setting} | {batch} | {method} | {_format(row.get('latency_ms'), '{:.2f}')} | "
+                    f"{_format(row.get('iqr_ms'), '{:.2f}')} | {_format(_ratio(rows, method, 'limit'), '{:.3f}')} | "
+                    f"{_format(row.get('throughput'), '{:.1f}')} | {_format(row.get('peak_memory_mb'), '{:.1f}')} | "
+                    f"{_format(row.get('build_s') or None, '{:.3f}')} | {row.get('skipped') or ''} |"
+                )
+        lines.append("")
+    text = "\n".join(lines)
+    if path:
+        with open(path, "w") as handle:
+            handle.write(text)
+    return text
+
+
+def write_plot(results: dict, path: str) -> None:
+    """One panel per model: each method's latency relative to the limit, per setting and batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_model = defaultdict(list)
+    for key, rows in _groups(results).items():
+        by_model[key[0]].append((key, rows))
+    methods = [m for m in METHODS if m not in ("eager",)]
+    figure, axes = plt.subplots(len(by_model), 1, figsize=(10, 3.2 * len(by_model)), squeeze=False)
+    for axis, (model, entries) in zip(axes[:, 0], by_model.items()):
+        width = 0.8 / len(methods)
+        for m, method in enumerate(methods):
+            xs, ys = [], []
+            for g, (_, rows) in enumerate(entries):
+                ratio = _ratio(rows, method, "limit")
+                if ratio is not None:
+                    xs.append(g + (m - (len(methods) - 1) / 2) * width)
+                    ys.append(ratio)
+            if xs:
+                axis.bar(xs, ys, width, label=method)
+        axis.axhline(1.0, color="black", linewidth=0.8)
+        axis.axhline(1.02, color="grey", linewidth=0.8, linestyle="--")
+        axis.set_xticks(range(len(entries)))
+        axis.set_xticklabels([f"{setting}\nbatch {batch}" for (_, setting, batch), _ in entries], fontsize=8)
+        axis.set_ylabel("latency / limit")
+        axis.set_title(model, fontsize=10)
+        values = [r for _, rows in entries for m in methods if (r := _ratio(rows, m, "limit")) is not None]
+        if values:
+            axis.set_ylim(max(0.0, min(values) - 0.1), max(values) + 0.1)
+        axis.legend(fontsize=7, ncol=len(methods), loc="upper left")
+    figure.suptitle(f"{results['device_name']}, {results['settings']['dtype']}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
