@@ -36,13 +36,15 @@ class Check:
     max_error: float
     peak_memory_mb: float
     seconds: float
+    gflops: float | None = None
 
 
-def peak_memory_and_outputs(fn, x: torch.Tensor) -> tuple[float, list[torch.Tensor], float]:
-    """Run ``fn(x)`` once; its extra memory at peak (MB), its outputs and its duration.
+def peak_memory_and_outputs(fn, x: torch.Tensor) -> tuple[float, list[torch.Tensor], float, float | None]:
+    """Run ``fn(x)`` once; its extra memory at peak (MB), its outputs, its duration and its GFLOPs.
 
-    On CUDA the peak is ``max_memory_allocated`` above what was allocated before. On the CPU it is replayed
-    from the profiler's allocation events (allocations minus frees, at their highest).
+    On CUDA the peak is ``max_memory_allocated`` above what was allocated before (no FLOP count). On the CPU
+    it is replayed from the profiler's allocation events (allocations minus frees, at their highest), and the
+    profiler counts the FLOPs of convolutions and matrix products: the work done, free of timing noise.
     """
     if x.device.type == "cuda":
         torch.cuda.synchronize()
@@ -52,11 +54,11 @@ def peak_memory_and_outputs(fn, x: torch.Tensor) -> tuple[float, list[torch.Tens
         outputs = as_tensors(fn(x))
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        return (torch.cuda.max_memory_allocated() - before) / 2**20, outputs, seconds
+        return (torch.cuda.max_memory_allocated() - before) / 2**20, outputs, seconds, None
     from torch.profiler import ProfilerActivity, profile
 
     start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_flops=True) as profiler:
         outputs = as_tensors(fn(x))
     seconds = time.perf_counter() - start
     events = [e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
@@ -64,26 +66,27 @@ def peak_memory_and_outputs(fn, x: torch.Tensor) -> tuple[float, list[torch.Tens
     for event in sorted(events, key=lambda e: e.start_ns()):
         current += event.nbytes()
         peak = max(peak, current)
-    return peak / 2**20, outputs, seconds
+    gflops = sum(event.flops for event in profiler.events() if event.flops) / 1e9
+    return peak / 2**20, outputs, seconds, gflops
 
 
 def check(fn, x: torch.Tensor, reference: list[torch.Tensor] | None, dtype: torch.dtype) -> Check:
     """Run once: compare with the reference features (``None``: nothing to compare) and measure memory."""
     with torch.no_grad():
-        peak, outputs, seconds = peak_memory_and_outputs(fn, x)
+        peak, outputs, seconds, gflops = peak_memory_and_outputs(fn, x)
     if reference is None:
-        return Check(True, 0.0, peak, seconds)
+        return Check(True, 0.0, peak, seconds, gflops)
     if len(outputs) != len(reference):
-        return Check(False, float("inf"), peak, seconds)
+        return Check(False, float("inf"), peak, seconds, gflops)
     tolerance, worst, correct = TOLERANCE[dtype], 0.0, True
     for output, expected in zip(outputs, reference):
         if output.shape != expected.shape:
-            return Check(False, float("inf"), peak, seconds)
+            return Check(False, float("inf"), peak, seconds, gflops)
         output, expected = output.float(), expected.float()
         scale = expected.abs().max().item() or 1.0
         worst = max(worst, (output - expected).abs().max().item() / scale)
         correct = correct and torch.allclose(output, expected, rtol=tolerance, atol=tolerance * scale)
-    return Check(correct, worst, peak, seconds)
+    return Check(correct, worst, peak, seconds, gflops)
 
 
 

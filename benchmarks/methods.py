@@ -183,7 +183,7 @@ def build_methods(
 
     methods.append(Method("fxfeat", extractor, build_s))
     if use_compile:
-        compiled = torch.compile(extractor)
+        compiled = torch.compile(extractor, dynamic=True)  # one compilation for every batch size
         methods.append(Method("fxfeat+compile", compiled, 0.0, extra={"compile_on_first_call": True}))
     else:
         methods.append(Method("fxfeat+compile", None, skipped="not requested (--compile)"))

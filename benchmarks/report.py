@@ -59,7 +59,8 @@ def write_markdown(results: dict, path: str | None, plot: str | None) -> str:
         "Latency is the median of `torch.utils.benchmark` runs (IQR beside it); *vs limit* divides by the latency "
         "of the eager model stopped right after the last requested feature. Every method's features were checked "
         "against the eager model's (allclose) before it was timed; peak memory is the extra memory of one "
-        "forward. `eager` is the whole classifier.",
+        "forward; GFLOP counts the convolutions and matrix products one forward runs (CPU profiler), the work "
+        "done, free of timing noise. `eager` is the whole classifier.",
         "",
     ]
     if plot:
@@ -68,8 +69,8 @@ def write_markdown(results: dict, path: str | None, plot: str | None) -> str:
     by_model = defaultdict(list)
     for key, rows in _groups(results).items():
         by_model[key[0]].append((key, rows))
-    header = ("| setting | batch | method | latency ms | IQR ms | vs limit | images/s | peak MB | build s | note |\n"
-              "|---|---|---|---|---|---|---|---|---|---|")
+    header = ("| setting | batch | method | latency ms | IQR ms | vs limit | images/s | peak MB | GFLOP | build s "
+              "| note |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for model, entries in by_model.items():
         lines += [f"## {model}", "", header]
         for (_, setting, batch), rows in entries:
@@ -81,6 +82,7 @@ def write_markdown(results: dict, path: str | None, plot: str | None) -> str:
                     f"| {setting} | {batch} | {method} | {_format(row.get('latency_ms'), '{:.2f}')} | "
                     f"{_format(row.get('iqr_ms'), '{:.2f}')} | {_format(_ratio(rows, method, 'limit'), '{:.3f}')} | "
                     f"{_format(row.get('throughput'), '{:.1f}')} | {_format(row.get('peak_memory_mb'), '{:.1f}')} | "
+                    f"{_format(row.get('gflops'), '{:.2f}')} | "
                     f"{_format(row.get('build_s') or None, '{:.3f}')} | {row.get('skipped') or ''} |"
                 )
         lines.append("")

@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> dict:
                             method.build_s = row["build_s"] = check(fn, x, None, dtype).seconds
                     result = check(fn, x, None if method.name == "eager" else reference, dtype)
                     row.update(correct=result.correct, max_error=result.max_error,
-                               peak_memory_mb=result.peak_memory_mb)
+                               peak_memory_mb=result.peak_memory_mb, gflops=result.gflops)
                     if result.correct:
                         timed[method.name] = (fn, result.seconds)
                     else:

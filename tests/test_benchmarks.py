@@ -1,0 +1,76 @@
+"""The benchmark harness's plumbing on a tiny model: it runs, gates on correctness, writes valid reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import run as harness
+from benchmarks.measure import check
+from benchmarks.methods import EagerPrefix
+
+
+def test_harness_runs_and_writes_reports(tmp_path):
+    out, markdown, plot = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "r.png"
+    harness.main([
+        "--models", "timm:resnet10t", "--batch-sizes", "1", "2", "--input-size", "3", "64", "64",
+        "--out-indices", "all", "0,1", "--rounds", "1", "--quiet",
+        "--out", str(out), "--markdown", str(markdown), "--plot", str(plot),
+    ])
+    results = json.loads(out.read_text())
+    assert results["device"] == "cpu" and results["device_name"] and results["versions"]["torch"]
+    rows = results["results"]
+    assert {row["method"] for row in rows} == {"eager", "limit", "timm", "torchvision", "fxfeat", "fxfeat+compile"}
+    assert len({(row["setting"], row["batch"]) for row in rows}) == 4
+    for row in rows:
+        if row["method"] in ("limit", "timm", "torchvision", "fxfeat"):
+            assert row["correct"] and row["latency_ms"] > 0 and row["throughput"] > 0, row
+            assert row["peak_memory_mb"] > 0
+    fxfeat_rows = [row for row in rows if row["method"] == "fxfeat"]
+    assert all(row["build_s"] > 0 for row in fxfeat_rows)
+    limits = {(row["setting"], row["batch"]): row["gflops"] for row in rows if row["method"] == "limit"}
+    for row in fxfeat_rows:  # no wasted layers: exactly the limit's convolution and matmul work
+        assert row["gflops"] == pytest.approx(limits[(row["setting"], row["batch"])], rel=1e-9)
+    whole = {(row["setting"], row["batch"]): row["gflops"] for row in rows if row["method"] == "eager"}
+    assert all(row["gflops"] < whole[(row["setting"], row["batch"])] for row in fxfeat_rows)
+    assert [row["skipped"] for row in rows if row["method"] == "fxfeat+compile"][0].startswith("not requested")
+    text = markdown.read_text()
+    assert "## timm:resnet10t" in text and "| fxfeat |" in text and "## Targets" in text and "r.png" in text
+    assert plot.stat().st_size > 1000
+
+
+class _Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.b(self.a(x)).mean((2, 3)))
+
+
+def test_limit_stops_after_the_last_feature():
+    model = _Stack().eval()
+    calls = []
+    model.b.register_forward_hook(lambda *args: calls.append("b"))
+    model.head.register_forward_hook(lambda *args: calls.append("head"))
+    with torch.no_grad():
+        limit = EagerPrefix(model, ["a", "b"])
+        features = limit(torch.randn(1, 3, 16, 16))
+    assert calls == ["b"] and [tuple(f.shape) for f in features] == [(1, 4, 8, 8), (1, 4, 4, 4)]
+    assert not model.a._forward_hooks  # hooks only live during a call
+    pooled = EagerPrefix(model, ["head"], pre=True)(torch.randn(1, 3, 16, 16))
+    assert tuple(pooled[0].shape) == (1, 4)
+
+
+def test_wrong_features_are_caught():
+    model = _Stack().eval()
+    x = torch.randn(1, 3, 16, 16)
+    reference = EagerPrefix(model, ["a"], stop=False)(x)
+    assert check(lambda x: reference, x, reference, torch.float32).correct
+    assert not check(lambda x: [reference[0] * 1.01], x, reference, torch.float32).correct
+    assert not check(lambda x: [reference[0][:, :2]], x, reference, torch.float32).correct
