@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import defaultdict
 
 METHODS = ["eager", "limit", "timm", "torchvision", "fxfeat", "fxfeat+compile"]
+COLORS = {"limit": "tab:grey", "timm": "tab:orange", "torchvision": "tab:blue", "fxfeat": "tab:green",
+          "fxfeat+compile": "tab:olive"}
 
 
 def _groups(results: dict) -> dict:
@@ -108,14 +110,15 @@ def write_plot(results: dict, path: str) -> None:
     for axis, (model, entries) in zip(axes[:, 0], by_model.items()):
         width = 0.8 / len(methods)
         for m, method in enumerate(methods):
-            xs, ys = [], []
+            xs, ys, errors = [], [], []
             for g, (_, rows) in enumerate(entries):
                 ratio = _ratio(rows, method, "limit")
                 if ratio is not None:
                     xs.append(g + (m - (len(methods) - 1) / 2) * width)
                     ys.append(ratio)
-            if xs:
-                axis.bar(xs, ys, width, label=method)
+                    errors.append(rows[method]["iqr_ms"] / rows["limit"]["latency_ms"] / 2)
+            if xs:  # error bars: half the IQR, relative to the limit
+                axis.bar(xs, ys, width, yerr=errors, capsize=2, label=method, color=COLORS[method])
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.axhline(1.02, color="grey", linewidth=0.8, linestyle="--")
         axis.set_xticks(range(len(entries)))
@@ -124,9 +127,30 @@ def write_plot(results: dict, path: str) -> None:
         axis.set_title(model, fontsize=10)
         values = [r for _, rows in entries for m in methods if (r := _ratio(rows, m, "limit")) is not None]
         if values:
-            axis.set_ylim(max(0.0, min(values) - 0.1), max(values) + 0.1)
+            axis.set_ylim(max(0.0, min(values) - 0.15), max(values) + 0.15)
         axis.legend(fontsize=7, ncol=len(methods), loc="upper left")
     figure.suptitle(f"{results['device_name']}, {results['settings']['dtype']}", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Re-render the reports of a saved run: ``python -m benchmarks.report results.json --markdown M --plot P``."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("results")
+    parser.add_argument("--markdown")
+    parser.add_argument("--plot")
+    args = parser.parse_args(argv)
+    with open(args.results) as handle:
+        results = json.load(handle)
+    if args.plot:
+        write_plot(results, args.plot)
+    print(write_markdown(results, args.markdown, plot=args.plot))
+
+
+if __name__ == "__main__":
+    main()
