@@ -12,18 +12,17 @@ __all__ = ["expose_outputs"]
 def expose_outputs(graph: fx.Graph, plan: ExtractionPlan) -> None:
     """Replace the graph's output by the plan's outputs."""
     nodes = {node.name: node for node in graph.nodes}
-    old_output = next(node for node in reversed(graph.nodes) if node.op == "output")
+    output_node = next(node for node in reversed(graph.nodes) if node.op == "output")
     values = []
-    with graph.inserting_before(old_output):
+    with graph.inserting_before(output_node):
         for output in plan.outputs:
             value = nodes[output.node]
             if output.permute:
                 value = graph.call_method("permute", (value, *output.permute))
             values.append(value)
-    graph.erase_node(old_output)
     if plan.return_dict:
-        graph.output({output.name: value for output, value in zip(plan.outputs, values)})
-    elif plan.single:
-        graph.output(values[0])
+        result = {output.name: value for output, value in zip(plan.outputs, values)}
     else:
-        graph.output(values)
+        result = values[0] if plan.single else values
+    output_node.args = (result,)
+    output_node.type = None  # the model's return annotation no longer describes what is returned

@@ -238,9 +238,9 @@ def _penultimate_level(analysis: GraphAnalysis, mode: str) -> Level:
             hint=hint,
         )
     level = analysis.level_at(head.pooled)
-    if analysis.shapes[head.pooled].fmt is not None:
+    if level.fmt is not None:
         raise HeadNotFoundError(
-            f"{name} applies its classifier ({head.classifier}) to a spatial {analysis.shapes[head.pooled].fmt} "
+            f"{name} applies its classifier ({head.classifier}) to a spatial {level.fmt} "
             "tensor, before any global pooling, so it has no pooled embedding.",
             hint=("use mode='unpooled' for the last feature map, or " if head.unpooled else "use ") + hint[4:],
         )
