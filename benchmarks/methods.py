@@ -172,14 +172,14 @@ def build_methods(
         nodes = [module or node for module, node in zip(modules, info.get("node"))]
         if setting.output_stride:
             raise ValueError("torchvision's extractor has no output_stride")
-        if setting.mode == "pooled":
-            nodes = [info.get("node")[0]]
         torchvision_extractor, torchvision_s = _timed(
             lambda: create_feature_extractor(model, return_nodes=nodes).eval()
         )
         methods.append(Method("torchvision", lambda x: list(torchvision_extractor(x).values()), torchvision_s))
     except Exception as error:  # its tracer names nodes its own way; report instead of failing the run
         methods.append(Method("torchvision", None, skipped=f"{type(error).__name__}: {str(error)[:80]}"))
+    finally:  # create_feature_extractor leaves the model in training mode when it raises
+        model.eval()
 
     methods.append(Method("fxfeat", extractor, build_s))
     if use_compile:

@@ -76,3 +76,15 @@ def test_wrong_features_are_caught():
     assert check(lambda x: reference, x, reference, torch.float32).correct
     assert not check(lambda x: [reference[0] * 1.01], x, reference, torch.float32).correct
     assert not check(lambda x: [reference[0][:, :2]], x, reference, torch.float32).correct
+
+
+def test_harness_penultimate_mode(tmp_path):
+    # Also guards the model's eval mode: torchvision's create_feature_extractor leaves a model in training mode
+    # when it raises, which made every later method disagree with the eager reference.
+    results = harness.main([
+        "--models", "timm:resnet10t", "--batch-sizes", "1", "--input-size", "3", "64", "64", "--mode", "pooled",
+        "--rounds", "1", "--quiet", "--out", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md"),
+    ])
+    rows = {row["method"]: row for row in results["results"]}
+    for method in ("limit", "timm", "torchvision", "fxfeat"):
+        assert rows[method]["correct"] and rows[method]["latency_ms"] > 0, rows[method]
