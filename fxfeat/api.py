@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from fxfeat.analyse import GraphAnalysis, Head, analyse
@@ -95,7 +96,9 @@ def _new_modules(plan, root: nn.Module) -> dict[str, nn.Module]:
                for edit in plan.op_edits if edit.target is not None}
     if plan.classifier is not None:
         _, in_features, num_classes = plan.classifier
-        modules[NEW_CLASSIFIER] = nn.Linear(in_features, num_classes)
+        like = next(root.parameters(), torch.empty(0))
+        dtype = like.dtype if like.is_floating_point() else None
+        modules[NEW_CLASSIFIER] = nn.Linear(in_features, num_classes, device=like.device, dtype=dtype)
     return modules
 
 
@@ -105,8 +108,8 @@ def _checked_output_stride_info(extractor: FeatureGraphModule, plan, input_size)
     entries = plan.feature_info()
     for entry in entries:
         entry["shape"] = None
-    for index, shape, output in zip(plan.out_indices, shapes, plan.outputs):
-        entries[index]["shape"] = shape if not output.permute else tuple(shape[d - 1] for d in output.permute[1:])
+    for index, shape in zip(plan.out_indices, shapes):  # shapes of the returned (already permuted) tensors
+        entries[index]["shape"] = shape
     return FeatureInfo(entries, plan.out_indices)
 
 

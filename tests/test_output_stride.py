@@ -140,3 +140,10 @@ def test_pointwise_ops_stay_undilated(one_thread):
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(extractor(x)[0], reference(x)[0])
+
+
+def test_patch_merging_is_named_in_the_error():
+    # Swin lowers the resolution by reshaping 2x2 patches into channels: no stride to remove.
+    with pytest.raises(fxfeat.OutputStrideError, match=r"layers\.3\.downsample") as caught:
+        fxfeat.compile(timm_model("swin_tiny_patch4_window7_224"), output_stride=16)
+    assert "from reduction 16 to 32" in str(caught.value)

@@ -216,6 +216,9 @@ def _layout_from_one_probe(shape: tuple[int, ...], height: int, width: int) -> s
     def plausible(h: int, w: int) -> bool:  # a 1x1 map is a global pooling's output, not a feature map
         return 1 < h <= height and 1 < w <= width and reduction_of(h, height) == reduction_of(w, width)
 
+    if not shape or shape[0] != PROBE_BATCH:  # windows or heads folded into the batch: not a map
+        return None
+
     if len(shape) == 4:
         if plausible(shape[2], shape[3]):
             return "NCHW"

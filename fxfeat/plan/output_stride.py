@@ -213,9 +213,8 @@ def _edit(node, kind, current, factor, multiplier, r_in, r_out, output_stride, t
 
 
 def _cannot_rewrite(node: fx.Node, traced, r_in: int, r_out: int, output_stride: int) -> OutputStrideError:
-    from fxfeat.analyse.levels import outermost_path, returning_calls
-
-    module = outermost_path(traced, returning_calls(traced, node.name)) or "the model's forward"
+    stack = traced.node_calls.get(node.name, ())
+    module = traced.calls[stack[-1]].path if stack and stack[-1] in traced.calls else "the model's forward"
     what = f"{node.op} {getattr(node.target, '__name__', node.target)}"
     return OutputStrideError(
         f"output_stride={output_stride} needs node {node.name!r} ({what}, in {module}) to stop lowering the "
