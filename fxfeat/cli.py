@@ -18,8 +18,8 @@ def build_model(spec: str, seed: int = 0) -> nn.Module:
     """Build ``torchvision:NAME`` or ``timm:NAME`` with random weights, in eval mode.
 
     Example:
-        >>> type(build_model("torchvision:resnet18")).__name__
-        'ResNet'
+        >>> build_model("torchvision:resnet18").training  # random weights, eval mode
+        False
     """
     library, _, name = spec.partition(":")
     if not name:
