@@ -67,7 +67,15 @@ class TraceFailedError(FxFeatError, RuntimeError):
 
 
 class ShapePropagationError(FxFeatError, RuntimeError):
-    """Running the traced model on a probe input failed."""
+    """Running the traced model on a probe input failed.
+
+    Attributes:
+        node: the fx node that failed (``None`` if unknown).
+        cause: the op's own error.
+    """
+
+    node = None
+    cause = None
 
 
 class NoFeatureMapsError(FxFeatError, ValueError):

@@ -9,6 +9,7 @@ fine-tuned through the extractor are the model's weights. Compile ``copy.deepcop
 from __future__ import annotations
 
 import copy
+from operator import attrgetter
 
 import torch
 import torch.fx as fx
@@ -58,7 +59,7 @@ class FeatureGraphModule(fx.GraphModule):
         """
         new_modules = new_modules or {}
         targets = {
-            node.target: new_modules[node.target] if node.target in new_modules else _lookup(root, node.target)
+            node.target: new_modules[node.target] if node.target in new_modules else attrgetter(node.target)(root)
             for node in graph.nodes
             if node.op in ("call_module", "get_attr")
         }
@@ -68,12 +69,6 @@ class FeatureGraphModule(fx.GraphModule):
         module.train(training)
         return module
 
-
-def _lookup(root: nn.Module, target: str):
-    value = root
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _own_module_objects(module: nn.Module) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils import benchmark
 
 import fxfeat
+from benchmarks.timing import interleaved_latencies
 from tests.conftest import torchvision_model
 
 
@@ -27,18 +27,14 @@ def _run_to_layer2(model: nn.Module) -> nn.Module:
 
 
 def test_pruned_forward_is_as_fast_as_the_truncated_model():
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model = torchvision_model("resnet50")
     extractor = fxfeat.compile(model, out_indices=(0, 1, 2)).eval()
     limit = _run_to_layer2(model)
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(extractor(x)[-1], limit(x))
-        timings = {"extractor": [], "limit": []}
-        for _ in range(3):  # interleave the two so machine noise hits both alike
-            for label, fn in (("extractor", extractor), ("limit", limit)):
-                timer = benchmark.Timer("fn(x)", globals={"fn": fn, "x": x})
-                timings[label].append(timer.blocked_autorange(min_run_time=0.5).median)
-    extractor_time, limit_time = min(timings["extractor"]), min(timings["limit"])
+    # Interleaved rounds so machine noise hits both alike; each keeps its best round.
+    timings = interleaved_latencies({"extractor": extractor, "limit": limit}, x, rounds=3, min_run_time=0.5)
+    extractor_time, limit_time = timings["extractor"].median, timings["limit"].median
     # "No slower", up to measurement noise on a shared 2-core machine.
     assert extractor_time <= limit_time * 1.10, (extractor_time, limit_time)

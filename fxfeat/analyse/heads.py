@@ -74,7 +74,7 @@ def _is_projection(traced: TracedModel, node: fx.Node) -> bool:
 
 def find_head(traced: TracedModel, chain: tuple[str, ...], shapes: dict[str, NodeShape]) -> Head:
     """Locate the global pooling and the classifier on the dominator chain."""
-    nodes = {node.name: node for node in traced.graph.nodes}
+    nodes = traced.nodes
 
     def is_spatial(name: str) -> bool:
         return nodes[name].op != "output" and shapes.get(name) is not None and shapes[name].fmt is not None

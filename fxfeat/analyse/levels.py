@@ -112,11 +112,7 @@ class _Structure:
             for key in traced.node_calls.get(name, ()):
                 first, _ = self.span.get(key, (i, i))
                 self.span[key] = (first, i)
-        self.returned_by: dict[str, list[str]] = defaultdict(list)
-        for call in traced.calls.values():
-            for name in call.outputs:
-                self.returned_by[name].append(call.key)
-        self.nodes = {node.name: node for node in traced.graph.nodes}
+        self.nodes = traced.nodes
         self._twins: dict[str, bool] = {}
 
     def stack(self, name: str) -> tuple[str, ...]:
@@ -129,7 +125,7 @@ class _Structure:
     def is_level_candidate(self, name: str) -> bool:
         """A feature map some module call returns, other than a pass-through ``nn.Identity``."""
         node = self.nodes[name]
-        if node.op == "placeholder" or not self.returned_by.get(name):
+        if node.op == "placeholder" or name not in self.traced.returned_by:
             return False
         if node.op == "call_module":
             return not isinstance(self.traced.root.get_submodule(node.target), nn.Identity)
@@ -186,12 +182,11 @@ class _Structure:
 def returning_calls(traced: TracedModel, name: str) -> list[str]:
     """Keys of the module calls that return node ``name``. A block that returns it through an
     ``nn.Identity`` it calls last (an unused anti-aliasing layer, say) counts as returning it."""
-    keys = [call.key for call in traced.calls.values() if name in call.outputs]
-    node = next(node for node in traced.graph.nodes if node.name == name)
+    keys = list(traced.returned_by.get(name, ()))
     stack = traced.node_calls.get(name, ())
-    for user in node.users:
+    for user in traced.nodes[name].users:
         if user.op == "call_module" and isinstance(traced.root.get_submodule(user.target), nn.Identity):
-            keys += [call.key for call in traced.calls.values() if user.name in call.outputs and call.key in stack]
+            keys += [key for key in traced.returned_by.get(user.name, ()) if key in stack]
     return keys
 
 

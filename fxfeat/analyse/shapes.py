@@ -34,6 +34,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from fxfeat.errors import ShapePropagationError
+from fxfeat.trace import describe_node
 
 __all__ = ["NodeShape", "propagate_shapes", "second_probe_size", "reduction_of"]
 
@@ -109,8 +110,23 @@ def _is_meta(value: object) -> bool:
     return isinstance(value, torch.Tensor) and value.device.type == "meta"
 
 
+class _NodeFailed(Exception):
+    """A probe failed at ``node``; ``__cause__`` is the op's own error."""
+
+    def __init__(self, node: fx.Node):
+        super().__init__(node.format_node())
+        self.node = node
+
+
 class _ShapeProp(ShapeProp):
-    """``ShapeProp`` that skips the arithmetic of shape-preserving ops on meta tensors."""
+    """``ShapeProp`` that skips the arithmetic of shape-preserving ops on meta tensors and reports the node
+    that failed (with the op's own error as the cause)."""
+
+    def run_node(self, n):
+        try:
+            return super().run_node(n)
+        except Exception as error:
+            raise _NodeFailed(n) from (error.__cause__ or error)  # ShapeProp wraps the op's error
 
     def call_module(self, target, args, kwargs):
         if args and _is_meta(args[0]) and isinstance(self.fetch_attr(target), _SHAPE_PRESERVING_MODULES):
@@ -164,11 +180,16 @@ def _probe(graph_module, input_shape, what: str) -> dict[str, tuple[int, ...]]:
     try:
         return _run_probe(graph_module, input_shape)
     except Exception as error:
-        raise ShapePropagationError(
-            f"Running the traced model on a {what} probe input of shape {(PROBE_BATCH, *input_shape)} failed: "
-            f"{type(error).__name__}: {error}".strip(),
+        node = error.node if isinstance(error, _NodeFailed) else None
+        cause = error.__cause__ if node is not None else error
+        where = f" at {describe_node(node)}" if node else ""
+        failure = ShapePropagationError(
+            f"Running the traced model on a {what} probe input of shape {(PROBE_BATCH, *input_shape)} failed"
+            f"{where}: {type(cause).__name__}: {cause}".strip(),
             hint="pass input_size=(C, H, W) with a size the model accepts.",
-        ) from error
+        )
+        failure.node, failure.cause = node, cause
+        raise failure from cause
 
 
 def propagate_shapes(graph_module: fx.GraphModule, input_size: tuple[int, int, int]) -> dict[str, NodeShape]:

@@ -31,16 +31,17 @@ Example:
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import fx, nn
 
 from fxfeat.errors import OutputStrideError
+from fxfeat.trace import describe_node
 
 __all__ = ["OpEdit", "edited_module", "plan_output_stride"]
 
+_MODULE_KINDS = {nn.Conv2d: "conv", nn.MaxPool2d: "max_pool", nn.AvgPool2d: "avg_pool"}
 _FUNCTION_KINDS = {F.conv2d: "conv", F.max_pool2d: "max_pool", F.avg_pool2d: "avg_pool"}
 # Positions of (stride, padding, dilation) in the functional signatures (None: the op has no such argument).
 _FUNCTION_ARGS = {
@@ -83,19 +84,14 @@ def _describe_op(node: fx.Node, root: nn.Module, shapes) -> tuple[str | None, di
     """Kind and current settings of a convolution/pooling node, or None for any other op."""
     if node.op == "call_module":
         module = root.get_submodule(node.target)
-        if isinstance(module, nn.Conv2d):
-            return "conv", dict(kernel=module.kernel_size, stride=module.stride, dilation=module.dilation,
-                                padding=module.padding, custom=type(module).forward is not nn.Conv2d.forward,
-                                padding_mode=module.padding_mode)
-        if isinstance(module, nn.MaxPool2d):
-            return "max_pool", dict(kernel=module.kernel_size, stride=module.stride, dilation=module.dilation,
-                                    padding=module.padding, custom=type(module).forward is not nn.MaxPool2d.forward,
-                                    padding_mode="zeros")
-        if isinstance(module, nn.AvgPool2d):
-            return "avg_pool", dict(kernel=module.kernel_size, stride=module.stride, dilation=1,
-                                    padding=module.padding, custom=type(module).forward is not nn.AvgPool2d.forward,
-                                    padding_mode="zeros")
-        return None
+        base = next((base for base in _MODULE_KINDS if isinstance(module, base)), None)
+        if base is None:
+            return None
+        return _MODULE_KINDS[base], dict(
+            kernel=module.kernel_size, stride=module.stride, dilation=getattr(module, "dilation", 1),
+            padding=module.padding, custom=type(module).forward is not base.forward,
+            padding_mode=getattr(module, "padding_mode", "zeros"),
+        )
     if node.op == "call_function" and node.target in _FUNCTION_KINDS:
         kind = _FUNCTION_KINDS[node.target]
         positions = _FUNCTION_ARGS[kind]
@@ -215,9 +211,8 @@ def _edit(node, kind, current, factor, multiplier, r_in, r_out, output_stride, t
 def _cannot_rewrite(node: fx.Node, traced, r_in: int, r_out: int, output_stride: int) -> OutputStrideError:
     stack = traced.node_calls.get(node.name, ())
     module = traced.calls[stack[-1]].path if stack and stack[-1] in traced.calls else "the model's forward"
-    what = f"{node.op} {getattr(node.target, '__name__', node.target)}"
     return OutputStrideError(
-        f"output_stride={output_stride} needs node {node.name!r} ({what}, in {module}) to stop lowering the "
+        f"output_stride={output_stride} needs {describe_node(node)[:-1]}, in {module}) to stop lowering the "
         f"resolution from reduction {r_in} to {r_out}, but only strided convolutions and poolings can be "
         "rewritten to dilation.",
         hint=f"use output_stride={r_out} or more, or output_stride=None.",
@@ -269,14 +264,10 @@ def check_output_stride(extractor: fx.GraphModule, plan, input_size) -> list[tup
     try:
         shapes = propagate_shapes(extractor, input_size)
     except ShapePropagationError as error:
-        cause = error.__cause__
-        while cause is not None and cause.__cause__ is not None and "ShapeProp error" in str(cause):
-            cause = cause.__cause__
-        match = re.search(r"node=%(\S+) : .*?= (\w+)\[target=([^\]]+)\]", str(error.__cause__))
-        failing = f"node {match.group(1)!r} ({match.group(2)} {match.group(3)})" if match else "a node"
+        failing = describe_node(error.node) if error.node is not None else "a node"
         raise OutputStrideError(
             f"With output_stride={plan.output_stride} the model no longer runs: {failing} fails with "
-            f"{type(cause).__name__}: {cause}".strip(),
+            f"{type(error.cause).__name__}: {error.cause}".strip(),
             hint="the model ties sizes to its native grid (position embeddings, fixed reshapes, windows); "
             "use output_stride=None.",
         ) from error

@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import warnings
 from collections.abc import Iterator
@@ -30,7 +31,7 @@ from torch import nn
 
 from fxfeat.errors import FxFeatWarning, TraceFailedError
 
-__all__ = ["ModuleCall", "TracedModel", "evaluation_mode", "trace_model"]
+__all__ = ["ModuleCall", "TracedModel", "describe_node", "evaluation_mode", "trace_model"]
 
 _CONTAINER_FORWARDS = {nn.Sequential.forward, nn.ModuleList.forward, nn.ModuleDict.forward}
 
@@ -84,6 +85,20 @@ class TracedModel:
     @property
     def model_name(self) -> str:
         return type(self.root).__name__
+
+    @functools.cached_property
+    def nodes(self) -> dict[str, fx.Node]:
+        """The graph's nodes by name."""
+        return {node.name: node for node in self.graph.nodes}
+
+    @functools.cached_property
+    def returned_by(self) -> dict[str, tuple[str, ...]]:
+        """For each node name, the keys of the module calls that returned it."""
+        index: dict[str, list[str]] = {}
+        for call in self.calls.values():
+            for name in call.outputs:
+                index.setdefault(name, []).append(call.key)
+        return {name: tuple(keys) for name, keys in index.items()}
 
     def calls_of_module(self, path: str) -> list[ModuleCall]:
         """Every call of the module at ``path``, in call order."""
@@ -156,6 +171,11 @@ class _RecordingTracer(fx.Tracer):
             outputs=_proxy_node_names(result),
         )
         return result
+
+
+def describe_node(node: fx.Node) -> str:
+    """A node for error messages: ``node 'add' (call_function add)``."""
+    return f"node {node.name!r} ({node.op} {getattr(node.target, '__name__', node.target)})"
 
 
 @contextlib.contextmanager
