@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # torch and torchvision are pinned to the builds that lie on the development machines' disk.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-zoo bench lint clean
+.PHONY: install demo test test-zoo bench coverage lint clean
 
 install: $(STAMP)
 
@@ -28,6 +28,9 @@ test-zoo: install
 
 bench: install
 	$(PY) -m benchmarks.run --device cpu --out docs/benchmarks.json --markdown docs/benchmarks.md --plot docs/benchmarks.png
+
+coverage: install
+	$(PY) -m benchmarks.coverage --out docs/coverage.json --markdown docs/coverage.md
 
 lint: install
 	$(PY) -m pip install -q ruff && $(PY) -m ruff check fxfeat tests benchmarks

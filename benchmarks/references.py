@@ -2,22 +2,126 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
+import torch.fx as fx
+from torch import nn
+
+__all__ = ["eager_references", "load_matching_weights", "same_layout", "timm_feature_model"]
+
+
+def _source_key(key: str, state: dict[str, torch.Tensor]) -> str | None:
+    """The key of ``state`` that a timm feature wrapper's parameter ``key`` comes from.
+
+    The wrappers keep the model's own names, except that ``FeatureGetterNet`` holds the model as ``model.`` and
+    ``FeatureListNet``/``FeatureDictNet`` flatten the first level of a container (``stages.0`` is ``stages_0``).
+    """
+    candidates = [key, key.removeprefix("model.")]
+    first, _, rest = key.partition(".")
+    for i, character in enumerate(first):
+        if character == "_":
+            candidates.append(first[:i] + "." + first[i + 1:] + ("." + rest if rest else ""))
+    return next((candidate for candidate in candidates if candidate in state), None)
+
+
+def load_matching_weights(target: nn.Module, source: nn.Module) -> bool:
+    """Copy ``source``'s parameters and buffers into ``target`` (a timm feature wrapper of the same network).
+
+    Returns ``False``, leaving ``target`` unchanged, if some tensor of ``target`` has no counterpart.
+    """
+    state = source.state_dict()
+    mapped = {}
+    for key, tensor in target.state_dict().items():
+        origin = _source_key(key, state)
+        if origin is None or state[origin].shape != tensor.shape:
+            return False
+        mapped[key] = state[origin]
+    target.load_state_dict(mapped)
+    return True
 
 
 def timm_feature_model(name: str, model: torch.nn.Module, **kwargs) -> torch.nn.Module:
     """timm's own ``features_only`` model of ``name`` (with ``kwargs``, e.g. ``output_stride``), carrying the
-    weights of ``model`` (an ordinary timm model of the same name), in eval mode."""
+    weights of ``model`` (an ordinary timm model of the same name), in eval mode.
+
+    Raises:
+        ValueError: a tensor of the feature model has no counterpart in ``model``.
+    """
     import timm
 
     reference = timm.create_model(name, pretrained=False, features_only=True, **kwargs).eval()
-    state = model.state_dict()
-
-    def source(key: str) -> str:  # features_only flattens the first level: "stages_0.x" is "stages.0.x"
-        if key in state:
-            return key
-        first, _, rest = key.partition(".")
-        return first.replace("_", ".", 1) + ("." + rest if rest else "")
-
-    reference.load_state_dict({key: state[source(key)] for key in reference.state_dict()})
+    if not load_matching_weights(reference, model):
+        raise ValueError(f"the weights of {name} do not map onto its features_only model")
     return reference
+
+
+def same_layout(reference: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """``reference`` in the layout of ``output`` where the two hold the same map in different layouts: a
+    channels-last map (``N, H, W, C``) or a token sequence (``N, H*W, C``) against an ``N, C, H, W`` map, or the
+    reverse. Unchanged otherwise."""
+    if reference.shape == output.shape:
+        return reference
+    if reference.dim() == 4 and output.dim() == 4:
+        for order in ((0, 3, 1, 2), (0, 2, 3, 1)):
+            if reference.permute(order).shape == output.shape:
+                return reference.permute(order)
+    if reference.dim() == 3 and output.dim() == 4:
+        batch, channels, height, width = output.shape
+        if reference.shape == (batch, height * width, channels):
+            return reference.transpose(1, 2).reshape(output.shape)
+        if reference.shape == (batch, channels, height * width):
+            return reference.reshape(output.shape)
+    if reference.dim() == 4 and output.dim() == 3:
+        batch, channels = reference.shape[:2]
+        if output.shape == (batch, reference.shape[2] * reference.shape[3], channels):
+            return reference.flatten(2).transpose(1, 2)
+    return reference
+
+
+def _interpreter_values(model: nn.Module, nodes: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Values of ``nodes`` in an interpreter run of an unmodified trace of ``model``."""
+    from fxfeat.trace import trace_model
+
+    traced = trace_model(model)
+    values: dict[str, torch.Tensor] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            result = super().run_node(n)
+            if n.name in nodes:
+                values[n.name] = result.clone() if isinstance(result, torch.Tensor) else result
+            return result
+
+    Recorder(traced.graph_module).run(x)
+    return values
+
+
+def eager_references(model: nn.Module, feature_info, x: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors the unmodified model computes for each returned level, in output order.
+
+    A forward hook on the level's module gives the eager value, copied when the module returns it (a later
+    in-place op, such as torchvision DenseNet's ``F.relu(features, inplace=True)``, would otherwise change the
+    recorded tensor); a module called more than once (or a level that is not a module output) falls back to an
+    interpreter run of an unmodified trace.
+    """
+    entries = feature_info.get_dicts()
+    records: dict[str, list[torch.Tensor]] = defaultdict(list)
+    handles = []
+    for path in {entry["module"] for entry in entries if entry["module"]}:
+        module = model.get_submodule(path)
+        handles.append(module.register_forward_hook(
+            lambda m, i, o, path=path: records[path].append(o.clone() if isinstance(o, torch.Tensor) else o)))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [e["node"] for e in entries if not e["module"] or len(records[e["module"]]) != 1]
+    with torch.no_grad():
+        fallback = _interpreter_values(model, missing, x) if missing else {}
+    return [
+        fallback.get(entry["node"]) if entry["node"] in missing else records[entry["module"]][0]
+        for entry in entries
+    ]

@@ -13,7 +13,14 @@ from torch import nn
 from fxfeat.analyse import GraphAnalysis, Head, analyse
 from fxfeat.feature_info import FeatureInfo
 from fxfeat.module import FeatureGraphModule
-from fxfeat.passes import attach_classifier, dilate, expose_outputs, remove_dead_code, run_passes
+from fxfeat.passes import (
+    attach_classifier,
+    dilate,
+    expose_outputs,
+    remove_dead_code,
+    run_passes,
+    snapshot_outputs,
+)
 from fxfeat.plan import make_plan, make_request
 from fxfeat.plan.output_stride import check_output_stride, edited_module
 from fxfeat.plan.plan import NEW_CLASSIFIER, format_table
@@ -78,7 +85,10 @@ def compile(
         traced = trace_model(model)
         analysis = analyse(traced, request.input_size)
     plan = make_plan(analysis, request)
-    graph = run_passes(traced.graph, plan, [attach_classifier, dilate, expose_outputs, remove_dead_code])
+    graph = run_passes(
+        traced.graph, plan,
+        [attach_classifier, dilate, expose_outputs, remove_dead_code, snapshot_outputs, remove_dead_code],
+    )
     feature_info = FeatureInfo(plan.feature_info(), plan.out_indices)
     extractor = FeatureGraphModule.build(
         traced.graph_module, graph, feature_info, training=model.training,

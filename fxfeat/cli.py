@@ -6,10 +6,13 @@ Models are named ``torchvision:NAME`` or ``timm:NAME`` and built with random wei
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 
 import torch
 from torch import nn
+
+from fxfeat.errors import FxFeatError, InvalidModelError
 
 __all__ = ["build_model", "main"]
 
@@ -24,18 +27,25 @@ def build_model(spec: str, seed: int = 0) -> nn.Module:
     library, _, name = spec.partition(":")
     if not name:
         library, name = "torchvision", library
-    torch.manual_seed(seed)
+    if library not in ("torchvision", "timm"):
+        raise InvalidModelError(f"Unknown model library {library!r} in {spec!r}.",
+                                hint="write torchvision:NAME or timm:NAME.")
     if library == "torchvision":
         import torchvision
 
-        model = torchvision.models.get_model(name, weights=None)
-    elif library == "timm":
+        known, build = torchvision.models.list_models(), lambda: torchvision.models.get_model(name, weights=None)
+    else:
         import timm
 
-        model = timm.create_model(name, pretrained=False)
-    else:
-        raise SystemExit(f"unknown model library {library!r}: write torchvision:NAME or timm:NAME")
-    return model.eval()
+        known, build = timm.list_models(), lambda: timm.create_model(name, pretrained=False)
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+        raise InvalidModelError(
+            f"{library} has no model named {name!r}." + (f" Close names: {', '.join(close)}." if close else ""),
+            hint=f"list the names with {'timm.list_models()' if library == 'timm' else 'torchvision.models.list_models()'}.",
+        )
+    torch.manual_seed(seed)
+    return build().eval()
 
 
 def _inspect(args: argparse.Namespace) -> None:
@@ -74,7 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("models", nargs="*", default=["torchvision:resnet50", "timm:regnety_032"])
     demo.set_defaults(run=_demo)
     args = parser.parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except FxFeatError as error:
+        print(f"fxfeat: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def test_fixed_size_maps_are_not_feature_maps():
 
 def test_valid_convolutions_keep_their_levels():
     from tests.conftest import torchvision_model
-    from tests.helpers import eager_references
+    from benchmarks.references import eager_references
 
     model = torchvision_model("inception_v3")
     extractor = fxfeat.compile(model, input_size=(3, 299, 299))

@@ -15,13 +15,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fxfeat.analyse.aliases import Aliases, annotate_in_place_modules
 from fxfeat.analyse.dataflow import DataFlow
 from fxfeat.analyse.heads import Head, find_head
-from fxfeat.analyse.levels import Level, StrideChange, find_levels, outermost_path, returning_calls
+from fxfeat.analyse.levels import (
+    Level,
+    StrideChange,
+    find_levels,
+    outermost_path,
+    returned_versions,
+    returning_calls,
+)
 from fxfeat.analyse.shapes import NodeShape, propagate_shapes
 from fxfeat.trace import TracedModel
 
-__all__ = ["GraphAnalysis", "Head", "Level", "NodeShape", "StrideChange", "analyse"]
+__all__ = ["Aliases", "GraphAnalysis", "Head", "Level", "NodeShape", "StrideChange", "analyse"]
 
 
 @dataclass(frozen=True)
@@ -31,8 +39,12 @@ class GraphAnalysis:
     Attributes:
         traced: the traced model.
         input_size: probe size (C, H, W).
-        shapes: shape, layout and reduction of every tensor-valued node at the probe size.
+        shapes: shape, layout and reduction of every tensor-valued node at the probe size; a write into a view
+            of a tensor (``x[:, :c].add_(y)``) has the shape of the whole tensor, which it stands for.
         dataflow: the data-flow graph.
+        aliases: storage sharing and in-place writes.
+        tensors: for each write whose value is not what later code reads (a write into a slice), the node that
+            code reads after it.
         chain: nodes every input-to-output path passes through, in order.
         levels: the levels discovered from the graph.
         stride_changes: where the reduction grows along the chain.
@@ -46,6 +58,8 @@ class GraphAnalysis:
     input_size: tuple[int, int, int]
     shapes: dict[str, NodeShape]
     dataflow: DataFlow
+    aliases: Aliases
+    tensors: dict[str, str]
     chain: tuple[str, ...]
     levels: tuple[Level, ...]
     stride_changes: tuple[StrideChange, ...]
@@ -58,7 +72,8 @@ class GraphAnalysis:
         """Describe an arbitrary node as a level (used for levels the user or the model names)."""
         shape = self.shapes.get(node)
         if module is None:
-            module = outermost_path(self.traced, returning_calls(self.traced, node))
+            versions = returned_versions(self.traced, self.aliases)
+            module = outermost_path(self.traced, returning_calls(self.traced, node, versions))
         return Level(
             node=node,
             module=module,
@@ -67,6 +82,7 @@ class GraphAnalysis:
             fmt=shape.fmt if shape else None,
             shape=shape.shape if shape else (),
             candidates=self.candidates.get(shape.reduction, ()) if shape and shape.is_map else (),
+            tensor=self.tensors.get(node),
         )
 
 
@@ -78,17 +94,38 @@ def _declared_feature_info(model: Any) -> tuple[dict[str, Any], ...] | None:
     return None
 
 
+def _write_tensors(traced: TracedModel, aliases: Aliases, shapes: dict[str, NodeShape]) -> dict[str, str]:
+    """Writes whose value is not the tensor later code reads (a write into a slice returns the slice; the code
+    goes on with the whole tensor), mapped to the node that code reads after them."""
+    tensors: dict[str, str] = {}
+    read_directly: set[str] = set()
+    for node in traced.graph.nodes:
+        for argument in node.all_input_nodes:
+            version = aliases.version_read(argument.name, by=node.name)
+            if version == argument.name:
+                read_directly.add(version)
+            elif aliases.is_write(version) and argument.name in shapes:
+                tensors.setdefault(version, argument.name)
+    return {write: read for write, read in tensors.items() if write not in read_directly}
+
+
 def analyse(traced: TracedModel, input_size: tuple[int, int, int]) -> GraphAnalysis:
     """Run every analysis on ``traced`` with probes of ``input_size`` (C, H, W)."""
     shapes = propagate_shapes(traced.graph_module, input_size)
-    dataflow = DataFlow(traced.graph)
+    annotate_in_place_modules(traced.graph, traced.root)
+    aliases = Aliases(traced.graph, tensors=set(shapes))
+    tensors = _write_tensors(traced, aliases, shapes)
+    shapes = {**shapes, **{write: shapes[base] for write, base in tensors.items()}}
+    dataflow = DataFlow(traced.graph, aliases)
     chain = dataflow.dominator_chain()
-    search = find_levels(traced, chain, shapes)
+    search = find_levels(traced, chain, shapes, aliases, tensors)
     return GraphAnalysis(
         traced=traced,
         input_size=tuple(input_size),
         shapes=shapes,
         dataflow=dataflow,
+        aliases=aliases,
+        tensors=tensors,
         chain=chain,
         levels=search.levels,
         stride_changes=search.stride_changes,

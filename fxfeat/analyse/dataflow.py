@@ -1,6 +1,6 @@
 """The data-flow graph of a traced model (networkx) and the nodes every input-to-output path goes through.
 
-Only data flow counts. Parameters and constants (``get_attr`` nodes and what is computed from them alone, such
+Only data flow counts, and it follows in-place writes: a read after a write depends on the write. Parameters and constants (``get_attr`` nodes and what is computed from them alone, such
 as a layer-scale ``gamma.reshape(...)`` or a position embedding) are not data flow, and neither are uses that
 read only a tensor's metadata (``x.shape``, ``x.size()``, ``torch.zeros_like(x)``...) nor tensors built from
 such metadata (``torch.zeros(x.shape[0], ...)``). Wiring those to the input would create paths that bypass
@@ -24,6 +24,8 @@ import functools
 import networkx as nx
 import torch
 import torch.fx as fx
+
+from fxfeat.analyse.aliases import Aliases
 
 __all__ = ["DataFlow"]
 
@@ -63,19 +65,28 @@ def data_inputs(node: fx.Node) -> list[fx.Node]:
 class DataFlow:
     """Data-flow graph of an fx graph: an edge ``u -> v`` when ``u``'s value flows into ``v``.
 
+    In-place writes are versions (see :mod:`fxfeat.analyse.aliases`): a node that reads a tensor after something
+    wrote into it (``out.add_(y)``, ``x[:, :c].add_(s)``, an in-place activation) gets its edge from the last
+    write, not from the node that created the tensor.
+
     Args:
         graph: the traced graph; its first placeholder is the image input.
+        aliases: storage sharing and in-place writes of ``graph`` (default: computed without tensor types).
     """
 
-    def __init__(self, graph: fx.Graph):
+    def __init__(self, graph: fx.Graph, aliases: Aliases | None = None):
         nodes = list(graph.nodes)
         self._fx_nodes = nodes
+        self.aliases = aliases or Aliases(graph)
         self.order = {node.name: i for i, node in enumerate(nodes)}
         self.source = next(node.name for node in nodes if node.op == "placeholder")
         self.sink = next(node.name for node in reversed(nodes) if node.op == "output")
         self.graph = nx.DiGraph()
         self.graph.add_nodes_from(node.name for node in nodes)
-        self.graph.add_edges_from((arg.name, node.name) for node in nodes for arg in data_inputs(node))
+        self.graph.add_edges_from(
+            (self.aliases.version_read(arg.name, by=node.name), node.name)
+            for node in nodes for arg in data_inputs(node)
+        )
         self.data_nodes = nx.descendants(self.graph, self.source) | {self.source}
 
     def depends_on_input(self, name: str) -> bool:
@@ -106,5 +117,8 @@ class DataFlow:
         """Dependency graph including parameter and metadata edges."""
         graph = nx.DiGraph()
         graph.add_nodes_from(self.graph.nodes)
-        graph.add_edges_from((arg.name, node.name) for node in self._fx_nodes for arg in node.all_input_nodes)
+        for node in self._fx_nodes:
+            for arg in node.all_input_nodes:
+                graph.add_edge(arg.name, node.name)
+                graph.add_edge(self.aliases.version_read(arg.name, by=node.name), node.name)
         return graph

@@ -1,24 +1,30 @@
 """Find the feature levels of a model: one node per spatial reduction, chosen by one structural rule.
 
-The rule works on the *dominator chain* (nodes every input-to-output path passes through), the reduction of
-each node on it, and the module calls recorded by the tracer:
+The rule works on the *dominator chain* (nodes every input-to-output path passes through, in-place writes
+included as new versions of the tensor they write), the reduction of each node on it, and the module calls
+recorded by the tracer. A call is *repeated* when its module has a sibling of the same class (stages, blocks,
+the layers of a VGG stage); plain containers (``nn.Sequential``...) count, as stages often are containers.
 
-1. **Stride changes.** Walking the chain, a node whose reduction exceeds every earlier one changes the stride.
-2. **Downsampling units.** The unit of a stride change is the outermost module call that contains it, contains
-   no other stride change, and holds no earlier *stage-like* output before it: a block boundary returned by
-   a module with a same-class sibling (``blocks.0``/``blocks.1``, the two ``ReLU`` of a VGG stage; plain
-   containers such as ``nn.Sequential`` subclasses do not count). So ResNet's unit is
-   ``layer2``, EfficientNet's is ``blocks.2`` (its 1x1 expansion conv runs at the old resolution but in the
-   middle of a block), DenseNet's is ``transition1`` (its channel-halving conv belongs to the transition),
-   and a VGG stage's is the max-pool itself.
-3. **Levels.** The level of the old reduction is the last feature map fed into the unit.
-4. **Trunk.** The trunk is the innermost module call holding the units of all stride changes but the first
-   (the stem's). The deepest level is the last feature map the trunk produces, so a 1x1 head conv outside
-   the container of the stages (EfficientNet's ``conv_head``) is not a level, while one inside it
-   (DenseNet's ``norm5``, MobileNetV3's last 960-channel conv) is.
+1. **Stride changes.** Walking the chain, a feature map whose reduction exceeds every earlier one changes the
+   stride.
+2. **Downsampling units.** The unit of a stride change is the outermost module call that contains it and no
+   other change, and that is repeated, or, if it is not, holds no repeated call that ends before the change
+   (a call holding such a thing is a container of stages, so the unit is inside it). ResNet's unit is
+   ``layer2``, EfficientNet's ``blocks.2``, a flat ``features`` container's the strided block, DenseNet's the
+   transition, a VGG stage's the max pooling, a stem's its strided convolution or pooling.
+3. **Trunk.** The innermost call holding the units of the last change and of another one: the container of the
+   stages (``blocks``, ``stages``, ``features``), or the model itself.
+4. **Levels.** The level of a change's old reduction is the last feature map fed into its unit. A level is a
+   module's output; it may not lie inside a block that goes on to change the stride: inside a non-container
+   call outside the trunk whose span holds a later stride change made by anything but a pooling. So a strided
+   block's expansion conv is not a level, and neither is the first map of a stem that halves the resolution
+   twice with convolutions; a map that a stem then max-pools (ResNet's, DPN's) is finished, so it is one.
+5. **The deepest level** is the output of the trunk's last repeated call at the final reduction: a final
+   layer the trunk holds once (ReXNet's 1x1 conv, DPN's closing norm) or a layer after the trunk (EfficientNet's
+   ``conv_head``, a final norm) is head, not a level; DenseNet's ``norm5`` repeats ``norm0``, so it is one.
 
-Levels are module outputs (``feature_info['module']`` names the outermost such module inside the trunk);
-``nn.Identity`` calls are skipped; the input itself is never a level.
+Levels are module outputs (``feature_info['module']`` names the outermost call returning the level that holds
+no other level); ``nn.Identity`` calls are skipped; the input itself is never a level.
 
 Example:
     >>> import torchvision
@@ -34,12 +40,17 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
+from fxfeat.analyse.aliases import Aliases
 from fxfeat.analyse.shapes import NodeShape
 from fxfeat.trace import TracedModel
 
-__all__ = ["Level", "LevelSearch", "StrideChange", "find_levels"]
+__all__ = [
+    "Level", "LevelSearch", "StrideChange", "find_levels", "outermost_path", "returned_versions", "returning_calls",
+]
 
 
 @dataclass(frozen=True)
@@ -64,13 +75,15 @@ class Level:
     """One feature level: the node returned for it and what it is.
 
     Attributes:
-        node: fx node name.
+        node: fx node name (for a tensor written in place, the write after which it is read).
         module: path of the module whose output the node is (``""`` if none).
         reduction: spatial reduction relative to the input.
         channels: number of channels.
         fmt: layout of the node as the model computes it (``"NCHW"``, ``"NHWC"``...).
         shape: per-sample shape at the probe size.
         candidates: every feature map of the chain at this reduction (what ``levels=[...]`` could pick).
+        tensor: the node holding the level's tensor when that is not ``node`` itself (a write into a view of a
+            tensor stands for the whole tensor); ``None`` otherwise.
     """
 
     node: str
@@ -80,6 +93,7 @@ class Level:
     fmt: str | None
     shape: tuple[int, ...]
     candidates: tuple[str, ...] = ()
+    tensor: str | None = None
 
 
 @dataclass(frozen=True)
@@ -99,95 +113,36 @@ class LevelSearch:
     candidates: dict[int, tuple[str, ...]]
 
 
-class _Structure:
-    """Positions, module-call spans and sibling facts over the dominator chain."""
+def returning_calls(traced: TracedModel, name: str, versions: dict[str, list[str]] | None = None) -> list[str]:
+    """Keys of the module calls that return node ``name``.
 
-    def __init__(self, traced: TracedModel, chain: tuple[str, ...], shapes: dict[str, NodeShape]):
-        self.traced = traced
-        self.chain = chain
-        self.shapes = shapes
-        self.position = {name: i for i, name in enumerate(chain)}
-        self.span: dict[str, tuple[int, int]] = {}
-        for i, name in enumerate(chain):
-            for key in traced.node_calls.get(name, ()):
-                first, _ = self.span.get(key, (i, i))
-                self.span[key] = (first, i)
-        self.nodes = traced.nodes
-        self._twins: dict[str, bool] = {}
-
-    def stack(self, name: str) -> tuple[str, ...]:
-        return self.traced.node_calls.get(name, ())
-
-    def is_map(self, name: str, reduction: int | None = None) -> bool:
-        shape = self.shapes.get(name)
-        return shape is not None and shape.is_map and (reduction is None or shape.reduction == reduction)
-
-    def is_level_candidate(self, name: str) -> bool:
-        """A feature map some module call returns, other than a pass-through ``nn.Identity``."""
-        node = self.nodes[name]
-        if node.op == "placeholder" or name not in self.traced.returned_by:
-            return False
-        if node.op == "call_module":
-            return not isinstance(self.traced.root.get_submodule(node.target), nn.Identity)
-        return True
-
-    def has_twin(self, path: str) -> bool:
-        """Whether the module at ``path`` has a sibling of the same class (stages, repeated blocks)."""
-        if path not in self._twins:
-            parent_path, _, name = path.rpartition(".")
-            parent = self.traced.root.get_submodule(parent_path)
-            kind = type(parent.get_submodule(name))
-            self._twins[path] = any(
-                other != name and type(child) is kind for other, child in parent.named_children()
-            )
-        return self._twins[path]
-
-    def holds_stage_output(self, key: str, before: int) -> bool:
-        """Whether a chain node of call ``key`` before position ``before`` is a block boundary returned by a
-        module (not a plain container) that has a same-class sibling: the work of a stage, not of a
-        downsampling unit."""
-        first, _ = self.span[key]
-        for name in self.chain[first:before]:
-            stack = self.stack(name)
-            inner = stack[stack.index(key) + 1:]
-            calls = [self.traced.calls[k] for k in inner if k in self.traced.calls]
-            if any(not call.is_container and name not in call.outputs for call in calls):
-                continue  # in the middle of a block: not a boundary
-            if any(name in call.outputs and not call.is_container and self.has_twin(call.path) for call in calls):
-                return True
-        return False
-
-    def unit_of(self, name: str, other_changes: set[int]) -> str | None:
-        """The outermost call containing ``name`` and no other stride change nor earlier stage output."""
-        position = self.position[name]
-        for key in self.stack(name):
-            if key not in self.span:
-                continue
-            first, last = self.span[key]
-            if any(first <= p <= last for p in other_changes):
-                continue
-            if self.holds_stage_output(key, position):
-                continue
-            return key
-        return None
-
-    def module_of(self, name: str, levels: list[str]) -> str:
-        """Path of the outermost call that returns ``name`` and holds no other level: ``blocks.6``, not
-        ``blocks`` which holds every level."""
-        others = [self.stack(level) for level in levels if level != name]
-        keys = [key for key in returning_calls(self.traced, name) if not any(key in stack for stack in others)]
-        return outermost_path(self.traced, keys)
-
-
-def returning_calls(traced: TracedModel, name: str) -> list[str]:
-    """Keys of the module calls that return node ``name``. A block that returns it through an
-    ``nn.Identity`` it calls last (an unused anti-aliasing layer, say) counts as returning it."""
+    A block that returns it through an ``nn.Identity`` it calls last (an unused anti-aliasing layer, say) counts
+    as returning it; so does a call whose returned tensor was last written by ``name`` (``versions``, from
+    :func:`returned_versions`).
+    """
     keys = list(traced.returned_by.get(name, ()))
     stack = traced.node_calls.get(name, ())
     for user in traced.nodes[name].users:
         if user.op == "call_module" and isinstance(traced.root.get_submodule(user.target), nn.Identity):
             keys += [key for key in traced.returned_by.get(user.name, ()) if key in stack]
-    return keys
+    return keys + list((versions or {}).get(name, ()))
+
+
+def returned_versions(traced: TracedModel, aliases: Aliases) -> dict[str, list[str]]:
+    """For each write that is the last version of a tensor some call returns (``out.add_(y); return out``): the
+    keys of those calls."""
+    last_node: dict[str, str] = {}
+    for name, stack in traced.node_calls.items():
+        for key in stack:
+            last_node[key] = name  # node_calls follows graph order, so the last node of each call wins
+    versions: dict[str, list[str]] = defaultdict(list)
+    for call in traced.calls.values():
+        for output in call.outputs:
+            if call.key in last_node and output in aliases.order:
+                version = aliases.version_at_end_of(output, last_node[call.key])
+                if version != output:
+                    versions[version].append(call.key)
+    return dict(versions)
 
 
 def outermost_path(traced: TracedModel, keys: list[str]) -> str:
@@ -197,40 +152,212 @@ def outermost_path(traced: TracedModel, keys: list[str]) -> str:
     return traced.calls[min(keys, key=lambda key: traced.calls[key].path.count("."))].path
 
 
-def find_levels(traced: TracedModel, chain: tuple[str, ...], shapes: dict[str, NodeShape]) -> LevelSearch:
-    """Discover the levels of a model (see the module docstring for the rule)."""
-    structure = _Structure(traced, chain, shapes)
+_POOLING_MODULES = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._LPPoolNd)
+_POOLING_FUNCTIONS = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.lp_pool1d, F.lp_pool2d,
+    torch.max_pool1d, torch.max_pool2d, torch.max_pool3d, torch.avg_pool1d,
+}
+
+
+class _Structure:
+    """Positions, module-call spans and repetition facts over the dominator chain."""
+
+    def __init__(self, traced: TracedModel, chain: tuple[str, ...], shapes: dict[str, NodeShape],
+                 aliases: Aliases):
+        self.traced = traced
+        self.chain = chain
+        self.shapes = shapes
+        self.aliases = aliases
+        self.position = {name: i for i, name in enumerate(chain)}
+        self.span: dict[str, tuple[int, int]] = {}
+        for i, name in enumerate(chain):
+            for key in traced.node_calls.get(name, ()):
+                first, _ = self.span.get(key, (i, i))
+                self.span[key] = (first, i)
+        self.nodes = traced.nodes
+        self.versions = returned_versions(traced, aliases)
+        self._returned: dict[str, bool] = {}
+        self._repeated: dict[str, bool] = {}
+        self.trunk: tuple[str, ...] = ()
+        self.change_positions: list[int] = []
+
+    def stack(self, name: str) -> tuple[str, ...]:
+        return self.traced.node_calls.get(name, ())
+
+    def is_map(self, name: str, reduction: int | None = None) -> bool:
+        shape = self.shapes.get(name)
+        return shape is not None and shape.is_map and (reduction is None or shape.reduction == reduction)
+
+    def is_identity(self, key: str) -> bool:
+        call = self.traced.calls.get(key)
+        return call is not None and issubclass(call.module_type, nn.Identity)
+
+    def is_repeated(self, key: str) -> bool:
+        """Whether the module of call ``key`` has a sibling of the same class (stages, blocks, VGG's layers)."""
+        call = self.traced.calls.get(key)
+        if call is None or not call.path or self.is_identity(key):
+            return False
+        if call.path not in self._repeated:
+            parent_path, _, name = call.path.rpartition(".")
+            parent = self.traced.root.get_submodule(parent_path)
+            kind = type(parent.get_submodule(name))
+            self._repeated[call.path] = any(
+                other != name and type(child) is kind for other, child in parent.named_children()
+            )
+        return self._repeated[call.path]
+
+    def child_of(self, key: str | None, name: str) -> str | None:
+        """The call directly inside ``key`` (``None``: the model) that created node ``name``."""
+        stack = self.stack(name)
+        depth = stack.index(key) + 1 if key is not None else 0
+        return stack[depth] if depth < len(stack) and (key is None or key in stack) else None
+
+    def holds_repeated_child_before(self, key: str, position: int) -> bool:
+        """Whether call ``key`` holds, before chain position ``position``, a repeated call that ends there."""
+        first, _ = self.span[key]
+        for name in self.chain[first:position]:
+            child = self.child_of(key, name)
+            if child is not None and self.span[child][1] < position and self.is_repeated(child):
+                return True
+        return False
+
+    def unit_of(self, position: int) -> str | None:
+        """The downsampling unit of the stride change at chain ``position`` (rule 2)."""
+        others = [p for p in self.change_positions if p != position]
+        for key in self.stack(self.chain[position]):
+            if key not in self.span:
+                continue
+            first, last = self.span[key]
+            if any(first <= p <= last for p in others):
+                continue
+            if self.is_repeated(key) or not self.holds_repeated_child_before(key, position):
+                return key
+        return None
+
+    def is_returned(self, name: str) -> bool:
+        """A module call returns node ``name`` (not a pass-through ``nn.Identity``); the input is no level."""
+        if name not in self._returned:
+            node = self.nodes[name]
+            identity = node.op == "call_module" and isinstance(
+                self.traced.root.get_submodule(node.target), nn.Identity)
+            self._returned[name] = node.op != "placeholder" and not identity and bool(
+                returning_calls(self.traced, name, self.versions))
+        return self._returned[name]
+
+    def is_pooling(self, name: str) -> bool:
+        """Whether node ``name`` is a (non-adaptive) pooling: it only subsamples the map it is given."""
+        node = self.nodes[name]
+        if node.op == "call_module":
+            return isinstance(self.traced.root.get_submodule(node.target), _POOLING_MODULES)
+        return node.op == "call_function" and node.target in _POOLING_FUNCTIONS
+
+    def inside_block(self, name: str) -> bool:
+        """Whether ``name`` lies inside a non-container call outside the trunk that changes the stride later
+        with something other than a pooling."""
+        position = self.position[name]
+        for key in self.stack(name):
+            call = self.traced.calls.get(key)
+            if key in self.trunk or call is None or call.is_container or key not in self.span:
+                continue
+            _, last = self.span[key]
+            if any(position < p <= last and not self.is_pooling(self.chain[p]) for p in self.change_positions):
+                return True
+        return False
+
+    def is_candidate(self, name: str, reduction: int) -> bool:
+        return self.is_map(name, reduction) and self.is_returned(name) and not self.inside_block(name)
+
+    def last_candidate(self, positions, reduction: int) -> str | None:
+        """Walking ``positions``, the first candidate at ``reduction``, stopping at a map at another one."""
+        for i in positions:
+            name = self.chain[i]
+            if not self.is_map(name):
+                continue
+            if self.shapes[name].reduction != reduction:
+                return None
+            if self.is_candidate(name, reduction):
+                return name
+        return None
+
+    def head_start(self, reduction: int) -> int:
+        """Chain position after the trunk's last repeated call at ``reduction`` (rule 5); the end of the trunk
+        if it has none."""
+        trunk_key = self.trunk[-1] if self.trunk else None
+        inside = [i for i, name in enumerate(self.chain) if trunk_key is None or trunk_key in self.stack(name)]
+        end = inside[-1] + 1 if inside else len(self.chain)
+        repeated_ends = []
+        for i in inside:
+            child = self.child_of(trunk_key, self.chain[i])
+            if child is not None and self.is_repeated(child) and self.is_map(self.chain[i], reduction):
+                repeated_ends.append(self.span[child][1] + 1)
+        return max(repeated_ends, default=end)
+
+    def module_of(self, name: str, levels: list[str]) -> str:
+        """Path of the outermost call that returns ``name`` and holds no other level: ``blocks.6``, not
+        ``blocks`` which holds every level."""
+        others = [self.stack(level) for level in levels if level != name]
+        keys = [key for key in returning_calls(self.traced, name, self.versions)
+                if not any(key in stack for stack in others)]
+        return outermost_path(self.traced, keys)
+
+
+def _trunk(structure: _Structure, changes: list[StrideChange]) -> tuple[str, ...]:
+    """Keys of the calls enclosing the last change's unit and another change, outermost first (rule 3)."""
+    if len(changes) < 2:
+        return ()
+    last = changes[-1]
+    stack = structure.stack(last.node)
+    outer = stack[: stack.index(last.unit)] if last.unit in stack else stack
+    earlier = [structure.position[change.node] for change in changes[:-1]]
+    for depth in range(len(outer) - 1, -1, -1):
+        first, end = structure.span[outer[depth]]
+        if any(first <= p <= end for p in earlier):
+            return tuple(outer[: depth + 1])
+    return ()
+
+
+def find_levels(
+    traced: TracedModel, chain: tuple[str, ...], shapes: dict[str, NodeShape], aliases: Aliases,
+    tensors: dict[str, str] | None = None,
+) -> LevelSearch:
+    """Discover the levels of a model (see the module docstring for the rule).
+
+    Args:
+        traced: the traced model.
+        chain: its dominator chain.
+        shapes: shape of every node; a write into a view of a tensor has the shape of the whole tensor.
+        aliases: its in-place writes.
+        tensors: for writes standing for another node's tensor, that node.
+    """
+    structure = _Structure(traced, chain, shapes, aliases)
     positions: list[tuple[int, int, int]] = []  # (position, before, after)
     running = 1
     for i, name in enumerate(chain):
         if structure.is_map(name) and shapes[name].reduction > running:
             positions.append((i, running, shapes[name].reduction))
             running = shapes[name].reduction
-    change_positions = {p for p, _, _ in positions}
+    structure.change_positions = [p for p, _, _ in positions]
+    changes = [StrideChange(chain[p], before, after, structure.unit_of(p)) for p, before, after in positions]
+    structure.trunk = _trunk(structure, changes)
 
-    changes = []
-    for position, before, after in positions:
-        unit = structure.unit_of(chain[position], change_positions - {position})
-        changes.append(StrideChange(chain[position], before, after, unit))
-
-    trunk = _trunk(structure, changes)
     levels: list[str] = []
     for change in changes:
         entry = structure.span[change.unit][0] if change.unit else structure.position[change.node]
-        level = _last_candidate(structure, range(entry - 1, -1, -1), change.before, stop_on_other=True)
+        level = structure.last_candidate(range(entry - 1, -1, -1), change.before)
         if level is not None:
             levels.append(level)
-    inside_trunk = [i for i, name in enumerate(chain) if not trunk or trunk[-1] in structure.stack(name)]
-    last = _last_candidate(structure, reversed(inside_trunk), running, stop_on_other=False)
-    if last is None:
-        last = _last_candidate(structure, range(len(chain) - 1, -1, -1), running, stop_on_other=False)
+    last = structure.last_candidate(range(structure.head_start(running) - 1, -1, -1), running)
+    if last is None:  # no module returns a map at the final reduction before the head: take any after it
+        last = next((chain[i] for i in range(len(chain) - 1, -1, -1)
+                     if structure.is_map(chain[i], running) and structure.is_returned(chain[i])), None)
     if last is not None and last not in levels:
         levels.append(last)
 
     by_reduction: dict[int, list[str]] = defaultdict(list)
     for name in chain:
-        if structure.is_map(name) and structure.is_level_candidate(name):
+        if structure.is_map(name) and structure.is_returned(name):
             by_reduction[shapes[name].reduction].append(name)
+    tensors = tensors or {}
     result = tuple(
         Level(
             node=name,
@@ -240,40 +367,9 @@ def find_levels(traced: TracedModel, chain: tuple[str, ...], shapes: dict[str, N
             fmt=shapes[name].fmt,
             shape=shapes[name].shape,
             candidates=tuple(by_reduction[shapes[name].reduction]),
+            tensor=tensors.get(name),
         )
         for name in levels
     )
     candidates = {reduction: tuple(names) for reduction, names in by_reduction.items()}
-    return LevelSearch(result, tuple(changes), trunk, candidates)
-
-
-def _last_candidate(structure: _Structure, positions, reduction: int, stop_on_other: bool) -> str | None:
-    """The first level candidate at ``reduction`` met walking ``positions``."""
-    for i in positions:
-        name = structure.chain[i]
-        if not structure.is_map(name):
-            continue
-        if structure.shapes[name].reduction != reduction:
-            if stop_on_other:
-                return None
-            continue
-        if structure.is_level_candidate(name):
-            return name
-    return None
-
-
-def _trunk(structure: _Structure, changes: list[StrideChange]) -> tuple[str, ...]:
-    """Keys of the calls enclosing every unit but the stem's, outermost first (their common prefix)."""
-    prefixes = []
-    for change in changes[1:]:
-        stack = structure.stack(change.node)
-        prefixes.append(stack[: stack.index(change.unit)] if change.unit else stack)
-    if not prefixes:
-        return ()
-    common = prefixes[0]
-    for prefix in prefixes[1:]:
-        length = 0
-        while length < min(len(common), len(prefix)) and common[length] == prefix[length]:
-            length += 1
-        common = common[:length]
-    return tuple(common)
+    return LevelSearch(result, tuple(changes), structure.trunk, candidates)

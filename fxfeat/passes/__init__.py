@@ -5,5 +5,8 @@ from fxfeat.passes.dead_code import remove_dead_code
 from fxfeat.passes.dilate import dilate
 from fxfeat.passes.driver import run_passes
 from fxfeat.passes.expose_outputs import expose_outputs
+from fxfeat.passes.snapshot_outputs import snapshot_outputs
 
-__all__ = ["attach_classifier", "dilate", "expose_outputs", "remove_dead_code", "run_passes"]
+__all__ = [
+    "attach_classifier", "dilate", "expose_outputs", "remove_dead_code", "run_passes", "snapshot_outputs",
+]

@@ -1,43 +1,33 @@
 """Pass: delete every node the outputs do not need.
 
 Unlike ``fx.Graph.eliminate_dead_code``, side-effect-only checks (``torch._assert`` on a later stage's shape)
-do not keep a pruned stage alive; in-place ops on tensors that are still needed are kept.
+do not keep a pruned stage alive, and in-place writes are kept exactly when a kept node reads the tensor they
+write (or a view of it) after them.
 """
 
 from __future__ import annotations
 
-import operator
-
 import torch.fx as fx
 
+from fxfeat.analyse.aliases import Aliases
 from fxfeat.plan import ExtractionPlan
 
 __all__ = ["remove_dead_code"]
 
-_IN_PLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
-
-
-def _mutates_first_argument(node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("_")
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        return node.target in _IN_PLACE_FUNCTIONS or (name.endswith("_") and not name.startswith("_")) or bool(
-            node.kwargs.get("inplace")
-        )
-    return False
-
 
 def remove_dead_code(graph: fx.Graph, plan: ExtractionPlan | None = None) -> None:
-    """Erase every node that neither feeds the output nor mutates a tensor that does."""
+    """Erase every node that neither feeds the output nor writes into a tensor read later by one that does."""
+    aliases = Aliases(graph)
     live: set[fx.Node] = set()
+    read_later: set[str] = set()  # storages (bases) a kept node reads after the current point
     for node in reversed(graph.nodes):
-        first = node.args[0] if node.args else None
         keep = node.op in ("output", "placeholder") or node in live
-        keep = keep or (_mutates_first_argument(node) and isinstance(first, fx.Node) and first in live)
+        keep = keep or (aliases.is_write(node.name) and aliases.base(node.name) in read_later)
         if keep:
             live.add(node)
-            live.update(node.all_input_nodes)
+            for argument in node.all_input_nodes:
+                live.add(argument)
+                read_later.add(aliases.base(argument.name))
     for node in reversed(list(graph.nodes)):
         if node not in live:
             graph.erase_node(node)

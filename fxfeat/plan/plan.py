@@ -23,7 +23,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from fxfeat.analyse import GraphAnalysis, Level
-from fxfeat.errors import FxFeatWarning, HeadNotFoundError, NoFeatureMapsError, OutIndicesError, UnknownLevelError
+from fxfeat.errors import (
+    FxFeatWarning,
+    HeadNotFoundError,
+    InvalidRequestError,
+    NoFeatureMapsError,
+    OutIndicesError,
+    UnknownLevelError,
+)
 from fxfeat.plan.output_stride import OpEdit, plan_output_stride
 from fxfeat.plan.request import Request
 
@@ -42,12 +49,15 @@ class PlannedOutput:
         node: the fx node whose value is returned.
         permute: dimension order applied to the node's value before returning it (``None``: as is).
         fmt: layout of the returned tensor.
+        version: the node after which the value is read (``node`` itself, or an in-place write into it); a later
+            write into the same tensor must not reach the output.
     """
 
     name: str
     node: str
     permute: tuple[int, ...] | None
     fmt: str | None
+    version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -169,7 +179,17 @@ def _declared_levels(analysis: GraphAnalysis) -> tuple[Level, ...] | None:
 
 def _choose_levels(analysis: GraphAnalysis, request: Request) -> tuple[tuple[Level, ...], str]:
     if isinstance(request.levels, tuple):
-        return tuple(_resolve_name(analysis, name) for name in request.levels), "user"
+        levels = tuple(_resolve_name(analysis, name) for name in request.levels)
+        by_node: dict[str, list[str]] = {}
+        for name, level in zip(request.levels, levels):
+            by_node.setdefault(level.node, []).append(name)
+        same = [names for names in by_node.values() if len(names) > 1]
+        if same:
+            raise InvalidRequestError(
+                f"levels {' and '.join(map(repr, same[0]))} are the same tensor (node {levels[request.levels.index(same[0][0])].node!r}).",
+                hint="list each level once.",
+            )
+        return levels, "user"
     if request.levels is None and analysis.declared:
         declared = _declared_levels(analysis)
         if declared is not None:
@@ -250,7 +270,20 @@ def _penultimate_level(analysis: GraphAnalysis, mode: str) -> Level:
 def _output(level: Level, output_fmt: str) -> PlannedOutput:
     permute = _TO_NCHW.get(level.fmt) if output_fmt == "NCHW" else None
     fmt = "NCHW" if permute else (level.fmt or ("NC" if len(level.shape) == 1 else None))
-    return PlannedOutput(_output_name(level), level.node, permute, fmt)
+    return PlannedOutput(_output_name(level), level.tensor or level.node, permute, fmt, version=level.node)
+
+
+def _unique_names(outputs: tuple[PlannedOutput, ...]) -> tuple[PlannedOutput, ...]:
+    """Outputs whose names (the dict keys) are unique: a name shared by several levels (two nodes of one
+    module) becomes the node's name for every level after the first."""
+    seen: set[str] = set()
+    unique = []
+    for output in outputs:
+        if output.name in seen:
+            output = dataclasses.replace(output, name=output.node)
+        seen.add(output.name)
+        unique.append(output)
+    return tuple(unique)
 
 
 def make_plan(analysis: GraphAnalysis, request: Request) -> ExtractionPlan:
@@ -274,7 +307,7 @@ def make_plan(analysis: GraphAnalysis, request: Request) -> ExtractionPlan:
     else:
         levels, source = _choose_levels(analysis, request)
         out_indices = _select(request.out_indices, levels)
-        outputs = tuple(_output(levels[index], request.output_fmt) for index in out_indices)
+        outputs = _unique_names(tuple(_output(levels[index], request.output_fmt) for index in out_indices))
         classifier, single = None, False
     op_edits = plan_output_stride(analysis, request.output_stride)
     if op_edits:

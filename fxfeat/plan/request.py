@@ -9,6 +9,8 @@ Example:
 
 from __future__ import annotations
 
+import numbers
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,33 +52,66 @@ def _model_input_size(model: nn.Module) -> tuple[int, int, int]:
 
 def _check_input_size(input_size: Any) -> tuple[int, int, int]:
     if (
-        not isinstance(input_size, Sequence)
+        not _is_sequence(input_size)
         or len(input_size) != 3
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in input_size)
+        or not all(_as_int(d) is not None and _as_int(d) > 0 for d in input_size)
     ):
         raise InvalidRequestError(
             f"input_size must be (channels, height, width) as three positive ints; got {input_size!r}.",
             hint="e.g. input_size=(3, 224, 224).",
         )
-    return tuple(input_size)
+    return tuple(_as_int(d) for d in input_size)
+
+
+def _as_int(value: Any) -> int | None:
+    """``value`` as an int if it is an integer of any kind (``int``, numpy, a 0-d tensor, ``16.0``), else None."""
+    if isinstance(value, bool) or isinstance(value, (str, bytes)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        pass
+    if isinstance(value, numbers.Real) and float(value).is_integer():
+        return int(value)
+    return None
 
 
 def _check_out_indices(out_indices: Any) -> int | tuple[int, ...] | None:
     if out_indices is None:
         return None
-    if isinstance(out_indices, int) and not isinstance(out_indices, bool):
-        return out_indices
-    if isinstance(out_indices, Sequence) and not isinstance(out_indices, str) and all(
-        isinstance(i, int) and not isinstance(i, bool) for i in out_indices
-    ):
-        if not out_indices:
-            raise InvalidRequestError("out_indices is empty.", hint="select at least one level, or pass None.")
-        return tuple(out_indices)
+    if _as_int(out_indices) is not None and not _is_sequence(out_indices):
+        return _as_int(out_indices)
+    if _is_sequence(out_indices):
+        indices = [_as_int(i) for i in out_indices]
+        if all(i is not None for i in indices):
+            if not indices:
+                raise InvalidRequestError("out_indices is empty.", hint="select at least one level, or pass None.")
+            return tuple(indices)
     raise InvalidRequestError(
         f"out_indices must be None, an int (the last n levels) or a sequence of level indices; "
         f"got {out_indices!r}.",
         hint="e.g. out_indices=(1, 2, 3), out_indices=(-1,) or out_indices=3.",
     )
+
+
+def _is_sequence(value: Any) -> bool:
+    """A list, tuple, range or 1-d array (numpy or torch), not a string."""
+    if isinstance(value, (str, bytes)):
+        return False
+    if isinstance(value, Sequence):
+        return True
+    return getattr(value, "ndim", None) == 1 and hasattr(value, "__iter__")
+
+
+def _check_output_stride(output_stride: Any) -> int | None:
+    if output_stride is None:
+        return None
+    value = _as_int(output_stride)
+    if value not in (8, 16, 32):
+        raise InvalidRequestError(
+            f"output_stride must be None, 8, 16 or 32; got {output_stride!r}.", hint="e.g. output_stride=16."
+        )
+    return value
 
 
 def _check_levels(levels: Any) -> str | tuple[str, ...] | None:
@@ -85,6 +120,12 @@ def _check_levels(levels: Any) -> str | tuple[str, ...] | None:
     if isinstance(levels, Sequence) and not isinstance(levels, str) and levels and all(
         isinstance(name, str) for name in levels
     ):
+        repeated = sorted({name for name in levels if levels.count(name) > 1})
+        if repeated:
+            raise InvalidRequestError(
+                f"levels names {', '.join(map(repr, repeated))} more than once; each level is returned once.",
+                hint="list each module path or node name once.",
+            )
         return tuple(levels)
     raise InvalidRequestError(
         f"levels must be None, 'auto' or a non-empty list of module paths / fx node names; got {levels!r}.",
@@ -121,11 +162,9 @@ def make_request(
         raise InvalidRequestError(
             f"Unknown output_fmt {output_fmt!r}.", hint=f"use one of {', '.join(map(repr, OUTPUT_FORMATS))}."
         )
-    if output_stride not in (None, 8, 16, 32):
-        raise InvalidRequestError(
-            f"output_stride must be None, 8, 16 or 32; got {output_stride!r}.", hint="e.g. output_stride=16."
-        )
+    output_stride = _check_output_stride(output_stride)
     if num_classes is not None:
+        num_classes = _as_int(num_classes) if _as_int(num_classes) is not None else num_classes
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
             raise InvalidRequestError(
                 f"num_classes must be a non-negative int; got {num_classes!r}.", hint="e.g. num_classes=10."

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 from torch import nn
 
-from fxfeat.errors import FxFeatWarning, TraceFailedError
+from fxfeat.errors import FxFeatWarning, InvalidModelError, TraceFailedError
 
 __all__ = ["ModuleCall", "TracedModel", "describe_node", "evaluation_mode", "trace_model"]
 
@@ -222,11 +222,27 @@ def trace_model(model: nn.Module, max_opaque: int = 64) -> TracedModel:
             FxFeatWarning,
             stacklevel=3,
         )
+    _check_single_input(model, graph)
     graph_module = fx.GraphModule(tracer.root, graph, type(model).__name__)
     node_calls = {
         node.name: tuple(node.meta.get("nn_module_stack", {}).keys()) for node in graph_module.graph.nodes
     }
     return TracedModel(model, graph_module, tracer.calls, node_calls, opaque)
+
+
+def _check_single_input(model: nn.Module, graph: fx.Graph) -> None:
+    """The model must run on one image batch: every input after the first needs a default value."""
+    inputs = [node for node in graph.nodes if node.op == "placeholder"]
+    required = [node.target for node in inputs[1:] if not node.args]
+    if required or not inputs:
+        names = ", ".join(node.target for node in inputs)
+        needs = f"needs {1 + len(required)} inputs ({', '.join(required)} without a default)" if inputs else \
+            "takes no input"
+        raise InvalidModelError(
+            f"{type(model).__name__}.forward({names}) {needs}; fxfeat compiles models that take one image batch.",
+            hint="wrap the model in a module whose forward(x) passes the other inputs, e.g. "
+            "forward(self, x): return self.model(x, fixed_extra_input).",
+        )
 
 
 def _trace_failure(

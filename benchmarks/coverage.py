@@ -1,0 +1,370 @@
+"""``make coverage``: how much of the model zoo fxfeat handles, measured, with the reason for every miss.
+
+The zoo is the smallest model of every timm family (families are timm's model modules, ``timm.list_modules()``;
+"smallest" by parameter count; timm's ``test_*`` models, reduced-size variants made for timm's own CI, are left
+out) and every torchvision classification model. Each model is checked by
+:func:`benchmarks.coverage_check.check_model` in a worker process under a time limit, two workers at a time
+(one thread each). The report gives, for the *CNN-style* timm families (declared reductions that rise level by
+level) and for all of them: how many compile, how many have timm's levels contained in fxfeat's (equal tensors),
+identical level lists, declared levels equal to timm's ``features_only``, ``output_stride=8`` parity where timm
+supports it, outputs equal to eager, the median compile time, and opaque modules. It also flags every
+torchvision model whose levels changed since the previous report.
+
+Usage::
+
+    python -m benchmarks.coverage [--models timm:resnet50 torchvision:vgg11 ...] [--timeout 240] [--workers 2]
+        [--out docs/coverage.json] [--markdown docs/coverage.md] [--refresh-families]
+
+The family -> smallest model table is cached in ``benchmarks/timm_families.json`` for the timm version that
+made it (building every timm model on the ``meta`` device to count its parameters takes minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing
+import platform
+import statistics
+import sys
+import time
+from multiprocessing.connection import wait
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "summarise", "timm_families"]
+
+FAMILIES_CACHE = Path(__file__).with_name("timm_families.json")
+DEFAULT_TIMEOUT_S = 240
+
+
+def timm_families(refresh: bool = False) -> dict[str, dict[str, Any]]:
+    """``{family: {"model": smallest model, "params": its parameter count}}`` for timm's installed version."""
+    import timm
+    import torch
+
+    if FAMILIES_CACHE.exists() and not refresh:
+        cached = json.loads(FAMILIES_CACHE.read_text())
+        if cached.get("timm") == timm.__version__:
+            return cached["families"]
+    families = {}
+    for family in timm.list_modules():
+        sizes = []
+        for name in timm.list_models(module=family):
+            if name.startswith("test_"):
+                continue
+            with torch.device("meta"):
+                model = timm.create_model(name, pretrained=False)
+            sizes.append((sum(p.numel() for p in model.parameters()), name))
+        if sizes:
+            params, name = min(sizes)
+            families[family] = dict(model=name, params=params)
+    FAMILIES_CACHE.write_text(json.dumps(dict(timm=timm.__version__, families=families), indent=1) + "\n")
+    return families
+
+
+def _cases(args) -> list[dict[str, str]]:
+    if args.models:
+        cases = []
+        for spec in args.models:
+            library, _, name = spec.partition(":")
+            cases.append(dict(library=library, name=name, family=name if library == "timm" else "torchvision"))
+        return cases
+    import torchvision
+
+    families = timm_families(refresh=args.refresh_families)
+    cases = [dict(library="timm", name=entry["model"], family=family) for family, entry in sorted(families.items())]
+    cases += [dict(library="torchvision", name=name, family="torchvision")
+              for name in torchvision.models.list_models(module=torchvision.models)]
+    return cases
+
+
+def _worker(connection) -> None:
+    """Check the models sent over ``connection`` one at a time until it sends ``None``."""
+    import torch
+
+    torch.set_num_threads(1)
+    from benchmarks.coverage_check import check_model, describe_error
+
+    while True:
+        case = connection.recv()
+        if case is None:
+            return
+        start = time.perf_counter()
+        try:
+            result = check_model(case["library"], case["name"])
+        except Exception as error:  # a model that does not build, or a failure outside fxfeat
+            result = dict(library=case["library"], name=case["name"], error=describe_error(error))
+        result.update(family=case["family"], seconds=round(time.perf_counter() - start, 1))
+        connection.send(result)
+
+
+class _Pool:
+    """Worker processes that each check one model at a time; a model past the time limit kills its worker."""
+
+    def __init__(self, workers: int, timeout: float):
+        self.context = multiprocessing.get_context("spawn")
+        self.timeout = timeout
+        self.slots = [self._start() for _ in range(workers)]
+
+    def _start(self) -> dict[str, Any]:
+        parent, child = self.context.Pipe()
+        process = self.context.Process(target=_worker, args=(child,), daemon=True)
+        process.start()
+        return dict(process=process, connection=parent, case=None, started=0.0)
+
+    def run(self, cases: list[dict[str, str]], on_result) -> None:
+        pending = list(reversed(cases))
+        while pending or any(slot["case"] for slot in self.slots):
+            for slot in self.slots:
+                if slot["case"] is None and pending:
+                    slot["case"], slot["started"] = pending.pop(), time.monotonic()
+                    slot["connection"].send(slot["case"])
+            busy = [slot for slot in self.slots if slot["case"]]
+            deadline = min(slot["started"] for slot in busy) + self.timeout
+            ready = wait([slot["connection"] for slot in busy], timeout=max(0.0, deadline - time.monotonic()))
+            for index, slot in enumerate(self.slots):
+                if slot["case"] is None:
+                    continue
+                if slot["connection"] in ready:
+                    try:
+                        result = slot["connection"].recv()
+                    except EOFError:  # the worker died (out of memory, a crash in native code)
+                        result = self._lost(slot, "the worker process died")
+                    on_result(result)
+                    slot["case"] = None
+                elif time.monotonic() - slot["started"] >= self.timeout:
+                    on_result(self._lost(slot, f"timeout: no result within {self.timeout:.0f} s"))
+                    self.slots[index] = self._start()
+
+    def _lost(self, slot, reason: str) -> dict[str, Any]:
+        slot["process"].kill()
+        slot["process"].join()
+        case = slot["case"]
+        return dict(case, error=reason, seconds=round(time.monotonic() - slot["started"], 1))
+
+    def close(self) -> None:
+        for slot in self.slots:
+            if slot["process"].is_alive():
+                slot["connection"].send(None)
+                slot["process"].join(timeout=10)
+
+
+def _fraction(hits: int, total: int) -> str:
+    return f"{hits}/{total} ({100 * hits / total:.1f}%)" if total else "0/0"
+
+
+def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Totals over the results (see the module docstring for what is counted)."""
+    timm_rows = [r for r in results if r["library"] == "timm"]
+    cnn = [r for r in timm_rows if r.get("cnn_style")]
+    torchvision_rows = [r for r in results if r["library"] == "torchvision"]
+
+    def count(rows, test) -> dict[str, int]:
+        return dict(hits=sum(1 for r in rows if test(r)), total=len(rows))
+
+    compiled = lambda r: "levels" in r.get("auto", {})  # noqa: E731
+    supported_os = [r for r in timm_rows if r.get("output_stride", {}).get("supported")]
+    with_maps = [r for r in timm_rows if r.get("cnn_style")]
+    times = [r["auto"]["compile_s"] for r in results if "compile_s" in r.get("auto", {})]
+    return dict(
+        timm_compile=count(timm_rows, compiled),
+        cnn_contained=count(cnn, lambda r: r.get("auto", {}).get("contained")),
+        cnn_identical=count(cnn, lambda r: r.get("auto", {}).get("identical")),
+        all_contained=count(timm_rows, lambda r: r.get("auto", {}).get("contained")),
+        all_identical=count(timm_rows, lambda r: r.get("auto", {}).get("identical")),
+        declared_equal=count(with_maps, lambda r: r.get("declared", {}).get("equal")),
+        output_stride_equal=count(supported_os, lambda r: r["output_stride"].get("equal")),
+        eager_equal=count(results, lambda r: r.get("eager_equal")),
+        torchvision_compile=count(torchvision_rows, compiled),
+        torchvision_eager_equal=count(torchvision_rows, lambda r: r.get("eager_equal")),
+        opaque_models=sum(1 for r in results if r.get("opaque")),
+        compile_s_median=round(statistics.median(times), 4) if times else None,
+    )
+
+
+def _levels_text(levels) -> str:
+    return " ".join(f"{level['module'] or level['node']}@{level['reduction']}" for level in levels or [])
+
+
+def miss_reason(result: dict[str, Any]) -> str:
+    """Why fxfeat's automatic levels differ from timm's, in a line."""
+    if "error" in result:
+        return result["error"]
+    auto = result.get("auto", {})
+    if "levels" not in auto:
+        return f"compile: {auto.get('error', result.get('trace', {}).get('error', '?'))}"
+    if "error" in auto:
+        return f"run: {auto['error']}"
+    if result.get("timm", {}).get("error"):
+        return f"no timm reference: {result['timm']['error']}"
+    if auto.get("identical") or "found" not in auto:
+        return ""
+    timm_levels, levels = result["timm_levels"] or [], auto["levels"]
+    parts = []
+    for i, j in enumerate(auto["found"]):
+        if j is None and i < len(timm_levels):
+            entry = timm_levels[i]
+            same = [lv for lv in levels if lv["reduction"] == entry["reduction"]]
+            instead = f" (fxfeat: {_levels_text(same)})" if same else " (no fxfeat level there)"
+            parts.append(f"missing {entry['module']}@{entry['reduction']}{instead}")
+    matched = {j for j in auto["found"] if j is not None}
+    extra = [lv for j, lv in enumerate(levels) if j not in matched]
+    if extra:
+        parts.append(f"extra {_levels_text(extra)}")
+    if not parts and len(timm_levels) != len(auto["found"]):
+        parts.append(f"timm features_only returns {len(auto['found'])} of its {len(timm_levels)} levels")
+    return "; ".join(parts)
+
+
+def _declared_text(result: dict[str, Any]) -> str:
+    declared = result.get("declared")
+    if declared is None:
+        return "-"
+    return _mark(declared["equal"]) if "equal" in declared else declared.get("error", "-").replace("|", "\\|")
+
+
+def _mark(value) -> str:
+    return "-" if value is None else ("yes" if value else "**no**")
+
+
+def write_markdown(report: dict[str, Any], path: Path) -> None:
+    """Totals at the top, then a table per library with the reason for each miss."""
+    summary, rows = report["summary"], report["results"]
+    lines = [
+        "# Coverage: fxfeat across the model zoo",
+        "",
+        f"Generated by `make coverage` (`python -m benchmarks.coverage`) on {report['machine']}, "
+        f"{report['date']}; " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ". "
+        f"{len(rows)} models, {report['wall_s'] / 60:.1f} min wall with {report['workers']} workers, "
+        f"{report['timeout_s']} s limit per model.",
+        "",
+        "timm: the smallest model of each family, random weights; `auto` = `levels=\"auto\"` with the declared "
+        "`feature_info` removed, compared tensor for tensor (`torch.equal`) with timm's `features_only` model "
+        "carrying the same weights. *CNN-style*: families whose declared reductions rise level by level.",
+        "",
+        "| measure | result |",
+        "|---|---|",
+    ]
+    labels = [
+        ("timm_compile", "timm families that compile (`auto`)"),
+        ("cnn_contained", "CNN-style: timm's levels contained in fxfeat's, equal tensors"),
+        ("cnn_identical", "CNN-style: identical level lists"),
+        ("all_contained", "all timm families: timm's levels contained"),
+        ("all_identical", "all timm families: identical level lists"),
+        ("declared_equal", "CNN-style: declared levels (`levels=None`) equal to timm's `features_only`"),
+        ("output_stride_equal", "`output_stride=8` equal to timm's dilated model (where timm has one)"),
+        ("eager_equal", "outputs bit-equal to the eager model"),
+        ("torchvision_compile", "torchvision classification models that compile"),
+        ("torchvision_eager_equal", "torchvision: bit-equal to eager at two input sizes"),
+    ]
+    for key, label in labels:
+        lines.append(f"| {label} | {_fraction(summary[key]['hits'], summary[key]['total'])} |")
+    lines.append(f"| median compile time (`auto`) | {summary['compile_s_median']} s |")
+    lines.append(f"| models with opaque submodules | {summary['opaque_models']} |")
+    changed = report.get("torchvision_changed") or []
+    lines += ["", f"torchvision models whose levels changed since the previous report: "
+              f"{', '.join(changed) if changed else 'none'}.", ""]
+
+    lines += ["## timm", "", "| family | model | CNN-style | identical | contained | declared | os=8 | eager | "
+              "compile s | fxfeat levels | reason |", "|" + "---|" * 11]
+    for r in sorted((r for r in rows if r["library"] == "timm"), key=lambda r: r["family"]):
+        auto = r.get("auto", {})
+        os8 = r.get("output_stride", {})
+        os_text = "-" if not os8.get("supported") else _mark(os8.get("equal"))
+        if os8.get("supported") and not os8.get("equal"):
+            os_text += f" ({os8.get('fxfeat', {}).get('error', 'tensors differ')})"
+        lines.append("| " + " | ".join([
+            r["family"], r["name"], _mark(r.get("cnn_style")), _mark(auto.get("identical")),
+            _mark(auto.get("contained")), _declared_text(r), os_text, _mark(r.get("eager_equal")), str(auto.get("compile_s", "-")),
+            _levels_text(auto.get("levels")), miss_reason(r).replace("|", "\\|"),
+        ]) + " |")
+    lines += ["", "## torchvision", "", "| model | eager | compile s | fxfeat levels | error |", "|---|---|---|---|---|"]
+    for r in (r for r in rows if r["library"] == "torchvision"):
+        auto = r.get("auto", {})
+        error = r.get("error") or auto.get("error") or r.get("eager", {}).get("error") or ""
+        lines.append(f"| {r['name']} | {_mark(r.get('eager_equal'))} | {auto.get('compile_s', '-')} | "
+                     f"{_levels_text(auto.get('levels'))} | {error.replace('|', chr(92) + '|')} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _torchvision_changes(results, previous_path: Path) -> list[str]:
+    if not previous_path.exists():
+        return []
+    previous = {r["name"]: r.get("auto", {}).get("levels") for r in json.loads(previous_path.read_text())["results"]
+                if r["library"] == "torchvision"}
+    changed = []
+    for r in results:
+        if r["library"] == "torchvision" and r["name"] in previous:
+            def key(levels):
+                return [(lv["module"], lv["reduction"], lv["channels"]) for lv in levels or []]
+            if key(previous[r["name"]]) != key(r.get("auto", {}).get("levels")):
+                changed.append(r["name"])
+    return changed
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", help="timm:NAME or torchvision:NAME (default: the whole zoo)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds per model")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("docs/coverage.json"))
+    parser.add_argument("--markdown", type=Path, default=Path("docs/coverage.md"))
+    parser.add_argument("--refresh-families", action="store_true", help="recount the smallest model per family")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    from tqdm import tqdm
+
+    import timm
+    import torch
+    import torchvision
+
+    from benchmarks.compile_time import cpu_name
+
+    cases = _cases(args)
+    start = time.monotonic()
+    results: list[dict[str, Any]] = []
+    progress = tqdm(total=len(cases), disable=args.quiet, desc="coverage", unit="model")
+
+    def on_result(result):
+        results.append(result)
+        progress.set_postfix_str(result["name"][:30])
+        progress.update()
+
+    pool = _Pool(args.workers, args.timeout)
+    try:
+        pool.run(cases, on_result)
+    finally:
+        pool.close()
+        progress.close()
+    order = {(c["library"], c["name"]): i for i, c in enumerate(cases)}
+    results.sort(key=lambda r: order[(r["library"], r["name"])])
+    report = dict(
+        machine=f"{cpu_name()}, {args.workers} workers x 1 thread, {platform.system()}",
+        date=datetime.date.today().isoformat(),
+        versions=dict(python=platform.python_version(), torch=torch.__version__,
+                      torchvision=torchvision.__version__, timm=timm.__version__),
+        workers=args.workers, timeout_s=args.timeout, wall_s=round(time.monotonic() - start, 1),
+        summary=summarise(results),
+        torchvision_changed=_torchvision_changes(results, args.out),
+        results=results,
+    )
+    for r in results:
+        if r["library"] == "timm":
+            r["reason"] = miss_reason(r)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_markdown(report, args.markdown)
+    summary = report["summary"]
+    print(f"wrote {args.out} and {args.markdown} ({report['wall_s'] / 60:.1f} min)")
+    for key in ("timm_compile", "cnn_contained", "cnn_identical", "declared_equal", "output_stride_equal",
+                "eager_equal", "torchvision_eager_equal"):
+        print(f"  {key:<24} {_fraction(summary[key]['hits'], summary[key]['total'])}")
+    print(f"  compile_s_median         {summary['compile_s_median']}")
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

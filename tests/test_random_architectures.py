@@ -1,0 +1,65 @@
+"""The level rule on generated CNNs whose stages are known: fxfeat returns exactly the stage outputs, bit-equal.
+
+``tests/random_cnn.py`` builds each model from a seed (block kind, containers, stem, depths, squeeze-excite,
+in-place sums). The default suite runs a few dozen seeds; ``make test-zoo`` runs hundreds more.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import fxfeat
+from tests.random_cnn import generate
+
+CI_SEEDS = range(40)
+ZOO_SEEDS = range(40, 400)
+INPUT_SIZE = (3, 96, 128)
+
+
+def check_generated(seed: int) -> None:
+    model, expected, architecture = generate(seed)
+    x = torch.randn(2, *INPUT_SIZE)
+    references = {}
+    handles = [model.get_submodule(path).register_forward_hook(
+        lambda module, inputs, output, path=path: references.__setitem__(path, output.clone()))
+        for path in expected]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fxfeat.FxFeatWarning)  # `out[:, :c] += x` blocks are made opaque
+        extractor = fxfeat.compile(model, levels="auto", input_size=INPUT_SIZE).eval()
+    with torch.no_grad():
+        outputs = extractor(x)
+    found = extractor.feature_info.module_name()
+    assert found == expected, f"{architecture}: levels {found}, expected {expected}"
+    for path, output in zip(expected, outputs):
+        assert torch.equal(output, references[path]), f"{architecture}: {path} differs from the eager tensor"
+    reductions = extractor.feature_info.reduction()
+    assert reductions == [2 ** (i + 1) for i in range(len(expected))], f"{architecture}: {reductions}"
+
+
+@pytest.mark.parametrize("seed", CI_SEEDS)
+def test_generated_architecture(seed):
+    check_generated(seed)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", ZOO_SEEDS)
+def test_generated_architecture_zoo(seed):
+    check_generated(seed)
+
+
+def test_generator_covers_every_kind():
+    """The CI seeds exercise every block kind, container and in-place sum style."""
+    architectures = [generate(seed)[2] for seed in CI_SEEDS]
+    from tests.random_cnn import BLOCK_KINDS, CONTAINERS, SUM_STYLES
+
+    assert {a.block for a in architectures} == set(BLOCK_KINDS)
+    assert {a.container for a in architectures} == set(CONTAINERS)
+    assert {a.sum_style for a in architectures if a.block in ("residual", "slice")} == set(SUM_STYLES)
+    assert {a.stem_pool for a in architectures} == {True, False}
