@@ -37,7 +37,7 @@ from benchmarks.references import eager_references, load_matching_weights, same_
 
 __all__ = ["check_model", "compare_levels", "describe_error", "randomise_inert_weights"]
 
-SECOND_SIZE_OFFSET = (32, 96)  # a non-square second input, as fxfeat's own second probe
+SECOND_SIZE_OFFSET = (64, 128)  # a non-square second input, as fxfeat's own second probe
 
 
 def describe_error(error: BaseException) -> str:
@@ -143,15 +143,30 @@ def _eager_equal(model: nn.Module, extractor, x: torch.Tensor) -> bool:
     return len(outputs) == len(references) and all(_equal(r, o) for r, o in zip(references, outputs))
 
 
+def _second_size(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """A non-square input of another size, if the model accepts one (windowed transformers may not)."""
+    other = torch.randn(1, x.shape[1], *(s + o for s, o in zip(x.shape[2:], SECOND_SIZE_OFFSET)))
+    try:
+        with torch.no_grad():
+            model(other)
+    except Exception:
+        return []
+    return [other]
+
+
 def _timm_reference(name: str, model: nn.Module, **kwargs) -> nn.Module:
-    """timm's ``features_only`` model returning *every* declared level (its default may leave some out)."""
+    """timm's ``features_only`` model returning *every* declared level (its default may leave some out), or
+    its default levels where timm cannot build that."""
     import timm
 
     declared = _declared(model) or ()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = timm.create_model(name, pretrained=False, features_only=True,
-                                      out_indices=tuple(range(len(declared))), **kwargs).eval()
+        try:
+            reference = timm.create_model(name, pretrained=False, features_only=True,
+                                          out_indices=tuple(range(len(declared))), **kwargs).eval()
+        except Exception:  # some families declare a level their feature wrapper cannot hook (tresnet's '')
+            reference = timm.create_model(name, pretrained=False, features_only=True, **kwargs).eval()
     if not load_matching_weights(reference, model):
         raise ValueError("the model's weights do not map onto timm's features_only model")
     return reference
@@ -212,8 +227,7 @@ def check_model(library: str, name: str, *, output_stride: bool = True) -> dict[
         outputs = _attempt(result, "auto", lambda: _run(extractor, x))
         if outputs is not None and timm_features is not None:
             auto.update(compare_levels(timm_features, outputs))
-        sizes = [x] if library == "timm" else [x, torch.randn(1, input_size[0], *(
-            s + o for s, o in zip(input_size[1:], SECOND_SIZE_OFFSET)))]
+        sizes = [x] if library == "timm" else [x, *_second_size(model, x)]
         result["eager_equal"] = _attempt(
             result, "eager", lambda: all(_eager_equal(model, extractor, size) for size in sizes))
 

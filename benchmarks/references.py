@@ -14,10 +14,11 @@ __all__ = ["eager_references", "load_matching_weights", "same_layout", "timm_fea
 def _source_key(key: str, state: dict[str, torch.Tensor]) -> str | None:
     """The key of ``state`` that a timm feature wrapper's parameter ``key`` comes from.
 
-    The wrappers keep the model's own names, except that ``FeatureGetterNet`` holds the model as ``model.`` and
-    ``FeatureListNet``/``FeatureDictNet`` flatten the first level of a container (``stages.0`` is ``stages_0``).
+    The wrappers keep the model's own names, except that ``FeatureGetterNet`` holds the model as ``model.``,
+    ``FeatureHookNet`` as ``body.``, and ``FeatureListNet``/``FeatureDictNet`` flatten the first level of a
+    container (``stages.0`` is ``stages_0``).
     """
-    candidates = [key, key.removeprefix("model.")]
+    candidates = [key, key.removeprefix("model."), key.removeprefix("body.")]
     first, _, rest = key.partition(".")
     for i, character in enumerate(first):
         if character == "_":
@@ -103,7 +104,7 @@ def eager_references(model: nn.Module, feature_info, x: torch.Tensor) -> list[to
     A forward hook on the level's module gives the eager value, copied when the module returns it (a later
     in-place op, such as torchvision DenseNet's ``F.relu(features, inplace=True)``, would otherwise change the
     recorded tensor); a module called more than once (or a level that is not a module output) falls back to an
-    interpreter run of an unmodified trace.
+    interpreter run of an unmodified trace, and so does a module returning several tensors (a list).
     """
     entries = feature_info.get_dicts()
     records: dict[str, list[torch.Tensor]] = defaultdict(list)
@@ -118,7 +119,8 @@ def eager_references(model: nn.Module, feature_info, x: torch.Tensor) -> list[to
     finally:
         for handle in handles:
             handle.remove()
-    missing = [e["node"] for e in entries if not e["module"] or len(records[e["module"]]) != 1]
+    missing = [e["node"] for e in entries if not e["module"] or len(records[e["module"]]) != 1
+               or not isinstance(records[e["module"]][0], torch.Tensor)]
     with torch.no_grad():
         fallback = _interpreter_values(model, missing, x) if missing else {}
     return [

@@ -19,6 +19,7 @@ __all__ = [
     "InvalidModelError",
     "InvalidRequestError",
     "OutIndicesError",
+    "ProbeTooSmallError",
     "UnknownLevelError",
     "TraceFailedError",
     "ShapePropagationError",
@@ -53,6 +54,11 @@ class InvalidRequestError(FxFeatError, ValueError):
 
 class OutIndicesError(InvalidRequestError, IndexError):
     """``out_indices`` selects a level that does not exist."""
+
+
+class ProbeTooSmallError(InvalidRequestError):
+    """The probe input is so small that some level's map is 1 pixel high or wide, so the levels cannot be told
+    apart."""
 
 
 class UnknownLevelError(InvalidRequestError, KeyError):

@@ -14,11 +14,10 @@ the layers of a VGG stage); plain containers (``nn.Sequential``...) count, as st
    transition, a VGG stage's the max pooling, a stem's its strided convolution or pooling.
 3. **Trunk.** The innermost call holding the units of the last change and of another one: the container of the
    stages (``blocks``, ``stages``, ``features``), or the model itself.
-4. **Levels.** The level of a change's old reduction is the last feature map fed into its unit. A level is a
-   module's output; it may not lie inside a block that goes on to change the stride: inside a non-container
-   call outside the trunk whose span holds a later stride change made by anything but a pooling. So a strided
-   block's expansion conv is not a level, and neither is the first map of a stem that halves the resolution
-   twice with convolutions; a map that a stem then max-pools (ResNet's, DPN's) is finished, so it is one.
+4. **Levels.** The level of a change's old reduction is the last feature map fed into its unit; it is a
+   module's output. The stem (the call making the first change, unless it is the trunk) is one unit: a map
+   inside it is not a level if the stem goes on to change the stride with a convolution (ViT-era stems that
+   halve the resolution twice), but one the stem then max-pools is finished (ResNet's, DPN's).
 5. **The deepest level** is the output of the trunk's last repeated call at the final reduction: a final
    layer the trunk holds once (ReXNet's 1x1 conv, DPN's closing norm) or a layer after the trunk (EfficientNet's
    ``conv_head``, a final norm) is head, not a level; DenseNet's ``norm5`` repeats ``norm0``, so it is one.
@@ -179,6 +178,7 @@ class _Structure:
         self._returned: dict[str, bool] = {}
         self._repeated: dict[str, bool] = {}
         self.trunk: tuple[str, ...] = ()
+        self.stem: str | None = None
         self.change_positions: list[int] = []
 
     def stack(self, name: str) -> tuple[str, ...]:
@@ -251,21 +251,16 @@ class _Structure:
             return isinstance(self.traced.root.get_submodule(node.target), _POOLING_MODULES)
         return node.op == "call_function" and node.target in _POOLING_FUNCTIONS
 
-    def inside_block(self, name: str) -> bool:
-        """Whether ``name`` lies inside a non-container call outside the trunk that changes the stride later
-        with something other than a pooling."""
-        position = self.position[name]
-        for key in self.stack(name):
-            call = self.traced.calls.get(key)
-            if key in self.trunk or call is None or call.is_container or key not in self.span:
-                continue
-            _, last = self.span[key]
-            if any(position < p <= last and not self.is_pooling(self.chain[p]) for p in self.change_positions):
-                return True
-        return False
+    def inside_stem(self, name: str) -> bool:
+        """Whether ``name`` lies inside the stem (the call making the first stride change, other than the
+        trunk), before a later stride change the stem makes with something other than a pooling."""
+        if self.stem is None or self.stem not in self.stack(name):
+            return False
+        position, (_, last) = self.position[name], self.span[self.stem]
+        return any(position < p <= last and not self.is_pooling(self.chain[p]) for p in self.change_positions)
 
     def is_candidate(self, name: str, reduction: int) -> bool:
-        return self.is_map(name, reduction) and self.is_returned(name) and not self.inside_block(name)
+        return self.is_map(name, reduction) and self.is_returned(name) and not self.inside_stem(name)
 
     def last_candidate(self, positions, reduction: int) -> str | None:
         """Walking ``positions``, the first candidate at ``reduction``, stopping at a map at another one."""
@@ -339,6 +334,9 @@ def find_levels(
     structure.change_positions = [p for p, _, _ in positions]
     changes = [StrideChange(chain[p], before, after, structure.unit_of(p)) for p, before, after in positions]
     structure.trunk = _trunk(structure, changes)
+    if changes:
+        structure.stem = next((key for key in structure.stack(changes[0].node)
+                               if key not in structure.trunk and key in structure.span), None)
 
     levels: list[str] = []
     for change in changes:

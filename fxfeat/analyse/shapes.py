@@ -85,12 +85,13 @@ def reduction_of(size: int, input_size: int) -> int:
 
 
 def second_probe_size(height: int, width: int) -> tuple[int, int]:
-    """A second, non-square probe size that keeps the probe's divisibility by 32.
+    """A second, non-square probe size that keeps the probe's divisibility by 32 and grows every map down to
+    reduction 64 in both dimensions (and to 128 in width).
 
     >>> second_probe_size(224, 224)
-    (256, 320)
+    (288, 352)
     """
-    return height + 32, width + 96
+    return height + 64, width + 128
 
 
 # Ops whose output has the shape, dtype and device of their first argument. On the meta device many of them
@@ -267,9 +268,16 @@ def _token_reduction(sizes, lengths) -> int | None:
 
 def _reduction(shape, fmt, sizes, other) -> int | None:
     if fmt in ("NCHW", "NHWC"):
-        h, w = (shape[2], shape[3]) if fmt == "NCHW" else (shape[1], shape[2])
+        spatial = (2, 3) if fmt == "NCHW" else (1, 2)
         (height, width) = sizes[0]
-        return min(reduction_of(h, height), reduction_of(w, width))
+        h, w = (shape[d] for d in spatial)
+        reduction = min(reduction_of(h, height), reduction_of(w, width))
+        if other is not None:  # how much the map grows between the probes bounds the reduction from above
+            growth = max(other[d] - shape[d] for d in spatial)
+            by_growth = max(b - a for a, b in zip(sizes[0], sizes[1])) / growth if growth > 0 else None
+            if by_growth is not None and reduction > 2 * by_growth:  # "valid" convolutions shrank the map
+                reduction = 2 ** round(math.log2(by_growth))
+        return reduction
     length_dim = 1 if fmt == "NLC" else 2
     lengths = (shape[length_dim],) if other is None else (shape[length_dim], other[length_dim])
     return _token_reduction(sizes, lengths)

@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch.nn.functional as F
@@ -58,11 +59,13 @@ class OpEdit:
     Attributes:
         node: the fx node of the op.
         target: module path for ``call_module`` ops, ``None`` for functional ones.
-        kind: ``"conv"``, ``"max_pool"`` or ``"avg_pool"``.
+        kind: ``"conv"``, ``"max_pool"``, ``"avg_pool"``, or ``"module"`` for an opaque module.
         stride, dilation, padding: the new values (height, width).
         explicit_pad: ``(left, right, top, bottom)`` padding to apply before the op, or ``None``.
         pad_value: the value ``explicit_pad`` pads with.
         runtime_padding: the op computes its own padding at run time; ``padding`` is left as it was.
+        inner: for an opaque module (``kind="module"``), the edits of the layers inside it, ``target`` being
+            their path inside the module.
     """
 
     node: str
@@ -74,6 +77,7 @@ class OpEdit:
     explicit_pad: tuple[int, int, int, int] | None = None
     pad_value: float = 0.0
     runtime_padding: bool = False
+    inner: tuple[OpEdit, ...] = ()
 
 
 def _pair(value) -> tuple[int, int]:
@@ -142,6 +146,10 @@ def plan_output_stride(analysis, output_stride: int | None) -> tuple[OpEdit, ...
         if described is None:
             if factor > 1:
                 raise _cannot_rewrite(node, traced, r_in, r_out, output_stride)
+            if node.op == "call_module":  # an opaque module: the kernels it holds run dilated
+                edit = _opaque_module_edit(node, traced, shapes, multiplier, r_in, r_out, output_stride)
+                if edit is not None:
+                    edits.append(edit)
             continue  # an op without stride or kernel (activation, norm, add...) needs no change
         kind, current = described
         edit = _edit(node, kind, current, factor, multiplier, r_in, r_out, output_stride, traced)
@@ -149,6 +157,33 @@ def plan_output_stride(analysis, output_stride: int | None) -> tuple[OpEdit, ...
             edits.append(edit)
     _check_shared_modules(edits, traced)
     return tuple(edits)
+
+
+def _opaque_module_edit(node, traced, shapes, multiplier, r_in, r_out, output_stride) -> OpEdit | None:
+    """Dilation of the convolutions and max poolings inside a module kept opaque (torch.fx could not trace it),
+    which runs at one reduction: each kernel larger than 1 is dilated as if it were in the graph."""
+    module = traced.root.get_submodule(node.target)
+    inner = []
+    for path, child in module.named_modules():
+        base = next((base for base in (nn.Conv2d, nn.MaxPool2d) if isinstance(child, base)), None)
+        if base is None or not path:
+            continue
+        kernel, stride = _pair(child.kernel_size), _pair(child.stride)
+        if max(kernel) == 1:
+            continue
+        if stride != (1, 1):  # it lowers the resolution inside and raises it again: no dilation reproduces that
+            raise _cannot_rewrite(node, traced, r_in, r_out, output_stride)
+        current = dict(kernel=kernel, stride=stride, dilation=_pair(getattr(child, "dilation", 1)),
+                       padding=child.padding, custom=type(child).forward is not base.forward,
+                       padding_mode=getattr(child, "padding_mode", "zeros"))
+        edit = _edit(node, _MODULE_KINDS[base], current, 1, multiplier, r_in, r_out, output_stride, traced)
+        if edit is not None:
+            if edit.explicit_pad is not None:  # no graph node to pad before: only symmetric padding works
+                raise _cannot_rewrite(node, traced, r_in, r_out, output_stride)
+            inner.append(dataclasses.replace(edit, target=path))
+    if not inner:
+        return None
+    return OpEdit(node.name, node.target, "module", (1, 1), (1, 1), (0, 0), inner=tuple(inner))
 
 
 def _input_reduction(node: fx.Node, shapes) -> int | None:
@@ -198,7 +233,9 @@ def _edit(node, kind, current, factor, multiplier, r_in, r_out, output_stride, t
             totals.append(d_new * (k - 1))  # "same" for stride 1
         else:
             totals.append(2 * p + (d_new - d_old) * (k - 1))
-    if all(total % 2 == 0 for total in totals):
+    # PyTorch's max pooling takes at most half its kernel as padding; a dilated one needs more, padded explicitly.
+    fits = kind != "max_pool" or all(total // 2 <= k // 2 for total, k in zip(totals, kernel))
+    if fits and all(total % 2 == 0 for total in totals):
         return OpEdit(node.name, target, kind, new_stride, new_dilation, tuple(t // 2 for t in totals))
     if current["padding_mode"] != "zeros":
         raise _cannot_rewrite(node, traced, r_in, r_out, output_stride)
@@ -236,7 +273,10 @@ def _check_shared_modules(edits: list[OpEdit], traced) -> None:
 
 
 def edited_module(module: nn.Module, edit: OpEdit) -> nn.Module:
-    """A shallow copy of ``module`` with the edit's stride, dilation and padding (the original is untouched)."""
+    """A shallow copy of ``module`` with the edit's stride, dilation and padding (the original is untouched);
+    for an opaque module, a shallow copy whose edited layers (and the modules holding them) are copies."""
+    if edit.kind == "module":
+        return _with_edited_layers(module, edit.inner)
     copy_ = copy.copy(module)
     copy_.stride = edit.stride
     if edit.kind != "avg_pool":
@@ -246,6 +286,20 @@ def edited_module(module: nn.Module, edit: OpEdit) -> nn.Module:
         if hasattr(copy_, "_reversed_padding_repeated_twice"):
             copy_._reversed_padding_repeated_twice = [p for p in reversed(edit.padding) for _ in range(2)]
     return copy_
+
+
+def _with_edited_layers(module: nn.Module, inner: tuple[OpEdit, ...]) -> nn.Module:
+    root = copy.copy(module)
+    root._modules = dict(root._modules)
+    for edit in inner:
+        parent, *_, name = [root, *edit.target.split(".")]
+        for part in edit.target.split(".")[:-1]:
+            child = copy.copy(parent._modules[part])
+            child._modules = dict(child._modules)
+            parent._modules[part] = child
+            parent = child
+        parent._modules[name] = edited_module(parent._modules[name], edit)
+    return root
 
 
 def check_output_stride(extractor: fx.GraphModule, plan, input_size) -> list[tuple[int, ...]]:

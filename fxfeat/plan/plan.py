@@ -29,6 +29,7 @@ from fxfeat.errors import (
     InvalidRequestError,
     NoFeatureMapsError,
     OutIndicesError,
+    ProbeTooSmallError,
     UnknownLevelError,
 )
 from fxfeat.plan.output_stride import OpEdit, plan_output_stride
@@ -177,6 +178,27 @@ def _declared_levels(analysis: GraphAnalysis) -> tuple[Level, ...] | None:
     return tuple(levels)
 
 
+def _check_probe_resolves(analysis: GraphAnalysis, levels: tuple[Level, ...]) -> None:
+    """A feature map 1 pixel high or wide, up to the last level, means the probe cannot tell reductions apart."""
+    last = max((analysis.chain.index(level.node) for level in levels if level.node in analysis.chain), default=-1)
+    names = [*analysis.chain[: last + 1], *(level.node for level in levels)]
+    for name in names:
+        shape = analysis.shapes.get(name)
+        if shape is None or not shape.is_map:
+            continue
+        spatial = shape.shape[1:] if shape.fmt == "NCHW" else shape.shape[:2]
+        if min(spatial) <= 1:
+            stack = analysis.traced.node_calls.get(name, ())
+            where = f" (in {analysis.traced.calls[stack[-1]].path})" if stack and stack[-1] in analysis.traced.calls else ""
+            raise ProbeTooSmallError(
+                f"input_size {analysis.input_size} is too small to tell the levels of "
+                f"{analysis.traced.model_name} apart: node {name!r}{where} is a {'x'.join(map(str, spatial))} map at "
+                "this size, so the reductions around it cannot be measured.",
+                hint="pass a larger input_size, e.g. the size the model was designed for; the extractor still runs "
+                "at any input size the model accepts.",
+            )
+
+
 def _choose_levels(analysis: GraphAnalysis, request: Request) -> tuple[tuple[Level, ...], str]:
     if isinstance(request.levels, tuple):
         levels = tuple(_resolve_name(analysis, name) for name in request.levels)
@@ -193,6 +215,7 @@ def _choose_levels(analysis: GraphAnalysis, request: Request) -> tuple[tuple[Lev
     if request.levels is None and analysis.declared:
         declared = _declared_levels(analysis)
         if declared is not None:
+            _check_probe_resolves(analysis, declared)
             return declared, "declared"
         warnings.warn(
             f"{analysis.traced.model_name} declares a feature_info whose modules are not all in the traced "
@@ -208,6 +231,7 @@ def _choose_levels(analysis: GraphAnalysis, request: Request) -> tuple[tuple[Lev
             hint="fxfeat extracts features from image models; check input_size, or pick nodes yourself with "
             "levels=[...].",
         )
+    _check_probe_resolves(analysis, analysis.levels)
     return analysis.levels, "discovered"
 
 

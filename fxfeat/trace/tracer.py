@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import sys
 import warnings
 from collections.abc import Iterator
@@ -126,7 +127,10 @@ def _library_notrace_hints() -> tuple[tuple[type, ...], tuple]:
     """Modules and functions a model library already loaded declares as not traceable.
 
     timm keeps such a registry for its own layers (``timm.layers._fx``); honouring it keeps "same"-padding
-    convolutions and similar layers whole. The registry is only read if the model's library imported it.
+    convolutions and similar layers whole. Registered *blocks* (modules holding convolutions or linear layers)
+    are still traced through, falling back to opaque if they fail: their insides hold levels and strides, and
+    some are registered only for a torch.fx issue fxfeat handles (in-place ops). The registry is only read if
+    the model's library imported it.
     """
     registry = sys.modules.get("timm.layers._fx")
     if registry is None:
@@ -136,17 +140,28 @@ def _library_notrace_hints() -> tuple[tuple[type, ...], tuple]:
     return modules, functions
 
 
+_LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
+
+
+def _holds_layers(module: nn.Module) -> bool:
+    """Whether a module is a composite block (it holds convolutions or linear layers of its own), as opposed
+    to one layer with extras (a "same"-padding conv, a norm fused with its activation)."""
+    return any(isinstance(child, _LAYERS) for child in module.modules() if child is not module)
+
+
 class _RecordingTracer(fx.Tracer):
     """An ``fx.Tracer`` that records module calls and treats chosen submodules as leaves."""
 
-    def __init__(self, opaque: set[str], leaf_types: tuple[type, ...], autowrap_functions: tuple):
+    def __init__(self, opaque_types: set[type], leaf_types: tuple[type, ...], autowrap_functions: tuple):
         super().__init__(autowrap_functions=autowrap_functions)
-        self.opaque = opaque
+        self.opaque_types = opaque_types
         self.leaf_types = leaf_types
         self.calls: dict[str, ModuleCall] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self.opaque or (self.leaf_types and isinstance(m, self.leaf_types)):
+        if type(m) in self.opaque_types:
+            return True
+        if self.leaf_types and isinstance(m, self.leaf_types) and not _holds_layers(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -193,32 +208,40 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
 def trace_model(model: nn.Module, max_opaque: int = 64) -> TracedModel:
     """Trace ``model`` (which should already be in eval mode) into a :class:`TracedModel`.
 
-    Submodules that cannot be traced through are made opaque, one at a time, innermost first; each one is
-    reported with an :class:`~fxfeat.errors.FxFeatWarning`.
+    A submodule that cannot be traced through is made opaque, innermost first, together with every other
+    instance of its class (they fail the same way, and each failure costs a new trace); each one is reported
+    with an :class:`~fxfeat.errors.FxFeatWarning`.
 
     Raises:
         TraceFailedError: the model's own ``forward`` cannot be traced.
     """
     leaf_types, autowrap_functions = _library_notrace_hints()
-    opaque: dict[str, str] = {}
+    opaque_types: dict[type, str] = {}  # class -> why its first instance failed
+    failed_paths: list[str] = []
     first_failure: tuple[str, BaseException] | None = None
     while True:
-        tracer = _RecordingTracer(set(opaque), leaf_types, autowrap_functions)
+        tracer = _RecordingTracer(set(opaque_types), leaf_types, autowrap_functions)
         try:
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=_default_arguments(model))
             break
         except Exception as error:
             path = getattr(error, "_fxfeat_module", "")
             if first_failure is None:
                 first_failure = (path, error)
-            if not path or path in opaque or len(opaque) >= max_opaque:
-                raise _trace_failure(model, path, error, first_failure, opaque) from error
-            opaque[path] = f"{type(error).__name__}: {error}".splitlines()[0]
-    for path, reason in opaque.items():
+            kind = type(model.get_submodule(path)) if path else None
+            if kind is None or kind in opaque_types or len(opaque_types) >= max_opaque:
+                raise _trace_failure(model, path, error, first_failure, failed_paths) from error
+            opaque_types[kind] = f"{type(error).__name__}: {error}".splitlines()[0]
+            failed_paths.append(path)
+    opaque = {call.path: opaque_types[call.module_type] for call in tracer.calls.values()
+              if call.is_leaf and call.module_type in opaque_types}
+    for kind, reason in opaque_types.items():
+        paths = [path for path, _ in opaque.items() if type(model.get_submodule(path)) is kind]
         warnings.warn(
-            f"torch.fx cannot trace through {type(model).__name__}.{path} "
-            f"({type(model.get_submodule(path)).__name__}); it is kept as one opaque call, so no level "
-            f"can be found inside it. Reason: {reason}",
+            f"torch.fx cannot trace through {type(model).__name__}.{paths[0] if paths else '?'} "
+            f"({kind.__name__}{f' and {len(paths) - 1} more' if len(paths) > 1 else ''}); "
+            f"{'they are' if len(paths) > 1 else 'it is'} kept as opaque calls, so no level can be found "
+            f"inside. Reason: {reason}",
             FxFeatWarning,
             stacklevel=3,
         )
@@ -228,6 +251,23 @@ def trace_model(model: nn.Module, max_opaque: int = 64) -> TracedModel:
         node.name: tuple(node.meta.get("nn_module_stack", {}).keys()) for node in graph_module.graph.nodes
     }
     return TracedModel(model, graph_module, tracer.calls, node_calls, opaque)
+
+
+def _default_arguments(model: nn.Module) -> dict[str, object] | None:
+    """The defaults of ``forward``'s optional arguments after the image (``mask=None``,
+    ``return_dict=False``...), traced as the constants a caller passing only the image gets, so that
+    ``if mask is not None:`` takes the branch the model takes on an image alone."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    defaults = {
+        parameter.name: parameter.default
+        for parameter in parameters[1:]
+        if parameter.default is not inspect.Parameter.empty
+        and parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    return defaults or None
 
 
 def _check_single_input(model: nn.Module, graph: fx.Graph) -> None:
@@ -250,7 +290,7 @@ def _trace_failure(
     path: str,
     error: BaseException,
     first_failure: tuple[str, BaseException],
-    opaque: dict[str, str],
+    opaque: list[str],
 ) -> TraceFailedError:
     model_name = type(model).__name__
     where = f"submodule '{path}' ({type(model.get_submodule(path)).__name__})" if path else "its own forward()"
