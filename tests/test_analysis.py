@@ -78,3 +78,78 @@ def test_valid_convolutions_keep_their_levels():
     assert info.reduction() == [2, 4, 8, 16, 32]
     references = eager_references(model, info, torch.randn(1, 3, 299, 299))
     assert info.get("shape") == [tuple(reference.shape[1:]) for reference in references]
+
+
+class _InPlaceResidual(nn.Module):
+    """Blocks that write their sum in place: into the whole tensor, or into a slice of it (ReXNet)."""
+
+    def __init__(self, channels, into_slice: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels * 2 if into_slice else channels, 3, padding=1)
+        self.into_slice = into_slice
+
+    def forward(self, x):
+        out = self.conv(x)
+        if self.into_slice:
+            out[:, : x.shape[1]].add_(x)
+        else:
+            out.add_(x)
+        return out
+
+
+class _InPlaceNet(nn.Module):
+    def __init__(self, into_slice: bool):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.block1 = _InPlaceResidual(8, into_slice)
+        self.block2 = _InPlaceResidual(16 if into_slice else 8, into_slice)
+        channels = 32 if into_slice else 8
+        self.down = nn.Conv2d(channels, 16, 3, stride=2, padding=1)
+        self.act = nn.ReLU(inplace=True)  # writes into `down`'s output, the last level (a final act is head)
+
+    def forward(self, x):
+        x = self.block2(self.block1(self.stem(x)))
+        return self.act(self.down(x)).mean((2, 3))
+
+
+def test_in_place_writes_are_new_versions_of_the_tensor():
+    for into_slice in (False, True):
+        model = _InPlaceNet(into_slice).eval()
+        analysis = analyse(trace_model(model), (3, 64, 64))
+        writes = [name for name in analysis.chain if analysis.aliases.is_write(name)]
+        assert writes[:2] == ["add_", "add__1"], writes  # the writes are on the chain: every path reads them
+        extractor = fxfeat.compile(model, input_size=(3, 64, 64))
+        assert extractor.feature_info.module_name() == ["block2", "down"]
+        assert extractor.feature_info.channels() == [32 if into_slice else 8, 16]
+        assert_bit_equal_to_eager(model, extractor, torch.randn(2, 3, 64, 64))
+
+
+class _ReadThenOverwrite(nn.Module):
+    """The next layer overwrites a level in place: the level is returned as the module returned it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.stage = nn.Conv2d(8, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        x = self.stage(self.stem(x))
+        return self.down(torch.relu_(x)).mean((2, 3))
+
+
+def test_a_level_written_later_is_returned_as_computed():
+    model = _ReadThenOverwrite().eval()
+    extractor = fxfeat.compile(model, input_size=(3, 64, 64), out_indices=(0,))
+    assert extractor.feature_info.module_name() == ["stage"]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.stage(model.stem(x))
+        assert (expected < 0).any()  # the later relu_ would change it
+        assert torch.equal(extractor(x)[0], expected)
+    # Both levels: the first is copied before the write, the write itself still feeds the second.
+    extractor = fxfeat.compile(model, input_size=(3, 64, 64))
+    assert [node.target for node in extractor.graph.nodes if node.op == "call_method"].count("clone") == 1
+    with torch.no_grad():
+        first, second = extractor(x)
+        assert torch.equal(first, expected) and torch.equal(second, model.down(torch.relu(expected)))

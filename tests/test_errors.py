@@ -107,3 +107,85 @@ def test_no_internal_exceptions_leak():
         for kwargs in (dict(levels=["nope"]), dict(out_indices=(9,)), dict(levels=[""])):
             with pytest.raises(fxfeat.FxFeatError):
                 fxfeat.compile(model, **kwargs)
+
+
+def test_integers_of_any_kind_are_accepted_where_a_user_means_an_int():
+    import numpy as np
+
+    model = torchvision_model("resnet18")
+    reference = fxfeat.compile(model, out_indices=(1, 2), output_stride=16).feature_info
+    for kwargs in (dict(out_indices=np.array([1, 2]), output_stride=16.0),
+                   dict(out_indices=(np.int64(1), torch.tensor(2)), output_stride=np.int32(16))):
+        info = fxfeat.compile(model, **kwargs).feature_info
+        assert info.out_indices == reference.out_indices and info.reduction() == reference.reduction()
+    assert fxfeat.compile(model, input_size=(np.int64(3), 64, 64)).feature_info.reduction() == [2, 4, 8, 16, 32]
+
+
+def test_output_stride_must_be_a_whole_supported_value():
+    model = torchvision_model("resnet18")
+    for value in (16.5, True, "16", 4):
+        text = _raises(fxfeat.InvalidRequestError, fxfeat.compile, model, output_stride=value)
+        assert "output_stride must be None, 8, 16 or 32" in text
+
+
+def test_the_same_level_twice_is_refused_and_dict_keys_stay_unique():
+    model = torchvision_model("resnet18")
+    _raises(fxfeat.InvalidRequestError, fxfeat.compile, model, levels=["layer1", "layer1"])
+    text = _raises(fxfeat.InvalidRequestError, fxfeat.compile, model, levels=["layer1", "layer1_1_relu_1"])
+    assert "same tensor" in text
+    # Two different nodes of one module: one key per entry of feature_info.
+    extractor = fxfeat.compile(model, levels=["layer1", "layer1_0_relu_1"], return_dict=True).eval()
+    outputs = extractor(torch.randn(1, 3, 64, 64))
+    assert len(outputs) == len(extractor.feature_info) == 2
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+
+    def forward(self, x, y):
+        return self.conv(x) + self.conv(y)
+
+
+def test_a_forward_with_two_required_inputs_is_named_with_a_wrapping_hint():
+    text = _raises(fxfeat.InvalidModelError, fxfeat.compile, _TwoInputs())
+    assert "_TwoInputs.forward(x, y)" in text and "wrap" in text
+
+
+class _MaskedStem(nn.Module):
+    """An optional argument that changes the path (hiera's ``mask=None``): traced at its default."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+
+    def forward(self, x, mask=None):
+        if mask is not None:
+            x = x * mask
+        return self.down(self.conv(x)).mean((2, 3))
+
+
+def test_optional_forward_arguments_are_traced_at_their_defaults():
+    model = _MaskedStem().eval()
+    extractor = fxfeat.compile(model, input_size=(3, 32, 32))
+    assert extractor.feature_info.module_name() == ["conv", "down"]
+    assert_bit_equal_to_eager(model, extractor, torch.randn(1, 3, 40, 24))
+
+
+def test_a_probe_too_small_to_resolve_the_levels_is_refused():
+    model = torchvision_model("resnet18")
+    text = _raises(fxfeat.ProbeTooSmallError, fxfeat.compile, model, input_size=(3, 16, 16))
+    assert "input_size (3, 16, 16)" in text and "1x1" in text and "larger input_size" in text
+    assert fxfeat.compile(model, input_size=(3, 64, 64)).feature_info.reduction() == [2, 4, 8, 16, 32]
+
+
+def test_cli_names_an_unknown_model_without_a_traceback(capsys):
+    from fxfeat.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["inspect", "timm:resnet5O"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert "timm has no model named 'resnet5O'" in error and "resnet50" in error and "Traceback" not in error

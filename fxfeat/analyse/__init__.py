@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fxfeat.analyse.aliases import Aliases, annotate_in_place_modules
+from fxfeat.analyse.aliases import Aliases, annotate_aliases
 from fxfeat.analyse.dataflow import DataFlow
 from fxfeat.analyse.heads import Head, find_head
 from fxfeat.analyse.levels import (
@@ -112,8 +112,8 @@ def _write_tensors(traced: TracedModel, aliases: Aliases, shapes: dict[str, Node
 def analyse(traced: TracedModel, input_size: tuple[int, int, int]) -> GraphAnalysis:
     """Run every analysis on ``traced`` with probes of ``input_size`` (C, H, W)."""
     shapes = propagate_shapes(traced.graph_module, input_size)
-    annotate_in_place_modules(traced.graph, traced.root)
-    aliases = Aliases(traced.graph, tensors=set(shapes))
+    annotate_aliases(traced.graph, traced.root, tensors=set(shapes))
+    aliases = Aliases(traced.graph)
     tensors = _write_tensors(traced, aliases, shapes)
     shapes = {**shapes, **{write: shapes[base] for write, base in tensors.items()}}
     dataflow = DataFlow(traced.graph, aliases)

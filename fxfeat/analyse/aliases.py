@@ -11,8 +11,9 @@ write, not on the node that was read.
 
 The analysis works on ``torch.fx`` node kinds, not on a list of models: view-producing operations, methods whose
 name ends in ``_``, augmented assignment operators, ``setitem``, functions called with ``inplace=True`` and
-modules whose ``inplace`` attribute is true. :func:`annotate_in_place_modules` records the last in ``node.meta``
-so that a copy of the graph (the rewrite passes work on one) can be analysed without the model.
+modules whose ``inplace`` attribute is true. :func:`annotate_aliases` records what needs the model or the probe
+(modules' ``inplace`` flags, which indexing is a view) in ``node.meta``, so that a copy of the graph (the rewrite
+passes work on one) can be analysed without them.
 
 Example:
     >>> import torch
@@ -40,9 +41,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["Aliases", "annotate_in_place_modules"]
+__all__ = ["Aliases", "annotate_aliases"]
 
 _IN_PLACE_META = "fxfeat_in_place"  # node.meta key: a module call that writes into its first argument
+_VIEW_META = "fxfeat_view"  # node.meta key: the node's result shares storage with its first argument
 
 # Methods and functions whose result is a view of (shares storage with) their first argument.
 _VIEW_METHODS = {
@@ -63,9 +65,10 @@ _AUGMENTED_ASSIGNMENTS = {
 _NOT_WRITES = {"requires_grad_", "retain_grad_", "share_memory_"}  # end in "_" but leave the values alone
 
 
-def annotate_in_place_modules(graph: fx.Graph, root: nn.Module) -> None:
-    """Mark ``call_module`` nodes of modules with ``inplace=True`` (``nn.ReLU(inplace=True)``...) in
-    ``node.meta``, which copies of the graph keep."""
+def annotate_aliases(graph: fx.Graph, root: nn.Module, tensors: set[str]) -> None:
+    """Record in ``node.meta``, which copies of the graph keep, what takes the model or the probe to decide:
+    which ``call_module`` nodes write in place (modules with ``inplace=True``), and which nodes are views
+    (``tensors``, the tensor-valued nodes, tells a slice from indexing with a tensor)."""
     for node in graph.nodes:
         if node.op == "call_module":
             try:
@@ -73,6 +76,7 @@ def annotate_in_place_modules(graph: fx.Graph, root: nn.Module) -> None:
             except AttributeError:
                 continue
             node.meta[_IN_PLACE_META] = getattr(module, "inplace", False) is True
+        node.meta[_VIEW_META] = _is_view(node, tensors)
 
 
 @functools.lru_cache(maxsize=512)
@@ -148,8 +152,8 @@ class Aliases:
     """Bases, writes and versions of the tensors of one graph.
 
     Args:
-        graph: an fx graph; ``call_module`` nodes are known to write in place only if
-            :func:`annotate_in_place_modules` marked them.
+        graph: an fx graph; ``call_module`` nodes are known to write in place only if :func:`annotate_aliases`
+            marked them, and its view decisions are used where it made them.
         tensors: names of the nodes whose value is a tensor, if known (see ``_is_view``).
 
     Attributes:
@@ -164,7 +168,8 @@ class Aliases:
         for node in graph.nodes:
             first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
             writes = writes_first_argument(node)
-            if first is not None and (writes or _is_view(node, tensors)):
+            view = node.meta[_VIEW_META] if _VIEW_META in node.meta else _is_view(node, tensors)
+            if first is not None and (writes or view):
                 self._base[node.name] = self._base[first.name]
             else:
                 self._base[node.name] = node.name

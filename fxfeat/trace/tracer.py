@@ -240,8 +240,8 @@ def trace_model(model: nn.Module, max_opaque: int = 64) -> TracedModel:
         warnings.warn(
             f"torch.fx cannot trace through {type(model).__name__}.{paths[0] if paths else '?'} "
             f"({kind.__name__}{f' and {len(paths) - 1} more' if len(paths) > 1 else ''}); "
-            f"{'they are' if len(paths) > 1 else 'it is'} kept as opaque calls, so no level can be found "
-            f"inside. Reason: {reason}",
+            f"{'they are kept as opaque calls' if len(paths) > 1 else 'it is kept as one opaque call'}, so no "
+            f"level can be found inside. Reason: {reason}",
             FxFeatWarning,
             stacklevel=3,
         )
