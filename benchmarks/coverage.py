@@ -151,6 +151,66 @@ class _Pool:
                 slot["process"].join(timeout=10)
 
 
+# Why fxfeat's automatic levels differ from timm's declared ones, by family, as analysed (docs/levels.md gives
+# the conventions). Rendered next to every remaining miss; a miss without an entry is flagged as not analysed.
+EXPLANATIONS = {
+    **dict.fromkeys(
+        ["coat", "efficientformer", "hiera", "levit", "mvitv2", "pit", "twins"],
+        "token model: (some of) its stages compute token sequences (N, L, C), not maps; token levels are issue 9",
+    ),
+    **dict.fromkeys(
+        ["crossvit", "gemma4_vit", "naflexvit"],
+        "patches become tokens before any spatial map, so there is no map to find; token levels are issue 9",
+    ),
+    "efficientvim": "multi-branch: every stage's hidden state feeds the classifier directly, so no later map lies on "
+    "every input-to-output path; levels off the dominator chain are issue 10",
+    "hrnet": "multi-branch: parallel resolution branches, so no map below reduction 4 lies on every path; timm "
+    "returns its classification head's `incre_modules`; levels off the dominator chain are issue 10",
+    "mobilenetv5": "multi-branch: the last stage (reduction 32) feeds a fusion adapter beside the reduction-16 stage, "
+    "so it lies off the dominator chain; levels off the chain are issue 10",
+    **dict.fromkeys(
+        ["nasnet", "pnasnet"],
+        "multi-branch: each cell reads the outputs of the two previous cells, so no map between the stem and the "
+        "last cell lies on every path; levels off the dominator chain are issue 10",
+    ),
+    **dict.fromkeys(
+        ["ghostnet", "repghost"],
+        "timm convention: timm declares the first stage of each resolution (the one that downsamples) and "
+        "`conv_stem` before its norm; fxfeat returns the last map at each resolution",
+    ),
+    "inception_v4": "timm convention: timm declares Mixed_3a (`features.3`), the strided block, at reduction 4, "
+    "not the last map at that reduction (Mixed_4a, `features.4`)",
+    **dict.fromkeys(
+        ["mobilevit", "nfnet"],
+        "timm convention: timm declares the 1x1 `final_conv` after the stages as the last level; fxfeat counts a "
+        "layer after the trunk as head, as timm does for EfficientNet's `conv_head` and FastViT's `final_conv`",
+    ),
+    "vovnet": "timm convention: timm declares `stem.1`, a map inside a stem that goes on to halve the resolution "
+    "with a convolution; fxfeat treats such a stem as one unit, as timm does for most (LeViT, MambaOut, RepViT...)",
+    "xception": "timm convention: timm declares the ReLU each block applies in place to the previous block's "
+    "output; fxfeat returns the block's output as the block returned it",
+    "xception_aligned": "timm declares the conv before the strided conv inside each block's residual branch, "
+    "which the block's strided shortcut bypasses: it is on no dominator chain",
+    **dict.fromkeys(
+        ["cpubone", "efficientvit_mit", "lcnetv2", "lowformer", "starnet", "visformer"],
+        "timm convention: timm leaves out the stem's map at reduction 2, which it declares for ResNet, "
+        "EfficientNet, RegNet, MobileOne...; fxfeat returns it (structurally the same stem)",
+    ),
+}
+ISOTROPIC = ("timm declares several levels at one reduction (the blocks of an isotropic or token model, some at "
+             "a patch size that is not a power of two); fxfeat finds one level per reduction: issue 9")
+OUTPUT_STRIDE_EXPLANATIONS = {
+    "byobnet": "timm's MobileOne blocks ignore the dilation in their training-time conv branches and drop the "
+    "identity branch of dilated blocks; fxfeat dilates every kernel after the removed stride",
+    "mobilevit": "timm dilates `conv_kxk` but not `conv_fusion` of the MobileViT blocks; fxfeat dilates both",
+    "resnest": "timm removes the 3x3 average pool (`avd`) of a de-strided ResNeSt block; fxfeat keeps it at "
+    "stride 1, which computes the undilated model's values at the positions it kept",
+    "cspnext": "timm does not dilate the stride-1 max poolings of the SPP block; fxfeat does",
+    "byoanet": "halo attention splits the map into blocks whose number is fixed when the graph is traced, so the "
+    "denser map no longer fits: a clear OutputStrideError",
+}
+
+
 def _fraction(hits: int, total: int) -> str:
     return f"{hits}/{total} ({100 * hits / total:.1f}%)" if total else "0/0"
 
@@ -277,10 +337,26 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             os_text += f" ({os8.get('fxfeat', {}).get('error', 'tensors differ')})"
         lines.append("| " + " | ".join([
             r["family"], r["name"], _mark(r.get("cnn_style")), _mark(auto.get("identical")),
-            _mark(auto.get("contained")), _declared_text(r), os_text, _mark(r.get("eager_equal")), str(auto.get("compile_s", "-")),
+            _mark(auto.get("contained")), _declared_text(r), os_text, _mark(r.get("eager_equal")),
+            str(auto.get("compile_s", "-")),
             _levels_text(auto.get("levels")), miss_reason(r).replace("|", "\\|"),
         ]) + " |")
-    lines += ["", "## torchvision", "", "| model | eager | compile s | fxfeat levels | error |", "|---|---|---|---|---|"]
+    lines += ["", "## Misses, explained", "",
+              "Every timm family where fxfeat's automatic levels are not timm's, or `output_stride=8` differs from "
+              "timm's dilated model, with what differs and why.", "",
+              "| family | what differs | why |", "|---|---|---|"]
+    for r in sorted((r for r in rows if r["library"] == "timm"), key=lambda r: r["family"]):
+        auto, os8 = r.get("auto", {}), r.get("output_stride", {})
+        if not auto.get("identical"):
+            why = EXPLANATIONS.get(r["family"]) or (
+                ISOTROPIC if r.get("cnn_style") is False else "**not analysed yet**")
+            lines.append(f"| {r['family']} | {miss_reason(r).replace('|', chr(92) + '|') or '-'} | {why} |")
+        if os8.get("supported") and not os8.get("equal"):
+            what = os8.get("fxfeat", {}).get("error", "tensors differ").replace("|", chr(92) + "|")
+            why = OUTPUT_STRIDE_EXPLANATIONS.get(r["family"], "**not analysed yet**")
+            lines.append(f"| {r['family']} (output_stride=8) | {what} | {why} |")
+    lines += ["", "## torchvision", "", "| model | eager | compile s | fxfeat levels | error |",
+              "|---|---|---|---|---|"]
     for r in (r for r in rows if r["library"] == "torchvision"):
         auto = r.get("auto", {})
         error = r.get("error") or auto.get("error") or r.get("eager", {}).get("error") or ""
@@ -312,14 +388,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=Path("docs/coverage.json"))
     parser.add_argument("--markdown", type=Path, default=Path("docs/coverage.md"))
     parser.add_argument("--refresh-families", action="store_true", help="recount the smallest model per family")
+    parser.add_argument("--previous", type=Path, default=None,
+                        help="report to compare torchvision levels with (default: the --out file before this run)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-
-    from tqdm import tqdm
 
     import timm
     import torch
     import torchvision
+    from tqdm import tqdm
 
     from benchmarks.compile_time import cpu_name
 
@@ -348,7 +425,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       torchvision=torchvision.__version__, timm=timm.__version__),
         workers=args.workers, timeout_s=args.timeout, wall_s=round(time.monotonic() - start, 1),
         summary=summarise(results),
-        torchvision_changed=_torchvision_changes(results, args.out),
+        torchvision_changed=_torchvision_changes(results, args.previous or args.out),
         results=results,
     )
     for r in results:

@@ -112,7 +112,7 @@ def randomise_inert_weights(model: nn.Module, seed: int = 0) -> nn.Module:
                     fill(buffer, -0.1, 0.1)
                 elif name == "running_var":
                     fill(buffer, 0.5, 1.5)
-        for name, parameter in model.named_parameters():
+        for parameter in model.parameters():
             if parameter.dim() >= 1 and parameter.is_floating_point() and not parameter.any():
                 fill(parameter, -0.05, 0.05)
             elif parameter.dim() == 1 and parameter.is_floating_point() and bool((parameter == 1).all()):

@@ -42,7 +42,7 @@ def build_model(spec: str, seed: int = 0) -> nn.Module:
         close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
         raise InvalidModelError(
             f"{library} has no model named {name!r}." + (f" Close names: {', '.join(close)}." if close else ""),
-            hint=f"list the names with {'timm.list_models()' if library == 'timm' else 'torchvision.models.list_models()'}.",
+            hint=f"list the names with {library}.{'list_models' if library == 'timm' else 'models.list_models'}().",
         )
     torch.manual_seed(seed)
     return build().eval()

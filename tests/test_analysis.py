@@ -69,8 +69,8 @@ def test_fixed_size_maps_are_not_feature_maps():
 
 
 def test_valid_convolutions_keep_their_levels():
-    from tests.conftest import torchvision_model
     from benchmarks.references import eager_references
+    from tests.conftest import torchvision_model
 
     model = torchvision_model("inception_v3")
     extractor = fxfeat.compile(model, input_size=(3, 299, 299))

@@ -1,7 +1,8 @@
 """The data-flow graph of a traced model (networkx) and the nodes every input-to-output path goes through.
 
-Only data flow counts, and it follows in-place writes: a read after a write depends on the write. Parameters and constants (``get_attr`` nodes and what is computed from them alone, such
-as a layer-scale ``gamma.reshape(...)`` or a position embedding) are not data flow, and neither are uses that
+Only data flow counts, and it follows in-place writes: a read after a write depends on the write. Parameters
+and constants (``get_attr`` nodes and what is computed from them alone, such as a layer-scale
+``gamma.reshape(...)`` or a position embedding) are not data flow, and neither are uses that
 read only a tensor's metadata (``x.shape``, ``x.size()``, ``torch.zeros_like(x)``...) nor tensors built from
 such metadata (``torch.zeros(x.shape[0], ...)``). Wiring those to the input would create paths that bypass
 the real computation and break dominance for everything before them.

@@ -23,7 +23,7 @@ the layers of a VGG stage); plain containers (``nn.Sequential``...) count, as st
    ``conv_head``, a final norm) is head, not a level; DenseNet's ``norm5`` repeats ``norm0``, so it is one.
 
 Levels are module outputs (``feature_info['module']`` names the outermost call returning the level that holds
-no other level); ``nn.Identity`` calls are skipped; the input itself is never a level.
+no other level); ``nn.Identity`` calls and paddings are skipped; the input itself is never a level.
 
 Example:
     >>> import torchvision
@@ -158,6 +158,14 @@ _POOLING_FUNCTIONS = {
 }
 
 
+# Modules and functions that return their input, or their input with a border: never a level of their own.
+_PASS_THROUGH_MODULES = (
+    nn.Identity, nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
+    nn.modules.padding._ReplicationPadNd, nn.ZeroPad2d, nn.CircularPad2d,
+)
+_PASS_THROUGH_FUNCTIONS = {F.pad, torch.constant_pad_nd}
+
+
 class _Structure:
     """Positions, module-call spans and repetition facts over the dominator chain."""
 
@@ -235,12 +243,14 @@ class _Structure:
         return None
 
     def is_returned(self, name: str) -> bool:
-        """A module call returns node ``name`` (not a pass-through ``nn.Identity``); the input is no level."""
+        """A module call returns node ``name``, which is not a pass-through (``nn.Identity``) nor a padding (the
+        border a max pooling needs); the input is no level."""
         if name not in self._returned:
             node = self.nodes[name]
-            identity = node.op == "call_module" and isinstance(
-                self.traced.root.get_submodule(node.target), nn.Identity)
-            self._returned[name] = node.op != "placeholder" and not identity and bool(
+            passing = node.op == "call_module" and isinstance(
+                self.traced.root.get_submodule(node.target), _PASS_THROUGH_MODULES)
+            passing = passing or (node.op == "call_function" and node.target in _PASS_THROUGH_FUNCTIONS)
+            self._returned[name] = node.op != "placeholder" and not passing and bool(
                 returning_calls(self.traced, name, self.versions))
         return self._returned[name]
 

@@ -271,13 +271,10 @@ def _reduction(shape, fmt, sizes, other) -> int | None:
         spatial = (2, 3) if fmt == "NCHW" else (1, 2)
         (height, width) = sizes[0]
         h, w = (shape[d] for d in spatial)
-        reduction = min(reduction_of(h, height), reduction_of(w, width))
-        if other is not None:  # how much the map grows between the probes bounds the reduction from above
-            growth = max(other[d] - shape[d] for d in spatial)
-            by_growth = max(b - a for a, b in zip(sizes[0], sizes[1])) / growth if growth > 0 else None
-            if by_growth is not None and reduction > 2 * by_growth:  # "valid" convolutions shrank the map
-                reduction = 2 ** round(math.log2(by_growth))
-        return reduction
+        growth = other[spatial[1]] - w if other is not None else 0
+        if growth > 0:  # how much the map widens when the input widens: blind to padding and valid convolutions
+            return max(1, 2 ** round(math.log2((sizes[1][1] - sizes[0][1]) / growth)))
+        return min(reduction_of(h, height), reduction_of(w, width))
     length_dim = 1 if fmt == "NLC" else 2
     lengths = (shape[length_dim],) if other is None else (shape[length_dim], other[length_dim])
     return _token_reduction(sizes, lengths)

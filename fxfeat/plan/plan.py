@@ -188,8 +188,9 @@ def _check_probe_resolves(analysis: GraphAnalysis, levels: tuple[Level, ...]) ->
             continue
         spatial = shape.shape[1:] if shape.fmt == "NCHW" else shape.shape[:2]
         if min(spatial) <= 1:
-            stack = analysis.traced.node_calls.get(name, ())
-            where = f" (in {analysis.traced.calls[stack[-1]].path})" if stack and stack[-1] in analysis.traced.calls else ""
+            calls = [analysis.traced.calls[key] for key in analysis.traced.node_calls.get(name, ())
+                     if key in analysis.traced.calls]
+            where = f" (in {calls[-1].path})" if calls else ""
             raise ProbeTooSmallError(
                 f"input_size {analysis.input_size} is too small to tell the levels of "
                 f"{analysis.traced.model_name} apart: node {name!r}{where} is a {'x'.join(map(str, spatial))} map at "
@@ -207,8 +208,9 @@ def _choose_levels(analysis: GraphAnalysis, request: Request) -> tuple[tuple[Lev
             by_node.setdefault(level.node, []).append(name)
         same = [names for names in by_node.values() if len(names) > 1]
         if same:
+            node = levels[request.levels.index(same[0][0])].node
             raise InvalidRequestError(
-                f"levels {' and '.join(map(repr, same[0]))} are the same tensor (node {levels[request.levels.index(same[0][0])].node!r}).",
+                f"levels {' and '.join(map(repr, same[0]))} are the same tensor (node {node!r}).",
                 hint="list each level once.",
             )
         return levels, "user"
