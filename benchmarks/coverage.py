@@ -197,6 +197,15 @@ EXPLANATIONS = {
         "EfficientNet, RegNet, MobileOne...; fxfeat returns it (structurally the same stem)",
     ),
 }
+DECLARED_EXPLANATIONS = {
+    **dict.fromkeys(
+        ["coat", "hiera", "mvitv2", "twins"],
+        "the declared levels are token sequences, which timm reshapes to maps; fxfeat returns them as computed "
+        "(tokens as maps are issue 9)",
+    ),
+    "hrnet": "timm declares `stem`, `stage1`...`stage4`, but its `features_only` model returns the outputs of the "
+    "classification head's `incre_modules`, which no declared module names",
+}
 ISOTROPIC = ("timm declares several levels at one reduction (the blocks of an isotropic or token model, some at "
              "a patch size that is not a power of two); fxfeat finds one level per reduction: issue 9")
 OUTPUT_STRIDE_EXPLANATIONS = {
@@ -333,6 +342,11 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         auto = r.get("auto", {})
         os8 = r.get("output_stride", {})
         os_text = "-" if not os8.get("supported") else _mark(os8.get("equal"))
+        declared = r.get("declared", {})
+        if r.get("cnn_style") and not declared.get("equal"):
+            what = declared.get("error", "tensors differ from timm's features_only").replace("|", chr(92) + "|")
+            why = DECLARED_EXPLANATIONS.get(r["family"], "**not analysed yet**")
+            lines.append(f"| {r['family']} (declared levels) | {what} | {why} |")
         if os8.get("supported") and not os8.get("equal"):
             os_text += f" ({os8.get('fxfeat', {}).get('error', 'tensors differ')})"
         lines.append("| " + " | ".join([
@@ -342,8 +356,9 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             _levels_text(auto.get("levels")), miss_reason(r).replace("|", "\\|"),
         ]) + " |")
     lines += ["", "## Misses, explained", "",
-              "Every timm family where fxfeat's automatic levels are not timm's, or `output_stride=8` differs from "
-              "timm's dilated model, with what differs and why.", "",
+              "Every timm family where fxfeat's automatic levels are not timm's, its declared levels (CNN-style "
+              "families) do not return timm's tensors, or `output_stride=8` differs from timm's dilated model, with "
+              "what differs and why.", "",
               "| family | what differs | why |", "|---|---|---|"]
     for r in sorted((r for r in rows if r["library"] == "timm"), key=lambda r: r["family"]):
         auto, os8 = r.get("auto", {}), r.get("output_stride", {})
@@ -351,6 +366,11 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             why = EXPLANATIONS.get(r["family"]) or (
                 ISOTROPIC if r.get("cnn_style") is False else "**not analysed yet**")
             lines.append(f"| {r['family']} | {miss_reason(r).replace('|', chr(92) + '|') or '-'} | {why} |")
+        declared = r.get("declared", {})
+        if r.get("cnn_style") and not declared.get("equal"):
+            what = declared.get("error", "tensors differ from timm's features_only").replace("|", chr(92) + "|")
+            why = DECLARED_EXPLANATIONS.get(r["family"], "**not analysed yet**")
+            lines.append(f"| {r['family']} (declared levels) | {what} | {why} |")
         if os8.get("supported") and not os8.get("equal"):
             what = os8.get("fxfeat", {}).get("error", "tensors differ").replace("|", chr(92) + "|")
             why = OUTPUT_STRIDE_EXPLANATIONS.get(r["family"], "**not analysed yet**")

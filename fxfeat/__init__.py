@@ -9,6 +9,7 @@ Example:
 
 from fxfeat.api import Inspection, compile, inspect
 from fxfeat.errors import (
+    DeclaredLevelError,
     FxFeatError,
     FxFeatWarning,
     HeadNotFoundError,
@@ -32,6 +33,7 @@ __all__ = [
     "Inspection",
     "FeatureInfo",
     "FeatureGraphModule",
+    "DeclaredLevelError",
     "FxFeatError",
     "FxFeatWarning",
     "HeadNotFoundError",

@@ -54,8 +54,10 @@ def compile(
             strides of later convolutions and poolings and dilating what follows (timm's ``output_stride``,
             torchvision's ``replace_stride_with_dilation``); ``None`` keeps the native stride. Rewritten modules
             are copies. Raises ``OutputStrideError`` where the model cannot run denser (patch embeddings...).
-        levels: ``None`` uses the model's declared timm-style ``feature_info`` if it has one, else discovers
-            the levels; ``"auto"`` always discovers them from the graph; a list of module paths or fx node
+        levels: ``None`` uses the model's declared timm-style ``feature_info`` if it has one and fxfeat can place
+            it (a declared module missing from the graph takes the level found at its reduction), else discovers
+            the levels; ``"auto"`` always discovers them from the graph; ``"declared"`` insists on the declared
+            ones (``DeclaredLevelError`` if one cannot be placed); a list of module paths or fx node
             names picks them.
         input_size: ``(C, H, W)`` of the probe input; default from the model's ``pretrained_cfg`` or
             ``default_cfg``, else ``(3, 224, 224)``. The extractor works at any size the model accepts.

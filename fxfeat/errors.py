@@ -20,6 +20,7 @@ __all__ = [
     "InvalidRequestError",
     "OutIndicesError",
     "ProbeTooSmallError",
+    "DeclaredLevelError",
     "UnknownLevelError",
     "TraceFailedError",
     "ShapePropagationError",
@@ -59,6 +60,10 @@ class OutIndicesError(InvalidRequestError, IndexError):
 class ProbeTooSmallError(InvalidRequestError):
     """The probe input is so small that some level's map is 1 pixel high or wide, so the levels cannot be told
     apart."""
+
+
+class DeclaredLevelError(FxFeatError, ValueError):
+    """A level the model declares in its own ``feature_info`` cannot be placed in the traced graph."""
 
 
 class UnknownLevelError(InvalidRequestError, KeyError):

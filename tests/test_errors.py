@@ -189,3 +189,34 @@ def test_cli_names_an_unknown_model_without_a_traceback(capsys):
     assert exited.value.code == 2
     error = capsys.readouterr().err
     assert "timm has no model named 'resnet5O'" in error and "resnet50" in error and "Traceback" not in error
+
+
+class _Declares(nn.Module):
+    """A model with a timm-style feature_info, one of whose modules it does not have."""
+
+    def __init__(self, missing_reduction: int):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.stage = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.feature_info = [dict(module="bn_missing", reduction=missing_reduction, num_chs=8),
+                             dict(module="stage", reduction=4, num_chs=16)]
+
+    def forward(self, x):
+        return self.stage(self.stem(x)).mean((2, 3))
+
+
+def test_a_declared_module_missing_from_the_graph_takes_the_level_at_its_reduction():
+    model = _Declares(missing_reduction=2).eval()
+    with pytest.warns(fxfeat.FxFeatWarning, match="'bn_missing' \\(by 'stem'\\)"):
+        extractor = fxfeat.compile(model, input_size=(3, 32, 32))
+    assert extractor.feature_info.module_name() == ["stem", "stage"]
+    assert_bit_equal_to_eager(model, extractor, torch.randn(1, 3, 32, 32))
+
+
+def test_a_declared_level_that_cannot_be_placed_is_named():
+    model = _Declares(missing_reduction=64).eval()
+    text = _raises(fxfeat.DeclaredLevelError, fxfeat.compile, model, levels="declared", input_size=(3, 32, 32))
+    assert "'bn_missing' (reduction 64)" in text and "levels='auto'" in text
+    with pytest.warns(fxfeat.FxFeatWarning, match="Discovering the levels from the graph"):
+        assert fxfeat.compile(model, input_size=(3, 32, 32)).feature_info.module_name() == ["stem", "stage"]
+    _raises(fxfeat.DeclaredLevelError, fxfeat.compile, torchvision_model("resnet18"), levels="declared")

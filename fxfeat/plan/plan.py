@@ -24,6 +24,7 @@ from typing import Any
 
 from fxfeat.analyse import GraphAnalysis, Level
 from fxfeat.errors import (
+    DeclaredLevelError,
     FxFeatWarning,
     HeadNotFoundError,
     InvalidRequestError,
@@ -164,18 +165,53 @@ def _resolve_name(analysis: GraphAnalysis, name: str) -> Level:
     )
 
 
-def _declared_levels(analysis: GraphAnalysis) -> tuple[Level, ...] | None:
-    """Levels named by the model's own ``feature_info``; ``None`` if one cannot be found in the graph."""
-    levels = []
+def _declared_levels(analysis: GraphAnalysis) -> tuple[Level, ...]:
+    """Levels named by the model's own ``feature_info``.
+
+    A declared module that is not in the traced graph (a name the model does not have, or one inside a module
+    kept opaque) is replaced by the discovered level at the declared reduction, with a warning. A module returning
+    several tensors is placed on the one at the declared reduction.
+
+    Raises:
+        DeclaredLevelError: a declared level can be placed neither way.
+    """
+    levels, replaced = [], []
+    by_reduction = {level.reduction: level for level in analysis.levels}
     for entry in analysis.declared or ():
-        calls = analysis.traced.calls_of_module(entry["module"])
-        if not calls:
-            return None
-        nodes = calls[-1].inputs if entry.get("hook_type") == "forward_pre" else calls[-1].outputs
+        module, reduction = entry.get("module"), entry.get("reduction")
+        calls = analysis.traced.calls_of_module(module) if isinstance(module, str) else []
+        nodes = (calls[-1].inputs if entry.get("hook_type") == "forward_pre" else calls[-1].outputs) if calls else ()
         if not nodes:
-            return None
-        levels.append(analysis.level_at(nodes[0], module=entry["module"]))
+            if reduction not in by_reduction:
+                raise _unplaceable(analysis, entry, "it is not a module of the traced graph, and fxfeat finds no "
+                                   f"level at reduction {reduction}")
+            levels.append(by_reduction[reduction])
+            replaced.append(f"{module!r} (by {by_reduction[reduction].module or by_reduction[reduction].node!r})")
+            continue
+        shapes = [analysis.shapes.get(node) for node in nodes]
+        maps = [node for node, shape in zip(nodes, shapes) if shape is not None and shape.reduction == reduction]
+        maps.sort(key=lambda node: analysis.shapes[node].channels != entry.get("num_chs"))  # stable: first first
+        if len(nodes) > 1 and not maps:
+            raise _unplaceable(analysis, entry, f"it returns {len(nodes)} tensors and none is a map at reduction "
+                               f"{reduction}")
+        levels.append(analysis.level_at((maps or list(nodes))[0], module=module))
+    if replaced:
+        warnings.warn(
+            f"{analysis.traced.model_name} declares feature_info modules that are not in its traced graph; fxfeat "
+            f"uses the level it finds at the declared reduction instead: {', '.join(replaced)}.",
+            FxFeatWarning,
+            stacklevel=5,
+        )
     return tuple(levels)
+
+
+def _unplaceable(analysis: GraphAnalysis, entry: dict[str, Any], why: str) -> DeclaredLevelError:
+    return DeclaredLevelError(
+        f"{analysis.traced.model_name} declares the level {entry.get('module')!r} (reduction "
+        f"{entry.get('reduction')}) in its feature_info, but fxfeat cannot place it: {why}.",
+        hint="pass levels='auto' to use the levels fxfeat finds, or name the nodes with levels=[...] "
+        "(see fxfeat.inspect(model)).",
+    )
 
 
 def _check_probe_resolves(analysis: GraphAnalysis, levels: tuple[Level, ...]) -> None:
@@ -214,17 +250,23 @@ def _choose_levels(analysis: GraphAnalysis, request: Request) -> tuple[tuple[Lev
                 hint="list each level once.",
             )
         return levels, "user"
-    if request.levels is None and analysis.declared:
-        declared = _declared_levels(analysis)
-        if declared is not None:
+    if request.levels == "declared" or (request.levels is None and analysis.declared):
+        if not analysis.declared:
+            raise DeclaredLevelError(
+                f"levels='declared' asks for the levels {analysis.traced.model_name} declares, but it has no "
+                "timm-style feature_info.",
+                hint="use levels=None or 'auto' to discover the levels from the graph.",
+            )
+        try:
+            declared = _declared_levels(analysis)
+        except DeclaredLevelError as error:
+            if request.levels == "declared":
+                raise
+            warnings.warn(f"{error.message} Discovering the levels from the graph instead.", FxFeatWarning,
+                          stacklevel=4)
+        else:
             _check_probe_resolves(analysis, declared)
             return declared, "declared"
-        warnings.warn(
-            f"{analysis.traced.model_name} declares a feature_info whose modules are not all in the traced "
-            "graph; discovering the levels from the graph instead.",
-            FxFeatWarning,
-            stacklevel=4,
-        )
     if not analysis.levels:
         raise NoFeatureMapsError(
             f"{analysis.traced.model_name} computes no spatial feature map at input size "

@@ -115,7 +115,7 @@ def _check_output_stride(output_stride: Any) -> int | None:
 
 
 def _check_levels(levels: Any) -> str | tuple[str, ...] | None:
-    if levels is None or levels == "auto":
+    if levels is None or levels in ("auto", "declared"):
         return levels
     if isinstance(levels, Sequence) and not isinstance(levels, str) and levels and all(
         isinstance(name, str) for name in levels
@@ -128,7 +128,8 @@ def _check_levels(levels: Any) -> str | tuple[str, ...] | None:
             )
         return tuple(levels)
     raise InvalidRequestError(
-        f"levels must be None, 'auto' or a non-empty list of module paths / fx node names; got {levels!r}.",
+        f"levels must be None, 'auto', 'declared' or a non-empty list of module paths / fx node names; got "
+        f"{levels!r}.",
         hint="run fxfeat.inspect(model) to see the levels and candidate nodes.",
     )
 
