@@ -257,6 +257,9 @@ def _levels_text(levels) -> str:
     return " ".join(f"{level['module'] or level['node']}@{level['reduction']}" for level in levels or [])
 
 
+_MAX_LISTED = 4  # missing levels named in a reason
+
+
 def miss_reason(result: dict[str, Any]) -> str:
     """Why fxfeat's automatic levels differ from timm's, in a line."""
     if "error" in result:
@@ -272,12 +275,14 @@ def miss_reason(result: dict[str, Any]) -> str:
         return ""
     timm_levels, levels = result["timm_levels"] or [], auto["levels"]
     parts = []
-    for i, j in enumerate(auto["found"]):
-        if j is None and i < len(timm_levels):
-            entry = timm_levels[i]
-            same = [lv for lv in levels if lv["reduction"] == entry["reduction"]]
-            instead = f" (fxfeat: {_levels_text(same)})" if same else " (no fxfeat level there)"
-            parts.append(f"missing {entry['module']}@{entry['reduction']}{instead}")
+    missing = [i for i, j in enumerate(auto["found"]) if j is None and i < len(timm_levels)]
+    for i in missing[:_MAX_LISTED]:
+        entry = timm_levels[i]
+        same = [lv for lv in levels if lv["reduction"] == entry["reduction"]]
+        instead = f" (fxfeat: {_levels_text(same)})" if same else " (no fxfeat level there)"
+        parts.append(f"missing {entry['module']}@{entry['reduction']}{instead}")
+    if len(missing) > _MAX_LISTED:
+        parts.append(f"and {len(missing) - _MAX_LISTED} more of timm's {len(auto['found'])} levels")
     matched = {j for j in auto["found"] if j is not None}
     extra = [lv for j, lv in enumerate(levels) if j not in matched]
     if extra:
@@ -342,11 +347,6 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         auto = r.get("auto", {})
         os8 = r.get("output_stride", {})
         os_text = "-" if not os8.get("supported") else _mark(os8.get("equal"))
-        declared = r.get("declared", {})
-        if r.get("cnn_style") and not declared.get("equal"):
-            what = declared.get("error", "tensors differ from timm's features_only").replace("|", chr(92) + "|")
-            why = DECLARED_EXPLANATIONS.get(r["family"], "**not analysed yet**")
-            lines.append(f"| {r['family']} (declared levels) | {what} | {why} |")
         if os8.get("supported") and not os8.get("equal"):
             os_text += f" ({os8.get('fxfeat', {}).get('error', 'tensors differ')})"
         lines.append("| " + " | ".join([
@@ -411,7 +411,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--previous", type=Path, default=None,
                         help="report to compare torchvision levels with (default: the --out file before this run)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--render", action="store_true", help="only rewrite --markdown from the --out JSON")
     args = parser.parse_args(argv)
+    if args.render:
+        report = json.loads(args.out.read_text())
+        for result in report["results"]:
+            if result["library"] == "timm":
+                result["reason"] = miss_reason(result)
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        write_markdown(report, args.markdown)
+        return report
 
     import timm
     import torch
