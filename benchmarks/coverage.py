@@ -162,8 +162,8 @@ EXPLANATIONS = {
         ["crossvit", "gemma4_vit", "naflexvit"],
         "patches become tokens before any spatial map, so there is no map to find; token levels are issue 9",
     ),
-    "efficientvim": "multi-branch: every stage's hidden state feeds the classifier directly, so no later map lies on "
-    "every input-to-output path; levels off the dominator chain are issue 10",
+    "efficientvim": "each stage downsamples at its end and returns its map before the downsampling beside the "
+    "downsampled one; fxfeat takes the stage as the unit of that downsampling, so its level is the stage's input",
     "hrnet": "multi-branch: parallel resolution branches, so no map below reduction 4 lies on every path; timm "
     "returns its classification head's `incre_modules`; levels off the dominator chain are issue 10",
     "mobilenetv5": "multi-branch: the last stage (reduction 32) feeds a fusion adapter beside the reduction-16 stage, "

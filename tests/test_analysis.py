@@ -153,3 +153,34 @@ def test_a_level_written_later_is_returned_as_computed():
     with torch.no_grad():
         first, second = extractor(x)
         assert torch.equal(first, expected) and torch.equal(second, model.down(torch.relu(expected)))
+
+
+class _TinyUNet(nn.Module):
+    """An encoder-decoder: the decoder upsamples and concatenates the encoder's maps, so only the input and the
+    decoder's last layers lie on every input-to-output path."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc1 = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.enc2 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.enc3 = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU())
+        self.up = nn.Upsample(scale_factor=2)
+        self.dec2 = nn.Conv2d(32 + 16, 16, 3, padding=1)
+        self.dec1 = nn.Conv2d(16 + 8, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        e2 = self.enc2(e1)
+        e3 = self.enc3(e2)
+        d2 = self.dec2(torch.cat([self.up(e3), e2], 1))
+        d1 = self.dec1(torch.cat([self.up(d2), e1], 1))
+        return self.head(self.up(d1))
+
+
+def test_a_decoder_does_not_hide_the_encoder_pyramid():
+    model = _TinyUNet().eval()
+    extractor = fxfeat.compile(model, input_size=(3, 64, 64))
+    assert extractor.feature_info.module_name() == ["enc1", "enc2", "enc3"]
+    assert extractor.feature_info.reduction() == [2, 4, 8]
+    assert_bit_equal_to_eager(model, extractor, torch.randn(1, 3, 96, 80))

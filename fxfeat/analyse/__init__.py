@@ -109,6 +109,24 @@ def _write_tensors(traced: TracedModel, aliases: Aliases, shapes: dict[str, Node
     return {write: read for write, read in tensors.items() if write not in read_directly}
 
 
+def _level_chain(dataflow: DataFlow, chain: tuple[str, ...], shapes: dict[str, NodeShape]) -> tuple[str, ...]:
+    """The chain the levels are found on: the output's dominator chain, unless the model computes a coarser map
+    than any on it, which then rejoins finer ones (a decoder, a fusion head). The levels are then on the
+    dominator chain of the last map at the coarsest reduction: the encoder's pyramid."""
+
+    def reduction(name: str) -> int:
+        shape = shapes.get(name)
+        feeds = dataflow.depends_on_input(name) and dataflow.feeds_output(name)
+        return shape.reduction if shape is not None and shape.is_map and feeds else 0
+
+    deepest = max(map(reduction, shapes), default=0)
+    if deepest <= max(map(reduction, chain), default=0):
+        return chain
+    sink = max((name for name in shapes if reduction(name) == deepest), key=dataflow.order.__getitem__,
+               default=None)
+    return dataflow.dominator_chain(sink) if sink is not None else chain
+
+
 def analyse(traced: TracedModel, input_size: tuple[int, int, int]) -> GraphAnalysis:
     """Run every analysis on ``traced`` with probes of ``input_size`` (C, H, W)."""
     shapes = propagate_shapes(traced.graph_module, input_size)
@@ -118,7 +136,7 @@ def analyse(traced: TracedModel, input_size: tuple[int, int, int]) -> GraphAnaly
     shapes = {**shapes, **{write: shapes[base] for write, base in tensors.items()}}
     dataflow = DataFlow(traced.graph, aliases)
     chain = dataflow.dominator_chain()
-    search = find_levels(traced, chain, shapes, aliases, tensors)
+    search = find_levels(traced, _level_chain(dataflow, chain, shapes), shapes, aliases, tensors)
     return GraphAnalysis(
         traced=traced,
         input_size=tuple(input_size),

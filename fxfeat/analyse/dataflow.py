@@ -106,6 +106,14 @@ class DataFlow:
             chain.append(dominators[chain[-1]])
         return tuple(reversed(chain))
 
+    def feeds_output(self, name: str) -> bool:
+        """Whether the value of node ``name`` reaches the output."""
+        return name in self._output_ancestors
+
+    @functools.cached_property
+    def _output_ancestors(self) -> set[str]:
+        return nx.ancestors(self.graph, self.sink) | {self.sink}
+
     def ancestors(self, names: list[str]) -> set[str]:
         """Every node (data or not) some of ``names`` is computed from, themselves included."""
         found = set(names)
