@@ -217,8 +217,10 @@ class _Structure:
     def child_of(self, key: str | None, name: str) -> str | None:
         """The call directly inside ``key`` (``None``: the model) that created node ``name``."""
         stack = self.stack(name)
+        if key is not None and key not in stack:
+            return None
         depth = stack.index(key) + 1 if key is not None else 0
-        return stack[depth] if depth < len(stack) and (key is None or key in stack) else None
+        return stack[depth] if depth < len(stack) else None
 
     def holds_repeated_child_before(self, key: str, position: int) -> bool:
         """Whether call ``key`` holds, before chain position ``position``, a repeated call that ends there."""
