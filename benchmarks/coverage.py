@@ -235,7 +235,6 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
 
     compiled = lambda r: "levels" in r.get("auto", {})  # noqa: E731
     supported_os = [r for r in timm_rows if r.get("output_stride", {}).get("supported")]
-    with_maps = [r for r in timm_rows if r.get("cnn_style")]
     times = [r["auto"]["compile_s"] for r in results if "compile_s" in r.get("auto", {})]
     return dict(
         timm_compile=count(timm_rows, compiled),
@@ -243,7 +242,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         cnn_identical=count(cnn, lambda r: r.get("auto", {}).get("identical")),
         all_contained=count(timm_rows, lambda r: r.get("auto", {}).get("contained")),
         all_identical=count(timm_rows, lambda r: r.get("auto", {}).get("identical")),
-        declared_equal=count(with_maps, lambda r: r.get("declared", {}).get("equal")),
+        declared_equal=count(cnn, lambda r: r.get("declared", {}).get("equal")),
         output_stride_equal=count(supported_os, lambda r: r["output_stride"].get("equal")),
         eager_equal=count(results, lambda r: r.get("eager_equal")),
         torchvision_compile=count(torchvision_rows, compiled),

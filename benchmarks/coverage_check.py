@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 import fxfeat
-from benchmarks.references import eager_references, load_matching_weights, same_layout
+from benchmarks.references import eager_references, same_layout, timm_feature_model
 
 __all__ = ["check_model", "compare_levels", "describe_error", "randomise_inert_weights"]
 
@@ -156,20 +156,14 @@ def _second_size(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 def _timm_reference(name: str, model: nn.Module, **kwargs) -> nn.Module:
     """timm's ``features_only`` model returning *every* declared level (its default may leave some out), or
-    its default levels where timm cannot build that."""
-    import timm
-
-    declared = _declared(model) or ()
+    its default levels where timm cannot build that (TResNet declares a level `''` its wrapper cannot hook)."""
+    indices = tuple(range(len(_declared(model) or ())))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            reference = timm.create_model(name, pretrained=False, features_only=True,
-                                          out_indices=tuple(range(len(declared))), **kwargs).eval()
-        except Exception:  # some families declare a level their feature wrapper cannot hook (tresnet's '')
-            reference = timm.create_model(name, pretrained=False, features_only=True, **kwargs).eval()
-    if not load_matching_weights(reference, model):
-        raise ValueError("the model's weights do not map onto timm's features_only model")
-    return reference
+            return timm_feature_model(name, model, out_indices=indices, **kwargs)
+        except Exception:
+            return timm_feature_model(name, model, **kwargs)
 
 
 def _declared(model: nn.Module) -> list[dict[str, Any]] | None:

@@ -45,6 +45,8 @@ class GraphAnalysis:
         aliases: storage sharing and in-place writes.
         tensors: for each write whose value is not what later code reads (a write into a slice), the node that
             code reads after it.
+        returned_versions: for each write that is the last version of a tensor a module call returns, those
+            calls' keys.
         chain: nodes every input-to-output path passes through, in order.
         levels: the levels discovered from the graph.
         stride_changes: where the reduction grows along the chain.
@@ -60,6 +62,7 @@ class GraphAnalysis:
     dataflow: DataFlow
     aliases: Aliases
     tensors: dict[str, str]
+    returned_versions: dict[str, list[str]]
     chain: tuple[str, ...]
     levels: tuple[Level, ...]
     stride_changes: tuple[StrideChange, ...]
@@ -72,8 +75,7 @@ class GraphAnalysis:
         """Describe an arbitrary node as a level (used for levels the user or the model names)."""
         shape = self.shapes.get(node)
         if module is None:
-            versions = returned_versions(self.traced, self.aliases)
-            module = outermost_path(self.traced, returning_calls(self.traced, node, versions))
+            module = outermost_path(self.traced, returning_calls(self.traced, node, self.returned_versions))
         return Level(
             node=node,
             module=module,
@@ -136,7 +138,8 @@ def analyse(traced: TracedModel, input_size: tuple[int, int, int]) -> GraphAnaly
     shapes = {**shapes, **{write: shapes[base] for write, base in tensors.items()}}
     dataflow = DataFlow(traced.graph, aliases)
     chain = dataflow.dominator_chain()
-    search = find_levels(traced, _level_chain(dataflow, chain, shapes), shapes, aliases, tensors)
+    versions = returned_versions(traced, aliases)
+    search = find_levels(traced, _level_chain(dataflow, chain, shapes), shapes, versions, tensors)
     return GraphAnalysis(
         traced=traced,
         input_size=tuple(input_size),
@@ -144,6 +147,7 @@ def analyse(traced: TracedModel, input_size: tuple[int, int, int]) -> GraphAnaly
         dataflow=dataflow,
         aliases=aliases,
         tensors=tensors,
+        returned_versions=versions,
         chain=chain,
         levels=search.levels,
         stride_changes=search.stride_changes,

@@ -154,26 +154,26 @@ class Aliases:
     Args:
         graph: an fx graph; ``call_module`` nodes are known to write in place only if :func:`annotate_aliases`
             marked them, and its view decisions are used where it made them.
-        tensors: names of the nodes whose value is a tensor, if known (see ``_is_view``).
 
     Attributes:
         order: position of every node name in the graph.
     """
 
-    def __init__(self, graph: fx.Graph, tensors: set[str] | None = None):
-        self._nodes = {node.name: node for node in graph.nodes}
-        self.order = {name: i for i, name in enumerate(self._nodes)}
+    def __init__(self, graph: fx.Graph):
+        self.order = {node.name: i for i, node in enumerate(graph.nodes)}
         self._base: dict[str, str] = {}
         self._writes: dict[str, list[str]] = {}  # base -> writing nodes, in graph order
+        self._writers: set[str] = set()
         for node in graph.nodes:
             first = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
             writes = writes_first_argument(node)
-            view = node.meta[_VIEW_META] if _VIEW_META in node.meta else _is_view(node, tensors)
+            view = node.meta[_VIEW_META] if _VIEW_META in node.meta else _is_view(node, None)
             if first is not None and (writes or view):
                 self._base[node.name] = self._base[first.name]
             else:
                 self._base[node.name] = node.name
             if writes:
+                self._writers.add(node.name)
                 self._writes.setdefault(self._base[first.name], []).append(node.name)
 
     def base(self, name: str) -> str:
@@ -185,35 +185,22 @@ class Aliases:
         return self._writes.get(self.base(base), [])
 
     def is_write(self, name: str) -> bool:
-        node = self._nodes.get(name)
-        return node is not None and writes_first_argument(node)
+        return name in self._writers
 
     def version_read(self, name: str, by: str) -> str:
         """The node whose value a read of ``name`` by node ``by`` sees: the last write into ``name``'s storage
         between the two, or ``name`` itself."""
-        start, end = self.order[name], self.order[by]
-        latest = name
-        for write in self.writes_to(name):
-            if start < self.order[write] < end:
-                latest = write
-        return latest
+        return self._latest_write(name, self.order[by] - 1)
 
     def version_at_end_of(self, name: str, last: str) -> str:
         """The version of ``name``'s storage right after node ``last`` (a module call's last node)."""
-        start, end = self.order[name], self.order[last]
-        latest = name
-        for write in self.writes_to(name):
-            if start < self.order[write] <= end:
-                latest = write
-        return latest
+        return self._latest_write(name, self.order[last])
+
+    def _latest_write(self, name: str, until: int) -> str:
+        """The last write into ``name``'s storage after ``name`` and at position ``until`` or before; or ``name``."""
+        start = self.order[name]
+        return next((write for write in reversed(self.writes_to(name)) if start < self.order[write] <= until), name)
 
     def written_after(self, name: str, position: str) -> bool:
         """Whether the storage of ``name`` is written after node ``position``."""
         return any(self.order[write] > self.order[position] for write in self.writes_to(name))
-
-    def tensor_of(self, version: str, returns_whole: bool) -> str:
-        """The node to read to get the tensor a version stands for: the version itself when it is an ordinary
-        node or a write that returns the whole tensor, else (``setitem``, a write into a view) its base."""
-        if not self.is_write(version) or returns_whole:
-            return version
-        return self.base(version)

@@ -79,7 +79,7 @@ class DataFlow:
         nodes = list(graph.nodes)
         self._fx_nodes = nodes
         self.aliases = aliases or Aliases(graph)
-        self.order = {node.name: i for i, node in enumerate(nodes)}
+        self.order = self.aliases.order
         self.source = next(node.name for node in nodes if node.op == "placeholder")
         self.sink = next(node.name for node in reversed(nodes) if node.op == "output")
         self.graph = nx.DiGraph()

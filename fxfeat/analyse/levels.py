@@ -170,11 +170,10 @@ class _Structure:
     """Positions, module-call spans and repetition facts over the dominator chain."""
 
     def __init__(self, traced: TracedModel, chain: tuple[str, ...], shapes: dict[str, NodeShape],
-                 aliases: Aliases):
+                 versions: dict[str, list[str]]):
         self.traced = traced
         self.chain = chain
         self.shapes = shapes
-        self.aliases = aliases
         self.position = {name: i for i, name in enumerate(chain)}
         self.span: dict[str, tuple[int, int]] = {}
         for i, name in enumerate(chain):
@@ -182,7 +181,7 @@ class _Structure:
                 first, _ = self.span.get(key, (i, i))
                 self.span[key] = (first, i)
         self.nodes = traced.nodes
-        self.versions = returned_versions(traced, aliases)
+        self.versions = versions
         self._returned: dict[str, bool] = {}
         self._repeated: dict[str, bool] = {}
         self.trunk: tuple[str, ...] = ()
@@ -324,8 +323,8 @@ def _trunk(structure: _Structure, changes: list[StrideChange]) -> tuple[str, ...
 
 
 def find_levels(
-    traced: TracedModel, chain: tuple[str, ...], shapes: dict[str, NodeShape], aliases: Aliases,
-    tensors: dict[str, str] | None = None,
+    traced: TracedModel, chain: tuple[str, ...], shapes: dict[str, NodeShape],
+    versions: dict[str, list[str]] | None = None, tensors: dict[str, str] | None = None,
 ) -> LevelSearch:
     """Discover the levels of a model (see the module docstring for the rule).
 
@@ -333,10 +332,10 @@ def find_levels(
         traced: the traced model.
         chain: its dominator chain.
         shapes: shape of every node; a write into a view of a tensor has the shape of the whole tensor.
-        aliases: its in-place writes.
+        versions: calls whose returned tensor is last written by a write, by write (:func:`returned_versions`).
         tensors: for writes standing for another node's tensor, that node.
     """
-    structure = _Structure(traced, chain, shapes, aliases)
+    structure = _Structure(traced, chain, shapes, versions or {})
     positions: list[tuple[int, int, int]] = []  # (position, before, after)
     running = 1
     for i, name in enumerate(chain):

@@ -292,8 +292,9 @@ def _with_edited_layers(module: nn.Module, inner: tuple[OpEdit, ...]) -> nn.Modu
     root = copy.copy(module)
     root._modules = dict(root._modules)
     for edit in inner:
-        parent, *_, name = [root, *edit.target.split(".")]
-        for part in edit.target.split(".")[:-1]:
+        *path, name = edit.target.split(".")
+        parent = root
+        for part in path:
             child = copy.copy(parent._modules[part])
             child._modules = dict(child._modules)
             parent._modules[part] = child

@@ -165,7 +165,7 @@ def make_request(
         )
     output_stride = _check_output_stride(output_stride)
     if num_classes is not None:
-        num_classes = _as_int(num_classes) if _as_int(num_classes) is not None else num_classes
+        num_classes = num_classes if _as_int(num_classes) is None else _as_int(num_classes)
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
             raise InvalidRequestError(
                 f"num_classes must be a non-negative int; got {num_classes!r}.", hint="e.g. num_classes=10."
