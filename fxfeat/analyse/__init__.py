@@ -50,6 +50,7 @@ class GraphAnalysis:
         chain: nodes every input-to-output path passes through, in order.
         levels: the levels discovered from the graph.
         stride_changes: where the reduction grows along the chain.
+        isotropic: the levels are the blocks of an isotropic body (a ViT's), all at the final reduction.
         trunk: keys of the module calls that enclose the stages (empty: the model itself).
         candidates: for each reduction, the feature maps of the chain at it that a module returns.
         head: the global pooling and the classifier, with the unpooled and pooled nodes.
@@ -66,6 +67,7 @@ class GraphAnalysis:
     chain: tuple[str, ...]
     levels: tuple[Level, ...]
     stride_changes: tuple[StrideChange, ...]
+    isotropic: bool
     trunk: tuple[str, ...]
     candidates: dict[int, tuple[str, ...]]
     head: Head
@@ -83,8 +85,9 @@ class GraphAnalysis:
             channels=shape.channels if shape and shape.fmt else (shape.shape[0] if shape and shape.shape else None),
             fmt=shape.fmt if shape else None,
             shape=shape.shape if shape else (),
-            candidates=self.candidates.get(shape.reduction, ()) if shape and shape.is_map else (),
+            candidates=self.candidates.get(shape.reduction, ()) if shape and shape.is_spatial else (),
             tensor=self.tensors.get(node),
+            grid=shape.grid if shape else None,
         )
 
 
@@ -119,7 +122,7 @@ def _level_chain(dataflow: DataFlow, chain: tuple[str, ...], shapes: dict[str, N
     def reduction(name: str) -> int:
         shape = shapes.get(name)
         feeds = dataflow.depends_on_input(name) and dataflow.feeds_output(name)
-        return shape.reduction if shape is not None and shape.is_map and feeds else 0
+        return shape.reduction if shape is not None and shape.is_spatial and feeds else 0
 
     deepest = max(map(reduction, shapes), default=0)
     if deepest <= max(map(reduction, chain), default=0):
@@ -151,6 +154,7 @@ def analyse(traced: TracedModel, input_size: tuple[int, int, int]) -> GraphAnaly
         chain=chain,
         levels=search.levels,
         stride_changes=search.stride_changes,
+        isotropic=search.isotropic,
         trunk=search.trunk,
         candidates=search.candidates,
         head=find_head(traced, chain, shapes),

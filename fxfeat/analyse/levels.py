@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxfeat.analyse.aliases import Aliases
-from fxfeat.analyse.shapes import NodeShape
+from fxfeat.analyse.shapes import NodeShape, TokenGrid
 from fxfeat.trace import TracedModel
 
 __all__ = [
@@ -83,6 +83,7 @@ class Level:
         candidates: every feature map of the chain at this reduction (what ``levels=[...]`` could pick).
         tensor: the node holding the level's tensor when that is not ``node`` itself (a write into a view of a
             tensor stands for the whole tensor); ``None`` otherwise.
+        grid: for a token sequence, the grid its tokens lie on (prefix tokens, size, where to read it).
     """
 
     node: str
@@ -93,6 +94,7 @@ class Level:
     shape: tuple[int, ...]
     candidates: tuple[str, ...] = ()
     tensor: str | None = None
+    grid: TokenGrid | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ class LevelSearch:
     stride_changes: tuple[StrideChange, ...]
     trunk: tuple[str, ...]
     candidates: dict[int, tuple[str, ...]]
+    isotropic: bool = False
 
 
 def returning_calls(traced: TracedModel, name: str, versions: dict[str, list[str]] | None = None) -> list[str]:
@@ -192,8 +195,9 @@ class _Structure:
         return self.traced.node_calls.get(name, ())
 
     def is_map(self, name: str, reduction: int | None = None) -> bool:
+        """A feature map or a token sequence on a grid of the input (at ``reduction``, if given)."""
         shape = self.shapes.get(name)
-        return shape is not None and shape.is_map and (reduction is None or shape.reduction == reduction)
+        return shape is not None and shape.is_spatial and (reduction is None or shape.reduction == reduction)
 
     def is_identity(self, key: str) -> bool:
         call = self.traced.calls.get(key)
@@ -298,6 +302,57 @@ class _Structure:
                 repeated_ends.append(self.span[child][1] + 1)
         return max(repeated_ends, default=end)
 
+    def path_span(self, path: str) -> tuple[int, int] | None:
+        """First and last chain positions inside module ``path``, called or not (a ``ModuleList`` is not)."""
+        if not hasattr(self, "_path_spans"):
+            self._path_spans: dict[str, tuple[int, int]] = {}
+            for key, (first, last) in self.span.items():
+                parts = self.traced.calls[key].path.split(".")
+                for depth in range(1, len(parts) + 1):
+                    prefix = ".".join(parts[:depth])
+                    old = self._path_spans.get(prefix, (first, last))
+                    self._path_spans[prefix] = (min(old[0], first), max(old[1], last))
+        return self._path_spans.get(path)
+
+    def block_run(self, after: int, reduction: int) -> list[str]:
+        """The isotropic body of the model, if it has one (rule 6): the outputs of the repeated children of one
+        module that lies wholly after chain position ``after`` (the last stride change), each a map or token
+        grid at ``reduction``. The longest such run counts if it has at least two members and its module is not
+        one stage among stages (:meth:`is_stage_among_stages`). Empty: no isotropic body."""
+        runs: dict[str, list[str]] = defaultdict(list)
+        for i in range(after + 1, len(self.chain)):
+            name = self.chain[i]
+            if not self.is_candidate(name, reduction):
+                continue
+            for key in self.stack(name):
+                parent = self.traced.calls[key].path.rpartition(".")[0]
+                if not parent or self.path_span(parent)[0] <= after or not self.is_repeated(key):
+                    continue
+                if self.span[key][1] == i and name not in runs[parent]:
+                    runs[parent].append(name)
+        best: list[str] = []
+        for parent, names in runs.items():
+            if len(names) >= 2 and len(names) > len(best) and not self.is_stage_among_stages(parent, reduction):
+                best = names
+        return best
+
+    def is_stage_among_stages(self, path: str, reduction: int) -> bool:
+        """Whether module ``path`` or one enclosing it has a same-class sibling whose last map on the chain is at
+        a reduction other than ``reduction`` (DenseNet's last dense block, ConvNeXt's last stage)."""
+        while path:
+            parent_path, _, name = path.rpartition(".")
+            parent = self.traced.root.get_submodule(parent_path)
+            kind = type(parent.get_submodule(name))
+            for other, child in parent.named_children():
+                span = self.path_span(f"{parent_path}.{other}" if parent_path else other)
+                if other == name or type(child) is not kind or span is None:
+                    continue
+                last = self.chain[span[1]]
+                if self.is_map(last) and self.shapes[last].reduction != reduction:
+                    return True
+            path = parent_path
+        return False
+
     def module_of(self, name: str, levels: list[str]) -> str:
         """Path of the outermost call that returns ``name`` and holds no other level: ``blocks.6``, not
         ``blocks`` which holds every level."""
@@ -361,6 +416,9 @@ def find_levels(
                      if structure.is_map(chain[i], running) and structure.is_returned(chain[i])), None)
     if last is not None and last not in levels:
         levels.append(last)
+    body = structure.block_run(structure.change_positions[-1], running) if changes else []
+    if body:  # an isotropic body: its blocks are the levels at the final reduction
+        levels = body
 
     by_reduction: dict[int, list[str]] = defaultdict(list)
     for name in chain:
@@ -377,8 +435,9 @@ def find_levels(
             shape=shapes[name].shape,
             candidates=tuple(by_reduction[shapes[name].reduction]),
             tensor=tensors.get(name),
+            grid=shapes[name].grid,
         )
         for name in levels
     )
     candidates = {reduction: tuple(names) for reduction, names in by_reduction.items()}
-    return LevelSearch(result, tuple(changes), structure.trunk, candidates)
+    return LevelSearch(result, tuple(changes), structure.trunk, candidates, isotropic=bool(body))

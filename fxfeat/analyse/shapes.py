@@ -17,7 +17,7 @@ Example:
     >>> traced = trace_model(torchvision.models.resnet18().eval())
     >>> maps = propagate_shapes(traced.graph_module, (3, 224, 224))
     >>> maps["layer2_1_relu_1"]
-    NodeShape(shape=(128, 28, 28), fmt='NCHW', reduction=8)
+    NodeShape(shape=(128, 28, 28), fmt='NCHW', reduction=8, grid=None)
 """
 
 from __future__ import annotations
@@ -36,10 +36,29 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from fxfeat.errors import ShapePropagationError
 from fxfeat.trace import describe_node
 
-__all__ = ["NodeShape", "propagate_shapes", "second_probe_size", "reduction_of"]
+__all__ = ["NodeShape", "TokenGrid", "propagate_shapes", "second_probe_size", "reduction_of"]
 
 PROBE_BATCH = 2
 _MAX_PREFIX_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """Where the tokens of a sequence lie on a grid of the input.
+
+    Attributes:
+        prefix: tokens before the grid (class, distillation, register tokens); the grid is the rest.
+        size: ``(h, w)`` of the grid at the probe size.
+        source: a node whose value has the grid as two of its dimensions (the map the tokens were flattened
+            from), so that the extractor reads ``h`` and ``w`` from it at run time; ``None`` when the tokens come
+            from no such map (then the grid is ``ceil(H / reduction) x ceil(W / reduction)`` of the input).
+        source_dims: the dimensions of ``source`` (batch included) that are ``h`` and ``w``.
+    """
+
+    prefix: int
+    size: tuple[int, int]
+    source: str | None = None
+    source_dims: tuple[int, int] = (2, 3)
 
 
 @dataclass(frozen=True)
@@ -50,16 +69,28 @@ class NodeShape:
         shape: per-sample shape (batch dimension left out).
         fmt: ``"NCHW"``/``"NHWC"`` for feature maps, ``"NLC"``/``"NCL"`` for token sequences, ``None`` for
             everything else (vectors, fixed-size maps, 5-D tensors...).
-        reduction: spatial reduction relative to the input (a power of two), ``None`` if ``fmt`` is ``None``.
+        reduction: spatial reduction relative to the input, ``None`` if ``fmt`` is ``None``: a power of two, or
+            the exact patch size where a grid divides the input by another number (14 for a ViT-L/14).
+        grid: for token sequences, the grid they lie on.
     """
 
     shape: tuple[int, ...]
     fmt: str | None = None
     reduction: int | None = None
+    grid: TokenGrid | None = None
 
     @property
     def is_map(self) -> bool:
         return self.fmt in ("NCHW", "NHWC")
+
+    @property
+    def is_tokens(self) -> bool:
+        return self.fmt in ("NLC", "NCL")
+
+    @property
+    def is_spatial(self) -> bool:
+        """A feature map or a token sequence on a grid of the input: what a level can be."""
+        return self.fmt is not None and self.reduction is not None
 
     @property
     def channels(self) -> int | None:
@@ -206,75 +237,161 @@ def propagate_shapes(graph_module: fx.GraphModule, input_size: tuple[int, int, i
         second = _run_probe(graph_module, (channels, other_height, other_width))
     except Exception:  # models with fixed-size position embeddings or windows accept one size only
         second = None
+    sizes = ((height, width), (other_height, other_width)) if second is not None else ((height, width),)
+    probes = [first] if second is None else [first, second]
+    grids = _GridSources(sizes)
     result = {}
-    for name, shape in first.items():
-        other = second.get(name) if second is not None else None
-        if second is not None:
-            fmt = _layout_from_two_probes(shape, other)
-            sizes = ((height, width), (other_height, other_width))
+    for node in graph_module.graph.nodes:
+        if node.name not in first:
+            continue
+        shapes = tuple(probe.get(node.name) for probe in probes)
+        grids.visit(node, shapes)
+        if None in shapes or any(len(shape) != len(shapes[0]) for shape in shapes):
+            result[node.name] = NodeShape(shapes[0][1:])
+        elif len(shapes[0]) == 4:
+            result[node.name] = _map_shape(shapes, sizes)
+        elif len(shapes[0]) == 3:
+            result[node.name] = _token_shape(shapes, sizes, grids.of(node))
         else:
-            fmt = _layout_from_one_probe(shape, height, width)
-            sizes = ((height, width),)
-        reduction = _reduction(shape, fmt, sizes, other) if fmt else None
-        if reduction is None:
-            fmt = None
-        result[name] = NodeShape(shape[1:], fmt, reduction)
+            result[node.name] = NodeShape(shapes[0][1:])
     return result
 
 
-def _layout_from_two_probes(shape: tuple[int, ...], other: tuple[int, ...] | None) -> str | None:
-    if other is None or len(other) != len(shape):
+def _varying(shapes: tuple[tuple[int, ...], ...]) -> tuple[int, ...] | None:
+    """The dimensions that differ between the probes (``None``: one probe only)."""
+    if len(shapes) < 2:
         return None
-    varying = tuple(i for i, (a, b) in enumerate(zip(shape, other)) if a != b)
-    return {
-        (4, (2, 3)): "NCHW",
-        (4, (1, 2)): "NHWC",
-        (3, (1,)): "NLC",
-        (3, (2,)): "NCL",
-    }.get((len(shape), varying))
+    return tuple(i for i, (a, b) in enumerate(zip(*shapes)) if a != b)
 
 
-def _layout_from_one_probe(shape: tuple[int, ...], height: int, width: int) -> str | None:
-    def plausible(h: int, w: int) -> bool:  # a 1x1 map is a global pooling's output, not a feature map
-        return 1 < h <= height and 1 < w <= width and reduction_of(h, height) == reduction_of(w, width)
-
-    if not shape or shape[0] != PROBE_BATCH:  # windows or heads folded into the batch: not a map
+def _grid_reduction(grids: list[tuple[int, int]], sizes) -> int | None:
+    """Reduction of a grid measured at each probe size, if it is one: how much it widens when the input widens
+    (blind to padding and "valid" convolutions), else its size (a power of two, or an exact integer division)."""
+    (h, w), (height, width) = grids[0], sizes[0]
+    if len(grids) > 1:
+        growth = grids[1][1] - w
+        return _snap((sizes[1][1] - width) / growth) if growth > 0 and grids[1][0] != h else None
+    if not (1 < h <= height and 1 < w <= width):  # a 1x1 map is a global pooling's output, not a feature map
         return None
-
-    if len(shape) == 4:
-        if plausible(shape[2], shape[3]):
-            return "NCHW"
-        if plausible(shape[1], shape[2]):
-            return "NHWC"
-    if len(shape) == 3 and _token_reduction(((height, width),), (shape[1],)) is not None:
-        return "NLC"
-    return None
+    power = reduction_of(h, height)
+    if power != reduction_of(w, width):
+        return None
+    exact = height % h == 0 and width % w == 0 and height // h == width // w
+    if exact and -(-height // power) != h:  # an exact grid of patches whose size is not a power of two (14)
+        return height // h
+    return power
 
 
-def _token_reduction(sizes, lengths) -> int | None:
-    """The reduction at which every probe's token count is one grid plus the same number of prefix tokens."""
-    height = sizes[0][0]
+def _snap(estimate: float) -> int:
+    """A measured reduction: the nearest power of two when within 10% of it (absorbing the pixels "valid"
+    convolutions lose), else the nearest integer (a patch size of 7 or 14)."""
+    power = 2 ** round(math.log2(estimate))
+    return max(1, int(power) if abs(estimate - power) <= 0.1 * power else round(estimate))
+
+
+_MAP_DIMS = {"NCHW": (2, 3), "NHWC": (1, 2)}
+
+
+def _map_shape(shapes, sizes) -> NodeShape:
+    """A 4-D tensor: an ``NCHW`` or ``NHWC`` feature map if two of its dimensions follow the input's size."""
+    shape = shapes[0]
+    varying = _varying(shapes)
+    for fmt, dims in _MAP_DIMS.items():
+        if varying is not None and varying != dims:
+            continue
+        if varying is None and shape[0] != PROBE_BATCH:  # windows or heads folded into the batch: not a map
+            continue
+        reduction = _grid_reduction([(s[dims[0]], s[dims[1]]) for s in shapes], sizes)
+        if reduction is not None:
+            return NodeShape(shape[1:], fmt, reduction)
+    return NodeShape(shape[1:])
+
+
+@dataclass(frozen=True)
+class _GridSource:
+    node: str
+    dims: tuple[int, int]
+    order: int
+    grids: tuple[tuple[int, int], ...]  # at each probe
+    reduction: int
+
+
+class _GridSources:
+    """For each node, the grids of the 4-D tensors it is computed from (for each grid size, the latest tensor):
+    the maps a token sequence may have been flattened from."""
+
+    def __init__(self, sizes):
+        self.sizes = sizes
+        self.sources: dict[str, dict[tuple[int, int], _GridSource]] = {}
+
+    def visit(self, node: fx.Node, shapes) -> None:
+        merged: dict[tuple[int, int], _GridSource] = {}
+        for argument in node.all_input_nodes:
+            for size, source in self.sources.get(argument.name, {}).items():
+                if size not in merged or source.order > merged[size].order:
+                    merged[size] = source
+        if None not in shapes and all(len(shape) == 4 for shape in shapes):
+            varying = _varying(shapes)
+            for dims in _MAP_DIMS.values():
+                grids = tuple((shape[dims[0]], shape[dims[1]]) for shape in shapes)
+                reduction = _grid_reduction(list(grids), self.sizes)
+                if (varying is None or set(dims) <= set(varying)) and reduction is not None:
+                    merged[grids[0]] = _GridSource(node.name, dims, len(self.sources), grids, reduction)
+        self.sources[node.name] = merged
+
+    def of(self, node: fx.Node) -> list[_GridSource]:
+        return list(self.sources.get(node.name, {}).values())
+
+
+def _token_shape(shapes, sizes, sources: list[_GridSource]) -> NodeShape:
+    """A 3-D tensor: an ``NLC`` or ``NCL`` token sequence if one of its dimensions is a grid of the input plus a
+    fixed number of prefix tokens. The grid is that of a map the tokens were computed from (the patch
+    embedding's output; the one with the fewest prefix tokens, then the latest), else the one the token counts
+    alone imply."""
+    shape = shapes[0]
+    varying = _varying(shapes)
+    if varying is None and shape[0] != PROBE_BATCH:  # windows or heads folded into the batch
+        return NodeShape(shape[1:])
+    dims = [dim for dim in (1, 2) if varying is None or varying == (dim,)]
+    best = None
+    for dim in dims:
+        lengths = [s[dim] for s in shapes]
+        for source in sources:
+            prefixes = {length - h * w for length, (h, w) in zip(lengths, source.grids)}
+            prefix = prefixes.pop()
+            if prefixes or not 0 <= prefix <= _MAX_PREFIX_TOKENS:
+                continue
+            rank = (prefix, -source.order, dim)
+            if best is None or rank < best[0]:
+                grid = TokenGrid(prefix, source.grids[0], source.node, source.dims)
+                best = (rank, _TOKEN_FORMATS[dim], source.reduction, grid)
+    if best is not None:
+        return NodeShape(shape[1:], *best[1:])
+    if len(dims) != 1 and varying is not None:
+        return NodeShape(shape[1:])
+    found = _token_reduction(sizes, [s[dims[0]] for s in shapes]) if dims else None
+    if found is None:
+        return NodeShape(shape[1:])
+    reduction, prefix = found
+    size = (-(-sizes[0][0] // reduction), -(-sizes[0][1] // reduction))
+    return NodeShape(shape[1:], _TOKEN_FORMATS[dims[0]], reduction, TokenGrid(prefix, size))
+
+
+_TOKEN_FORMATS = {1: "NLC", 2: "NCL"}
+
+
+def _token_reduction(sizes, lengths) -> tuple[int, int] | None:
+    """``(reduction, prefix)`` such that every probe's token count is a ``ceil(H / reduction) x
+    ceil(W / reduction)`` grid of at least 2x2 plus the same number of prefix tokens (a power of two)."""
+    height, width = sizes[0]
     reduction = 1
-    while reduction <= height:
+    while 2 * reduction <= min(height, width):
         prefixes = {
             length - math.ceil(h / reduction) * math.ceil(w / reduction)
             for (h, w), length in zip(sizes, lengths)
         }
-        if len(prefixes) == 1 and 0 <= prefixes.pop() <= _MAX_PREFIX_TOKENS:
-            return reduction
+        prefix = prefixes.pop()
+        if not prefixes and 0 <= prefix <= _MAX_PREFIX_TOKENS:
+            return reduction, prefix
         reduction *= 2
     return None
-
-
-def _reduction(shape, fmt, sizes, other) -> int | None:
-    if fmt in ("NCHW", "NHWC"):
-        spatial = (2, 3) if fmt == "NCHW" else (1, 2)
-        (height, width) = sizes[0]
-        h, w = (shape[d] for d in spatial)
-        growth = other[spatial[1]] - w if other is not None else 0
-        if growth > 0:  # how much the map widens when the input widens: blind to padding and valid convolutions
-            return max(1, 2 ** round(math.log2((sizes[1][1] - sizes[0][1]) / growth)))
-        return min(reduction_of(h, height), reduction_of(w, width))
-    length_dim = 1 if fmt == "NLC" else 2
-    lengths = (shape[length_dim],) if other is None else (shape[length_dim], other[length_dim])
-    return _token_reduction(sizes, lengths)

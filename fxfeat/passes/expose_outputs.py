@@ -1,9 +1,17 @@
-"""Pass: make the graph return the planned nodes (a list, a dict or one tensor), permuted as requested."""
+"""Pass: make the graph return the planned nodes (a list, a dict or one tensor), as ``NCHW`` maps if asked.
+
+Token sequences become maps with shape arithmetic read at run time (the batch and channel counts from the tokens,
+the grid from the map the tokens were flattened from, or from the input size), so the extractor follows the input
+size and exports with dynamic sizes.
+"""
 
 from __future__ import annotations
 
+import operator
+
 import torch.fx as fx
 
+from fxfeat.analyse.shapes import TokenGrid
 from fxfeat.plan import ExtractionPlan
 
 __all__ = ["expose_outputs"]
@@ -14,15 +22,56 @@ def expose_outputs(graph: fx.Graph, plan: ExtractionPlan) -> None:
     nodes = {node.name: node for node in graph.nodes}
     output_node = next(node for node in reversed(graph.nodes) if node.op == "output")
     values = []
-    with graph.inserting_before(output_node):
-        for output in plan.outputs:
-            value = nodes[output.node]
+    for output in plan.outputs:
+        value = nodes[output.node]
+        with graph.inserting_before(output_node):
             if output.permute:
                 value = graph.call_method("permute", (value, *output.permute))
-            values.append(value)
+            elif output.tokens is not None:
+                value = _tokens_to_map(graph, value, *output.tokens, nodes, output_node)
+        values.append(value)
     if plan.return_dict:
         result = {output.name: value for output, value in zip(plan.outputs, values)}
     else:
         result = values[0] if plan.single else values
     output_node.args = (result,)
     output_node.type = None  # the model's return annotation no longer describes what is returned
+
+
+def _grid_size(graph: fx.Graph, grid: TokenGrid, nodes: dict[str, fx.Node], reduction: int) -> tuple[fx.Node, ...]:
+    """Nodes computing the grid's height and width at run time, right after the tensor they are read from (so
+    that it is not kept alive for them)."""
+    if grid.source is not None:
+        source = nodes[grid.source]
+        with graph.inserting_after(source):
+            height = graph.call_method("size", (source, grid.source_dims[0]))
+        with graph.inserting_after(height):
+            width = graph.call_method("size", (source, grid.source_dims[1]))
+        return height, width
+    image = next(node for node in graph.nodes if node.op == "placeholder")
+    sizes = []
+    for dim in (2, 3):  # ceil(size / reduction)
+        with graph.inserting_after(image):
+            size = graph.call_method("size", (image, dim))
+        with graph.inserting_after(size):
+            padded = graph.call_function(operator.add, (size, reduction - 1))
+        with graph.inserting_after(padded):
+            sizes.append(graph.call_function(operator.floordiv, (padded, reduction)))
+    return tuple(sizes)
+
+
+def _tokens_to_map(graph, tokens: fx.Node, fmt: str, grid: TokenGrid, reduction: int, nodes, output_node) -> fx.Node:
+    """``NCHW`` map of a token sequence: prefix tokens dropped, the rest reshaped to the grid."""
+    height, width = _grid_size(graph, grid, nodes, reduction)
+    with graph.inserting_before(output_node):
+        batch = graph.call_method("size", (tokens, 0))
+        token_dim = 1 if fmt == "NLC" else 2
+        channels = graph.call_method("size", (tokens, 3 - token_dim))
+        if grid.prefix:
+            index = (slice(None), slice(grid.prefix, None)) if fmt == "NLC" else (slice(None), slice(None),
+                                                                                  slice(grid.prefix, None))
+            tokens = graph.call_function(operator.getitem, (tokens, index))
+        if fmt == "NCL":
+            return graph.call_method("reshape", (tokens, batch, channels, height, width))
+        grid_map = graph.call_method("reshape", (tokens, batch, height, width, channels))
+        return graph.call_method("permute", (grid_map, 0, 3, 1, 2))

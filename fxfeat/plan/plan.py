@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fxfeat.analyse import GraphAnalysis, Level
+from fxfeat.analyse.shapes import TokenGrid
 from fxfeat.errors import (
     DeclaredLevelError,
     FxFeatWarning,
@@ -53,6 +54,9 @@ class PlannedOutput:
         fmt: layout of the returned tensor.
         version: the node after which the value is read (``node`` itself, or an in-place write into it); a later
             write into the same tensor must not reach the output.
+        tokens: for a token sequence returned as an ``NCHW`` map, its layout (``"NLC"``/``"NCL"``), grid and
+            reduction: the prefix tokens are dropped and the rest reshaped to the grid.
+        shape: per-sample shape of the returned tensor at the probe size.
     """
 
     name: str
@@ -60,6 +64,8 @@ class PlannedOutput:
     permute: tuple[int, ...] | None
     fmt: str | None
     version: str | None = None
+    tokens: tuple[str, TokenGrid, int] | None = None
+    shape: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,8 @@ class ExtractionPlan:
         classifier: ``(pooled node, in_features, num_classes)`` of a new linear head on the pooled features.
         op_edits: stride/dilation/padding changes of the ``output_stride`` rewrite.
         output_stride: the requested output stride (``None``: native).
+        output_fmt: the requested layout of returned maps (``"NCHW"`` or ``"native"``).
+        isotropic: the levels are the blocks of an isotropic body (a ViT's).
     """
 
     levels: tuple[Level, ...]
@@ -88,26 +96,28 @@ class ExtractionPlan:
     classifier: tuple[str, int, int] | None = None
     op_edits: tuple[OpEdit, ...] = ()
     output_stride: int | None = None
+    output_fmt: str = "NCHW"
+    isotropic: bool = False
 
     def feature_info(self) -> list[dict[str, Any]]:
-        """timm-style info dicts for every level, describing the tensors as they are returned."""
+        """timm-style info dicts for every level, describing the tensors as they are returned (the levels not
+        returned as they would be), with the layout the model computes (``native_fmt``) and the number of
+        prefix tokens dropped from a token sequence (``num_prefix_tokens``)."""
         planned = dict(zip(self.out_indices, self.outputs))
         entries = []
         for index, level in enumerate(self.levels):
-            output = planned.get(index)
-            fmt = output.fmt if output else level.fmt
-            shape = level.shape
-            if output and output.permute:
-                shape = tuple(level.shape[d - 1] for d in output.permute[1:])
+            output = planned.get(index) or _output(level, self.output_fmt)
             entries.append(
                 dict(
                     num_chs=level.channels,
                     reduction=level.reduction,
                     module=level.module,
                     node=level.node,
-                    fmt=fmt,
-                    shape=shape,
+                    fmt=output.fmt,
+                    shape=output.shape,
                     index=index,
+                    native_fmt=level.fmt,
+                    num_prefix_tokens=level.grid.prefix if level.grid else 0,
                 )
             )
         return entries
@@ -279,10 +289,14 @@ def _choose_levels(analysis: GraphAnalysis, request: Request) -> tuple[tuple[Lev
     return analysis.levels, "discovered"
 
 
-def _select(out_indices: int | tuple[int, ...] | None, levels: tuple[Level, ...]) -> tuple[int, ...]:
+ISOTROPIC_DEFAULT = 3  # timm's features_only returns the last three blocks of a ViT unless told otherwise
+
+
+def _select(out_indices: int | tuple[int, ...] | None, levels: tuple[Level, ...], isotropic: bool = False
+            ) -> tuple[int, ...]:
     count = len(levels)
     if out_indices is None:
-        return tuple(range(count))
+        return tuple(range(max(0, count - ISOTROPIC_DEFAULT) if isotropic else 0, count))
     if isinstance(out_indices, int):
         if not 0 < out_indices <= count:
             raise OutIndicesError(
@@ -336,9 +350,15 @@ def _penultimate_level(analysis: GraphAnalysis, mode: str) -> Level:
 
 
 def _output(level: Level, output_fmt: str) -> PlannedOutput:
+    node, name = level.tensor or level.node, _output_name(level)
+    if output_fmt == "NCHW" and level.grid is not None:
+        shape = (level.channels, *level.grid.size)
+        return PlannedOutput(name, node, None, "NCHW", version=level.node, tokens=(level.fmt, level.grid, level.reduction),
+                             shape=shape)
     permute = _TO_NCHW.get(level.fmt) if output_fmt == "NCHW" else None
     fmt = "NCHW" if permute else (level.fmt or ("NC" if len(level.shape) == 1 else None))
-    return PlannedOutput(_output_name(level), level.tensor or level.node, permute, fmt, version=level.node)
+    shape = tuple(level.shape[d - 1] for d in permute[1:]) if permute else level.shape
+    return PlannedOutput(name, node, permute, fmt, version=level.node, shape=shape)
 
 
 def _unique_names(outputs: tuple[PlannedOutput, ...]) -> tuple[PlannedOutput, ...]:
@@ -371,10 +391,11 @@ def make_plan(analysis: GraphAnalysis, request: Request) -> ExtractionPlan:
             logits = Level(NEW_CLASSIFIER, NEW_CLASSIFIER, None, request.num_classes, "NC", (request.num_classes,))
             levels, outputs = (logits,), (PlannedOutput(NEW_CLASSIFIER, NEW_CLASSIFIER, None, "NC"),)
             classifier = (level.node, level.channels, request.num_classes)
-        out_indices, source, single = (0,), request.mode, True
+        out_indices, source, single, isotropic = (0,), request.mode, True, False
     else:
         levels, source = _choose_levels(analysis, request)
-        out_indices = _select(request.out_indices, levels)
+        isotropic = analysis.isotropic and source != "user"
+        out_indices = _select(request.out_indices, levels, isotropic)
         outputs = _unique_names(tuple(_output(levels[index], request.output_fmt) for index in out_indices))
         classifier, single = None, False
     op_edits = plan_output_stride(analysis, request.output_stride)
@@ -386,5 +407,5 @@ def make_plan(analysis: GraphAnalysis, request: Request) -> ExtractionPlan:
         )
     return ExtractionPlan(
         levels, out_indices, outputs, request.return_dict, source, single=single, classifier=classifier,
-        op_edits=op_edits, output_stride=request.output_stride,
+        op_edits=op_edits, output_stride=request.output_stride, output_fmt=request.output_fmt, isotropic=isotropic,
     )
