@@ -59,20 +59,22 @@ def timm_feature_model(name: str, model: torch.nn.Module, **kwargs) -> torch.nn.
 
 def same_layout(reference: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     """``reference`` in the layout of ``output`` where the two hold the same map in different layouts: a
-    channels-last map (``N, H, W, C``) or a token sequence (``N, H*W, C``) against an ``N, C, H, W`` map, or the
-    reverse. Unchanged otherwise."""
+    channels-last map (``N, H, W, C``) or a token sequence (``N, P + H*W, C`` with ``P`` prefix tokens, or
+    ``N, C, P + H*W``) against an ``N, C, H, W`` map, or the reverse. Unchanged otherwise."""
     if reference.shape == output.shape:
         return reference
     if reference.dim() == 4 and output.dim() == 4:
         for order in ((0, 3, 1, 2), (0, 2, 3, 1)):
             if reference.permute(order).shape == output.shape:
                 return reference.permute(order)
-    if reference.dim() == 3 and output.dim() == 4:
+    if reference.dim() == 3 and output.dim() == 4:  # tokens, after any prefix (class, register) tokens
         batch, channels, height, width = output.shape
-        if reference.shape == (batch, height * width, channels):
-            return reference.transpose(1, 2).reshape(output.shape)
-        if reference.shape == (batch, channels, height * width):
-            return reference.reshape(output.shape)
+        prefix = reference.shape[1] - height * width
+        if reference.shape[0] == batch and reference.shape[2] == channels and 0 <= prefix <= 16:
+            return reference[:, prefix:].transpose(1, 2).reshape(output.shape)
+        prefix = reference.shape[2] - height * width
+        if reference.shape[:2] == (batch, channels) and 0 <= prefix <= 16:
+            return reference[:, :, prefix:].reshape(output.shape)
     if reference.dim() == 4 and output.dim() == 3:
         batch, channels = reference.shape[:2]
         if output.shape == (batch, reference.shape[2] * reference.shape[3], channels):

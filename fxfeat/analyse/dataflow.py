@@ -3,8 +3,9 @@
 Only data flow counts, and it follows in-place writes: a read after a write depends on the write. Parameters
 and constants (``get_attr`` nodes and what is computed from them alone, such as a layer-scale
 ``gamma.reshape(...)`` or a position embedding) are not data flow, and neither are uses that
-read only a tensor's metadata (``x.shape``, ``x.size()``, ``torch.zeros_like(x)``...) nor tensors built from
-such metadata (``torch.zeros(x.shape[0], ...)``). Wiring those to the input would create paths that bypass
+read only a tensor's metadata (``x.shape``, ``x.size()``, ``torch.zeros_like(x)``...), values the shape probe
+found no tensor in (sizes a leaf function returns beside a tensor), nor tensors built from such metadata
+(``torch.zeros(x.shape[0], ...)``). Wiring those to the input would create paths that bypass
 the real computation and break dominance for everything before them.
 
 This module is the only one that speaks networkx; the rest of fxfeat works with node names.
@@ -27,6 +28,7 @@ import torch
 import torch.fx as fx
 
 from fxfeat.analyse.aliases import Aliases
+from fxfeat.analyse.shapes import NO_TENSOR
 
 __all__ = ["DataFlow"]
 
@@ -60,7 +62,7 @@ def data_inputs(node: fx.Node) -> list[fx.Node]:
             return []
         if node.target in _SHAPE_DONOR_METHODS:
             return [node.args[0]] if isinstance(node.args[0], fx.Node) else []
-    return list(node.all_input_nodes)
+    return [arg for arg in node.all_input_nodes if not arg.meta.get(NO_TENSOR)]
 
 
 class DataFlow:

@@ -39,6 +39,7 @@ from fxfeat.trace import describe_node
 __all__ = ["NodeShape", "TokenGrid", "propagate_shapes", "second_probe_size", "reduction_of"]
 
 PROBE_BATCH = 2
+NO_TENSOR = "fxfeat_no_tensor"  # node.meta key: the probe found no tensor in the node's value
 _MAX_PREFIX_TOKENS = 16
 
 
@@ -205,6 +206,8 @@ def _run_probe(graph_module: fx.GraphModule, input_shape: tuple[int, ...]) -> di
         meta = node.meta.pop("tensor_meta", None)
         if isinstance(meta, TensorMetadata):
             shapes[node.name] = tuple(int(d) for d in meta.shape)
+        # A value holding no tensor (a size, a shape tuple a leaf function returns) is metadata, not data flow.
+        node.meta[NO_TENSOR] = meta is None and node.op in ("call_function", "call_method", "call_module")
     return shapes
 
 
@@ -239,21 +242,34 @@ def propagate_shapes(graph_module: fx.GraphModule, input_size: tuple[int, int, i
         second = None
     sizes = ((height, width), (other_height, other_width)) if second is not None else ((height, width),)
     probes = [first] if second is None else [first, second]
-    grids = _GridSources(sizes)
+    grids: dict[str, _Grid] = {}
+    lengths: dict[str, int] = {}  # token counts carried by token sequences and the tensors split from them
     result = {}
-    for node in graph_module.graph.nodes:
-        if node.name not in first:
+    for order, node in enumerate(graph_module.graph.nodes):
+        carried = {lengths[arg.name] for arg in node.all_input_nodes if arg.name in lengths}
+        if node.name not in first:  # a tuple of tensors (``unbind``, ``chunk``) passes the count on
+            if carried:
+                lengths[node.name] = carried.pop()
             continue
         shapes = tuple(probe.get(node.name) for probe in probes)
-        grids.visit(node, shapes)
-        if None in shapes or any(len(shape) != len(shapes[0]) for shape in shapes):
-            result[node.name] = NodeShape(shapes[0][1:])
-        elif len(shapes[0]) == 4:
-            result[node.name] = _map_shape(shapes, sizes)
-        elif len(shapes[0]) == 3:
-            result[node.name] = _token_shape(shapes, sizes, grids.of(node))
-        else:
-            result[node.name] = NodeShape(shapes[0][1:])
+        shape = NodeShape(shapes[0][1:])
+        carried &= set(shape.shape)
+        if carried:  # keeps a token count whole: heads or channels split off the tokens, not a grid of them
+            lengths[node.name] = carried.pop()
+        if None not in shapes and all(len(other) == len(shapes[0]) for other in shapes):
+            if len(shapes[0]) == 4 and (second is not None or node.name not in lengths):
+                shape = _map_shape(shapes, sizes)
+                if shape.is_map:
+                    dims = _MAP_DIMS[shape.fmt]
+                    grids[node.name] = _Grid(node.name, dims, tuple((s[dims[0]], s[dims[1]]) for s in shapes),
+                                             shape.reduction, 0, order)
+            elif len(shapes[0]) == 3:
+                inputs = [grids[arg.name] for arg in node.all_input_nodes if arg.name in grids]
+                shape, grid = _token_shape(shapes, sizes, inputs, order)
+                if grid is not None:
+                    grids[node.name] = grid
+                    lengths[node.name] = shapes[0][1 if shape.fmt == "NLC" else 2]
+        result[node.name] = shape
     return result
 
 
@@ -308,73 +324,53 @@ def _map_shape(shapes, sizes) -> NodeShape:
 
 
 @dataclass(frozen=True)
-class _GridSource:
-    node: str
-    dims: tuple[int, int]
-    order: int
-    grids: tuple[tuple[int, int], ...]  # at each probe
+class _Grid:
+    """The grid of a map, or of a token sequence, at each probe (internal to the propagation)."""
+
+    source: str | None  # the map the grid is read from at run time
+    dims: tuple[int, int]  # the source's dimensions holding it
+    sizes: tuple[tuple[int, int], ...]  # (h, w) at each probe
     reduction: int
+    prefix: int
+    order: int  # position of the node carrying it, in graph order
 
 
-class _GridSources:
-    """For each node, the grids of the 4-D tensors it is computed from (for each grid size, the latest tensor):
-    the maps a token sequence may have been flattened from."""
-
-    def __init__(self, sizes):
-        self.sizes = sizes
-        self.sources: dict[str, dict[tuple[int, int], _GridSource]] = {}
-
-    def visit(self, node: fx.Node, shapes) -> None:
-        merged: dict[tuple[int, int], _GridSource] = {}
-        for argument in node.all_input_nodes:
-            for size, source in self.sources.get(argument.name, {}).items():
-                if size not in merged or source.order > merged[size].order:
-                    merged[size] = source
-        if None not in shapes and all(len(shape) == 4 for shape in shapes):
-            varying = _varying(shapes)
-            for dims in _MAP_DIMS.values():
-                grids = tuple((shape[dims[0]], shape[dims[1]]) for shape in shapes)
-                reduction = _grid_reduction(list(grids), self.sizes)
-                if (varying is None or set(dims) <= set(varying)) and reduction is not None:
-                    merged[grids[0]] = _GridSource(node.name, dims, len(self.sources), grids, reduction)
-        self.sources[node.name] = merged
-
-    def of(self, node: fx.Node) -> list[_GridSource]:
-        return list(self.sources.get(node.name, {}).values())
-
-
-def _token_shape(shapes, sizes, sources: list[_GridSource]) -> NodeShape:
-    """A 3-D tensor: an ``NLC`` or ``NCL`` token sequence if one of its dimensions is a grid of the input plus a
-    fixed number of prefix tokens. The grid is that of a map the tokens were computed from (the patch
-    embedding's output; the one with the fewest prefix tokens, then the latest), else the one the token counts
-    alone imply."""
+def _token_shape(shapes, sizes, inputs: list[_Grid], order: int) -> tuple[NodeShape, _Grid | None]:
+    """A 3-D tensor: an ``NLC`` or ``NCL`` token sequence if one of its dimensions is a grid plus a fixed number
+    of prefix tokens. The grid comes from an input: a map the tokens are flattened from, or a token sequence
+    with the same grid (a block's residual path, a class token concatenated or sliced off). Tokens with no such
+    input (a patch embedding by unfolding) fall back on the grid their counts imply."""
     shape = shapes[0]
     varying = _varying(shapes)
     if varying is None and shape[0] != PROBE_BATCH:  # windows or heads folded into the batch
-        return NodeShape(shape[1:])
+        return NodeShape(shape[1:]), None
     dims = [dim for dim in (1, 2) if varying is None or varying == (dim,)]
     best = None
     for dim in dims:
         lengths = [s[dim] for s in shapes]
-        for source in sources:
-            prefixes = {length - h * w for length, (h, w) in zip(lengths, source.grids)}
+        for grid in inputs:
+            prefixes = {length - h * w for length, (h, w) in zip(lengths, grid.sizes)}
             prefix = prefixes.pop()
             if prefixes or not 0 <= prefix <= _MAX_PREFIX_TOKENS:
                 continue
-            rank = (prefix, -source.order, dim)
+            rank = (prefix, -grid.order, dim)
             if best is None or rank < best[0]:
-                grid = TokenGrid(prefix, source.grids[0], source.node, source.dims)
-                best = (rank, _TOKEN_FORMATS[dim], source.reduction, grid)
+                best = (rank, dim, grid, prefix)
     if best is not None:
-        return NodeShape(shape[1:], *best[1:])
-    if len(dims) != 1 and varying is not None:
-        return NodeShape(shape[1:])
+        _, dim, grid, prefix = best
+        token_grid = TokenGrid(prefix, grid.sizes[0], grid.source, grid.dims)
+        return (NodeShape(shape[1:], _TOKEN_FORMATS[dim], grid.reduction, token_grid),
+                _Grid(grid.source, grid.dims, grid.sizes, grid.reduction, prefix, order))
+    if inputs or len(dims) != 1 and varying is not None:
+        return NodeShape(shape[1:]), None
     found = _token_reduction(sizes, [s[dims[0]] for s in shapes]) if dims else None
     if found is None:
-        return NodeShape(shape[1:])
+        return NodeShape(shape[1:]), None
     reduction, prefix = found
-    size = (-(-sizes[0][0] // reduction), -(-sizes[0][1] // reduction))
-    return NodeShape(shape[1:], _TOKEN_FORMATS[dims[0]], reduction, TokenGrid(prefix, size))
+    grid_sizes = tuple((-(-h // reduction), -(-w // reduction)) for h, w in sizes)
+    token_grid = TokenGrid(prefix, grid_sizes[0])
+    return (NodeShape(shape[1:], _TOKEN_FORMATS[dims[0]], reduction, token_grid),
+            _Grid(None, (2, 3), grid_sizes, reduction, prefix, order))
 
 
 _TOKEN_FORMATS = {1: "NLC", 2: "NCL"}
