@@ -228,6 +228,8 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Totals over the results (see the module docstring for what is counted)."""
     timm_rows = [r for r in results if r["library"] == "timm"]
     cnn = [r for r in timm_rows if r.get("cnn_style")]
+    tokens = [r for r in timm_rows if r.get("token_levels")]
+    several_per_reduction = [r for r in timm_rows if r.get("cnn_style") is False]
     torchvision_rows = [r for r in results if r["library"] == "torchvision"]
 
     def count(rows, test) -> dict[str, int]:
@@ -241,6 +243,10 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         cnn_contained=count(cnn, lambda r: r.get("auto", {}).get("contained")),
         cnn_identical=count(cnn, lambda r: r.get("auto", {}).get("identical")),
         all_contained=count(timm_rows, lambda r: r.get("auto", {}).get("contained")),
+        token_share=dict(hits=len(tokens), total=len(timm_rows)),
+        token_contained=count(tokens, lambda r: r.get("auto", {}).get("contained")),
+        token_identical=count(tokens, lambda r: r.get("auto", {}).get("identical")),
+        isotropic_contained=count(several_per_reduction, lambda r: r.get("auto", {}).get("contained")),
         all_identical=count(timm_rows, lambda r: r.get("auto", {}).get("identical")),
         declared_equal=count(cnn, lambda r: r.get("declared", {}).get("equal")),
         output_stride_equal=count(supported_os, lambda r: r["output_stride"].get("equal")),
@@ -326,6 +332,10 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         ("cnn_identical", "CNN-style: identical level lists"),
         ("all_contained", "all timm families: timm's levels contained"),
         ("all_identical", "all timm families: identical level lists"),
+        ("token_share", "token families (fxfeat's levels include token sequences), share of all"),
+        ("token_contained", "token families: timm's levels contained"),
+        ("token_identical", "token families: identical level lists"),
+        ("isotropic_contained", "families declaring several levels at one reduction (ViT-style): contained"),
         ("declared_equal", "CNN-style: declared levels (`levels=None`) equal to timm's `features_only`"),
         ("output_stride_equal", "`output_stride=8` equal to timm's dilated model (where timm has one)"),
         ("eager_equal", "outputs bit-equal to the eager model"),
@@ -417,6 +427,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for result in report["results"]:
             if result["library"] == "timm":
                 result["reason"] = miss_reason(result)
+        report["summary"] = summarise(report["results"])
         args.out.write_text(json.dumps(report, indent=1) + "\n")
         write_markdown(report, args.markdown)
         return report

@@ -77,8 +77,8 @@ def compare_levels(references: list[torch.Tensor], outputs: list[torch.Tensor]) 
 
 
 def _levels(info) -> list[dict[str, Any]]:
-    return [dict(module=e["module"], node=e["node"], reduction=e["reduction"], channels=e["num_chs"])
-            for e in info.get_dicts()]
+    return [dict(module=e["module"], node=e["node"], reduction=e["reduction"], channels=e["num_chs"],
+                 native_fmt=e["native_fmt"]) for e in info.get_dicts()]
 
 
 def _build(library: str, name: str, **kwargs) -> nn.Module:
@@ -125,11 +125,17 @@ def _input_size(model: nn.Module) -> tuple[int, int, int]:
 
 
 def _compile(model: nn.Module, **kwargs):
+    """The extractor returning *every* level (an isotropic model returns its last three by default, as timm's
+    do) and the seconds the first compile took."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         start = time.perf_counter()
         extractor = fxfeat.compile(model, **kwargs)
-        return extractor.eval(), time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        count = len(extractor.feature_info)
+        if len(extractor.feature_info.out_indices) < count:
+            extractor = fxfeat.compile(model, **kwargs, out_indices=tuple(range(count)))
+        return extractor.eval(), seconds
 
 
 def _run(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -218,6 +224,7 @@ def check_model(library: str, name: str, *, output_stride: bool = True) -> dict[
         extractor, seconds = compiled
         auto = result.setdefault("auto", {})
         auto.update(levels=_levels(extractor.feature_info), compile_s=round(seconds, 4))
+        result["token_levels"] = any(level["native_fmt"] in ("NLC", "NCL") for level in auto["levels"])
         outputs = _attempt(result, "auto", lambda: _run(extractor, x))
         if outputs is not None and timm_features is not None:
             auto.update(compare_levels(timm_features, outputs))

@@ -317,9 +317,10 @@ class _Structure:
     def block_run(self, after: int, reduction: int) -> list[str]:
         """The isotropic body of the model, if it has one (rule 6): the outputs of the repeated children of one
         module that lies wholly after chain position ``after`` (the last stride change), each a map or token
-        grid at ``reduction``. The longest such run counts if it has at least two members and its module is not
-        one stage among stages (:meth:`is_stage_among_stages`). Empty: no isotropic body."""
-        runs: dict[str, list[str]] = defaultdict(list)
+        grid at ``reduction``. The longest such run is the body if it has at least two members, holds most of
+        the module outputs the chain computes after the last change (not a pair of layers in a final block), and its
+        module is not one stage among stages (:meth:`is_stage_among_stages`). Empty: no isotropic body."""
+        runs: dict[str, dict[str, str]] = defaultdict(dict)  # parent path -> {output node: child call}
         for i in range(after + 1, len(self.chain)):
             name = self.chain[i]
             if not self.is_candidate(name, reduction):
@@ -328,12 +329,16 @@ class _Structure:
                 parent = self.traced.calls[key].path.rpartition(".")[0]
                 if not parent or self.path_span(parent)[0] <= after or not self.is_repeated(key):
                     continue
-                if self.span[key][1] == i and name not in runs[parent]:
-                    runs[parent].append(name)
+                if self.span[key][1] == i:
+                    runs[parent].setdefault(name, key)
+        maps = [i for i in range(after + 1, len(self.chain)) if self.is_candidate(self.chain[i], reduction)]
         best: list[str] = []
-        for parent, names in runs.items():
-            if len(names) >= 2 and len(names) > len(best) and not self.is_stage_among_stages(parent, reduction):
-                best = names
+        for parent, members in runs.items():
+            inside = sum(1 for i in maps if any(self.span[key][0] <= i <= self.span[key][1]
+                                                 for key in members.values()))
+            if (len(members) >= 2 and len(members) > len(best) and 2 * inside > len(maps)
+                    and not self.is_stage_among_stages(parent, reduction)):
+                best = list(members)
         return best
 
     def is_stage_among_stages(self, path: str, reduction: int) -> bool:

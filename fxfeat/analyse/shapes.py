@@ -245,7 +245,11 @@ def propagate_shapes(graph_module: fx.GraphModule, input_size: tuple[int, int, i
     grids: dict[str, _Grid] = {}
     lengths: dict[str, int] = {}  # token counts carried by token sequences and the tensors split from them
     result = {}
+    image = next((node.name for node in graph_module.graph.nodes if node.op == "placeholder"), None)
+    from_image = {image}  # nodes computed from the input (a position table or bias is no map, whatever its shape)
     for order, node in enumerate(graph_module.graph.nodes):
+        if any(arg.name in from_image for arg in node.all_input_nodes):
+            from_image.add(node.name)
         carried = {lengths[arg.name] for arg in node.all_input_nodes if arg.name in lengths}
         if node.name not in first:  # a tuple of tensors (``unbind``, ``chunk``) passes the count on
             if carried:
@@ -256,7 +260,7 @@ def propagate_shapes(graph_module: fx.GraphModule, input_size: tuple[int, int, i
         carried &= set(shape.shape)
         if carried:  # keeps a token count whole: heads or channels split off the tokens, not a grid of them
             lengths[node.name] = carried.pop()
-        if None not in shapes and all(len(other) == len(shapes[0]) for other in shapes):
+        if node.name in from_image and None not in shapes and all(len(o) == len(shapes[0]) for o in shapes):
             if len(shapes[0]) == 4 and (second is not None or node.name not in lengths):
                 shape = _map_shape(shapes, sizes)
                 if shape.is_map:

@@ -352,9 +352,9 @@ def _penultimate_level(analysis: GraphAnalysis, mode: str) -> Level:
 def _output(level: Level, output_fmt: str) -> PlannedOutput:
     node, name = level.tensor or level.node, _output_name(level)
     if output_fmt == "NCHW" and level.grid is not None:
-        shape = (level.channels, *level.grid.size)
-        return PlannedOutput(name, node, None, "NCHW", version=level.node, tokens=(level.fmt, level.grid, level.reduction),
-                             shape=shape)
+        tokens = (level.fmt, level.grid, level.reduction)
+        return PlannedOutput(name, node, None, "NCHW", version=level.node, tokens=tokens,
+                             shape=(level.channels, *level.grid.size))
     permute = _TO_NCHW.get(level.fmt) if output_fmt == "NCHW" else None
     fmt = "NCHW" if permute else (level.fmt or ("NC" if len(level.shape) == 1 else None))
     shape = tuple(level.shape[d - 1] for d in permute[1:]) if permute else level.shape
