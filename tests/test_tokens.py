@@ -61,6 +61,7 @@ def check_isotropic(name, size, kwargs, indices, second_size, prefix) -> None:
             assert output.shape == reference.shape and torch.equal(output, reference)
     for entry, output in zip(info.get_dicts(), as_list(extractor(torch.randn(1, 3, size, size)))):
         assert entry["fmt"] == "NCHW" and tuple(output.shape[1:]) == entry["shape"]
+    assert "floordiv" not in extractor.code  # the grid is read from the patch embedding's map, not recomputed
 
 
 @pytest.mark.parametrize("name, size, kwargs, indices, second_size, prefix", ISOTROPIC)

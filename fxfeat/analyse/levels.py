@@ -22,6 +22,11 @@ the layers of a VGG stage); plain containers (``nn.Sequential``...) count, as st
    layer the trunk holds once (ReXNet's 1x1 conv, DPN's closing norm) or a layer after the trunk (EfficientNet's
    ``conv_head``, a final norm) is head, not a level; DenseNet's ``norm5`` repeats ``norm0``, so it is one.
 
+6. **An isotropic body** replaces all of that: when, after the last change, the repeated children of one module
+   (a ViT's ``blocks``) each return a map or token grid at the final reduction, hold most of the module outputs
+   after the change, and are not one stage among stages, every block's output is a level.
+
+A "map" here is a feature map or a token sequence on a grid of the input (:mod:`fxfeat.analyse.shapes`).
 Levels are module outputs (``feature_info['module']`` names the outermost call returning the level that holds
 no other level); ``nn.Identity`` calls and paddings are skipped; the input itself is never a level.
 

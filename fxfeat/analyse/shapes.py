@@ -243,36 +243,35 @@ def propagate_shapes(graph_module: fx.GraphModule, input_size: tuple[int, int, i
     sizes = ((height, width), (other_height, other_width)) if second is not None else ((height, width),)
     probes = [first] if second is None else [first, second]
     grids: dict[str, _Grid] = {}
-    lengths: dict[str, int] = {}  # token counts carried by token sequences and the tensors split from them
-    result = {}
+    carriers: dict[str, _Grid] = {}  # token sequences, and tensors keeping their token count whole: the grid
     image = next((node.name for node in graph_module.graph.nodes if node.op == "placeholder"), None)
     from_image = {image}  # nodes computed from the input (a position table or bias is no map, whatever its shape)
+    result = {}
     for order, node in enumerate(graph_module.graph.nodes):
         if any(arg.name in from_image for arg in node.all_input_nodes):
             from_image.add(node.name)
-        carried = {lengths[arg.name] for arg in node.all_input_nodes if arg.name in lengths}
+        carried = [carriers[arg.name] for arg in node.all_input_nodes if arg.name in carriers]
         if node.name not in first:  # a tuple of tensors (``unbind``, ``chunk``) passes the count on
             if carried:
-                lengths[node.name] = carried.pop()
+                carriers[node.name] = max(carried, key=lambda grid: grid.order)
             continue
         shapes = tuple(probe.get(node.name) for probe in probes)
         shape = NodeShape(shapes[0][1:])
-        carried &= set(shape.shape)
-        if carried:  # keeps a token count whole: heads or channels split off the tokens, not a grid of them
-            lengths[node.name] = carried.pop()
+        kept = [grid for grid in carried if grid.count in shape.shape]
+        if kept:  # keeps a token count whole: heads or channels split off the tokens, not a grid of them
+            carriers[node.name] = max(kept, key=lambda grid: grid.order)
         if node.name in from_image and None not in shapes and all(len(o) == len(shapes[0]) for o in shapes):
-            if len(shapes[0]) == 4 and (second is not None or node.name not in lengths):
+            if len(shapes[0]) == 4 and (second is not None or node.name not in carriers):
                 shape = _map_shape(shapes, sizes)
                 if shape.is_map:
                     dims = _MAP_DIMS[shape.fmt]
                     grids[node.name] = _Grid(node.name, dims, tuple((s[dims[0]], s[dims[1]]) for s in shapes),
                                              shape.reduction, 0, order)
             elif len(shapes[0]) == 3:
-                inputs = [grids[arg.name] for arg in node.all_input_nodes if arg.name in grids]
-                shape, grid = _token_shape(shapes, sizes, inputs, order)
+                inputs = [grids.get(arg.name) or carriers.get(arg.name) for arg in node.all_input_nodes]
+                shape, grid = _token_shape(shapes, sizes, [grid for grid in inputs if grid is not None], order)
                 if grid is not None:
-                    grids[node.name] = grid
-                    lengths[node.name] = shapes[0][1 if shape.fmt == "NLC" else 2]
+                    grids[node.name] = carriers[node.name] = grid
         result[node.name] = shape
     return result
 
@@ -338,12 +337,20 @@ class _Grid:
     prefix: int
     order: int  # position of the node carrying it, in graph order
 
+    @property
+    def count(self) -> int:
+        """Tokens (grid and prefix) at the first probe."""
+        (height, width) = self.sizes[0]
+        return height * width + self.prefix
+
 
 def _token_shape(shapes, sizes, inputs: list[_Grid], order: int) -> tuple[NodeShape, _Grid | None]:
     """A 3-D tensor: an ``NLC`` or ``NCL`` token sequence if one of its dimensions is a grid plus a fixed number
     of prefix tokens. The grid comes from an input: a map the tokens are flattened from, or a token sequence
-    with the same grid (a block's residual path, a class token concatenated or sliced off). Tokens with no such
-    input (a patch embedding by unfolding) fall back on the grid their counts imply."""
+    with the same grid (a block's residual path, a class token concatenated or sliced off), or a tensor that
+    split the channels of such tokens (an attention's heads). The fewest prefix tokens win, then a grid read from
+    a map, then the latest. Tokens with no such input (a patch embedding by unfolding) fall back on the grid their
+    counts imply."""
     shape = shapes[0]
     varying = _varying(shapes)
     if varying is None and shape[0] != PROBE_BATCH:  # windows or heads folded into the batch
@@ -357,7 +364,7 @@ def _token_shape(shapes, sizes, inputs: list[_Grid], order: int) -> tuple[NodeSh
             prefix = prefixes.pop()
             if prefixes or not 0 <= prefix <= _MAX_PREFIX_TOKENS:
                 continue
-            rank = (prefix, -grid.order, dim)
+            rank = (prefix, grid.source is None, -grid.order, dim)
             if best is None or rank < best[0]:
                 best = (rank, dim, grid, prefix)
     if best is not None:
