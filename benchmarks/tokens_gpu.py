@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
              f"torch {torch.__version__}; fp32 equality with timm's `forward_intermediates` (last three blocks, "
              "`output_fmt=\"NCHW\"`), then bf16 autocast latency, median of 30 CUDA-event timings "
              "(`python -m benchmarks.tokens_gpu`).", "",
-             "| model | blocks | equal (fp32) | max abs diff | batch | timm ms | fxfeat ms |", "|---|---|---|---|---|---|---|"]
+             "| model | blocks | equal (fp32) | max abs diff | batch | timm ms | fxfeat ms |", "|" + "---|" * 7]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['model']} | - | error: {r['error']} | - | - | - | - |")

@@ -50,15 +50,14 @@ class TokenGrid:
     Attributes:
         prefix: tokens before the grid (class, distillation, register tokens); the grid is the rest.
         size: ``(h, w)`` of the grid at the probe size.
-        source: a node whose value has the grid as two of its dimensions (the map the tokens were flattened
-            from), so that the extractor reads ``h`` and ``w`` from it at run time; ``None`` when the tokens come
-            from no such map (then the grid is ``ceil(H / reduction) x ceil(W / reduction)`` of the input).
+        source: the node whose value has the grid as two of its dimensions (the map the tokens were flattened
+            from), so that the extractor reads ``h`` and ``w`` from it at run time.
         source_dims: the dimensions of ``source`` (batch included) that are ``h`` and ``w``.
     """
 
     prefix: int
     size: tuple[int, int]
-    source: str | None = None
+    source: str
     source_dims: tuple[int, int] = (2, 3)
 
 
@@ -251,8 +250,8 @@ def propagate_shapes(graph_module: fx.GraphModule, input_size: tuple[int, int, i
         if any(arg.name in from_image for arg in node.all_input_nodes):
             from_image.add(node.name)
         carried = [carriers[arg.name] for arg in node.all_input_nodes if arg.name in carriers]
-        if node.name not in first:  # a tuple of tensors (``unbind``, ``chunk``) passes the count on
-            if carried:
+        if node.name not in first:  # a tuple of tensors (``unbind``, ``chunk``) passes the count on, a size does not
+            if carried and not node.meta.get(NO_TENSOR):
                 carriers[node.name] = max(carried, key=lambda grid: grid.order)
             continue
         shapes = tuple(probe.get(node.name) for probe in probes)
@@ -330,7 +329,7 @@ def _map_shape(shapes, sizes) -> NodeShape:
 class _Grid:
     """The grid of a map, or of a token sequence, at each probe (internal to the propagation)."""
 
-    source: str | None  # the map the grid is read from at run time
+    source: str  # the map the grid is read from at run time
     dims: tuple[int, int]  # the source's dimensions holding it
     sizes: tuple[tuple[int, int], ...]  # (h, w) at each probe
     reduction: int
@@ -348,9 +347,9 @@ def _token_shape(shapes, sizes, inputs: list[_Grid], order: int) -> tuple[NodeSh
     """A 3-D tensor: an ``NLC`` or ``NCL`` token sequence if one of its dimensions is a grid plus a fixed number
     of prefix tokens. The grid comes from an input: a map the tokens are flattened from, or a token sequence
     with the same grid (a block's residual path, a class token concatenated or sliced off), or a tensor that
-    split the channels of such tokens (an attention's heads). The fewest prefix tokens win, then a grid read from
-    a map, then the latest. Tokens with no such input (a patch embedding by unfolding) fall back on the grid their
-    counts imply."""
+    split the channels of such tokens (an attention's heads). The fewest prefix tokens win, then the latest.
+    Tokens with no such input are not a grid: their order is unknown (Hiera unrolls its map into tokens that are
+    not in raster order; NaFlexViT patchifies by reshaping), so returning them as a map could be wrong."""
     shape = shapes[0]
     varying = _varying(shapes)
     if varying is None and shape[0] != PROBE_BATCH:  # windows or heads folded into the batch
@@ -364,7 +363,7 @@ def _token_shape(shapes, sizes, inputs: list[_Grid], order: int) -> tuple[NodeSh
             prefix = prefixes.pop()
             if prefixes or not 0 <= prefix <= _MAX_PREFIX_TOKENS:
                 continue
-            rank = (prefix, grid.source is None, -grid.order, dim)
+            rank = (prefix, -grid.order, dim)
             if best is None or rank < best[0]:
                 best = (rank, dim, grid, prefix)
     if best is not None:
@@ -372,33 +371,7 @@ def _token_shape(shapes, sizes, inputs: list[_Grid], order: int) -> tuple[NodeSh
         token_grid = TokenGrid(prefix, grid.sizes[0], grid.source, grid.dims)
         return (NodeShape(shape[1:], _TOKEN_FORMATS[dim], grid.reduction, token_grid),
                 _Grid(grid.source, grid.dims, grid.sizes, grid.reduction, prefix, order))
-    if inputs or len(dims) != 1 and varying is not None:
-        return NodeShape(shape[1:]), None
-    found = _token_reduction(sizes, [s[dims[0]] for s in shapes]) if dims else None
-    if found is None:
-        return NodeShape(shape[1:]), None
-    reduction, prefix = found
-    grid_sizes = tuple((-(-h // reduction), -(-w // reduction)) for h, w in sizes)
-    token_grid = TokenGrid(prefix, grid_sizes[0])
-    return (NodeShape(shape[1:], _TOKEN_FORMATS[dims[0]], reduction, token_grid),
-            _Grid(None, (2, 3), grid_sizes, reduction, prefix, order))
+    return NodeShape(shape[1:]), None
 
 
 _TOKEN_FORMATS = {1: "NLC", 2: "NCL"}
-
-
-def _token_reduction(sizes, lengths) -> tuple[int, int] | None:
-    """``(reduction, prefix)`` such that every probe's token count is a ``ceil(H / reduction) x
-    ceil(W / reduction)`` grid of at least 2x2 plus the same number of prefix tokens (a power of two)."""
-    height, width = sizes[0]
-    reduction = 1
-    while 2 * reduction <= min(height, width):
-        prefixes = {
-            length - math.ceil(h / reduction) * math.ceil(w / reduction)
-            for (h, w), length in zip(sizes, lengths)
-        }
-        prefix = prefixes.pop()
-        if not prefixes and 0 <= prefix <= _MAX_PREFIX_TOKENS:
-            return reduction, prefix
-        reduction *= 2
-    return None

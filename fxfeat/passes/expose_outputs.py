@@ -1,8 +1,8 @@
 """Pass: make the graph return the planned nodes (a list, a dict or one tensor), as ``NCHW`` maps if asked.
 
-Token sequences become maps with shape arithmetic read at run time (the batch and channel counts from the tokens,
-the grid from the map the tokens were flattened from, or from the input size), so the extractor follows the input
-size and exports with dynamic sizes.
+Token sequences become maps with sizes read at run time (the batch and channel counts from the tokens, the grid
+from the map the tokens were flattened from), so the extractor follows the input size and exports with dynamic
+sizes.
 """
 
 from __future__ import annotations
@@ -38,31 +38,20 @@ def expose_outputs(graph: fx.Graph, plan: ExtractionPlan) -> None:
     output_node.type = None  # the model's return annotation no longer describes what is returned
 
 
-def _grid_size(graph: fx.Graph, grid: TokenGrid, nodes: dict[str, fx.Node], reduction: int) -> tuple[fx.Node, ...]:
-    """Nodes computing the grid's height and width at run time, right after the tensor they are read from (so
-    that it is not kept alive for them)."""
-    if grid.source is not None:
-        source = nodes[grid.source]
-        with graph.inserting_after(source):
-            height = graph.call_method("size", (source, grid.source_dims[0]))
-        with graph.inserting_after(height):
-            width = graph.call_method("size", (source, grid.source_dims[1]))
-        return height, width
-    image = next(node for node in graph.nodes if node.op == "placeholder")
-    sizes = []
-    for dim in (2, 3):  # ceil(size / reduction)
-        with graph.inserting_after(image):
-            size = graph.call_method("size", (image, dim))
-        with graph.inserting_after(size):
-            padded = graph.call_function(operator.add, (size, reduction - 1))
-        with graph.inserting_after(padded):
-            sizes.append(graph.call_function(operator.floordiv, (padded, reduction)))
-    return tuple(sizes)
+def _grid_size(graph: fx.Graph, grid: TokenGrid, nodes: dict[str, fx.Node]) -> tuple[fx.Node, fx.Node]:
+    """Nodes reading the grid's height and width at run time from the map the tokens were flattened from, right
+    after it (so that the map is not kept alive for them)."""
+    source = nodes[grid.source]
+    with graph.inserting_after(source):
+        height = graph.call_method("size", (source, grid.source_dims[0]))
+    with graph.inserting_after(height):
+        width = graph.call_method("size", (source, grid.source_dims[1]))
+    return height, width
 
 
-def _tokens_to_map(graph, tokens: fx.Node, fmt: str, grid: TokenGrid, reduction: int, nodes, output_node) -> fx.Node:
+def _tokens_to_map(graph, tokens: fx.Node, fmt: str, grid: TokenGrid, nodes, output_node) -> fx.Node:
     """``NCHW`` map of a token sequence: prefix tokens dropped, the rest reshaped to the grid."""
-    height, width = _grid_size(graph, grid, nodes, reduction)
+    height, width = _grid_size(graph, grid, nodes)
     with graph.inserting_before(output_node):
         batch = graph.call_method("size", (tokens, 0))
         token_dim = 1 if fmt == "NLC" else 2

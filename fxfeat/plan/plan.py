@@ -54,8 +54,8 @@ class PlannedOutput:
         fmt: layout of the returned tensor.
         version: the node after which the value is read (``node`` itself, or an in-place write into it); a later
             write into the same tensor must not reach the output.
-        tokens: for a token sequence returned as an ``NCHW`` map, its layout (``"NLC"``/``"NCL"``), grid and
-            reduction: the prefix tokens are dropped and the rest reshaped to the grid.
+        tokens: for a token sequence returned as an ``NCHW`` map, its layout (``"NLC"``/``"NCL"``) and grid: the
+            prefix tokens are dropped and the rest reshaped to the grid.
         shape: per-sample shape of the returned tensor at the probe size.
     """
 
@@ -64,7 +64,7 @@ class PlannedOutput:
     permute: tuple[int, ...] | None
     fmt: str | None
     version: str | None = None
-    tokens: tuple[str, TokenGrid, int] | None = None
+    tokens: tuple[str, TokenGrid] | None = None
     shape: tuple[int, ...] = ()
 
 
@@ -352,7 +352,7 @@ def _penultimate_level(analysis: GraphAnalysis, mode: str) -> Level:
 def _output(level: Level, output_fmt: str) -> PlannedOutput:
     node, name = level.tensor or level.node, _output_name(level)
     if output_fmt == "NCHW" and level.grid is not None:
-        tokens = (level.fmt, level.grid, level.reduction)
+        tokens = (level.fmt, level.grid)
         return PlannedOutput(name, node, None, "NCHW", version=level.node, tokens=tokens,
                              shape=(level.channels, *level.grid.size))
     permute = _TO_NCHW.get(level.fmt) if output_fmt == "NCHW" else None
