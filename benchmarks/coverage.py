@@ -154,13 +154,22 @@ class _Pool:
 # Why fxfeat's automatic levels differ from timm's declared ones, by family, as analysed (docs/levels.md gives
 # the conventions). Rendered next to every remaining miss; a miss without an entry is flagged as not analysed.
 EXPLANATIONS = {
+    "coat": "multi-branch: CoaT's parallel blocks mix the four resolutions at every step, so no map between the "
+    "serial stages and the end lies on every path; levels off the dominator chain are issue 10",
+    "crossvit": "multi-branch: two token branches with different patch sizes exchange their class tokens at every "
+    "block, so no map lies on every path; levels off the dominator chain are issue 10",
     **dict.fromkeys(
-        ["coat", "efficientformer", "hiera", "levit", "mvitv2", "pit", "twins"],
-        "token model: (some of) its stages compute token sequences (N, L, C), not maps; token levels are issue 9",
+        ["gemma4_vit", "naflexvit", "tnt"],
+        "patches become tokens by reshaping the image (or TNT's inner pixel tokens), never through a map, so the "
+        "token order cannot be traced to a grid and the tokens are not levels (returning them as maps could be "
+        "wrong, see hiera)",
     ),
+    "hiera": "Hiera unrolls its map into tokens that are not in raster order (timm re-rolls them for its features); "
+    "fxfeat cannot trace the order to a grid, so the blocks' tokens are not levels: only the patch embedding is",
     **dict.fromkeys(
-        ["crossvit", "gemma4_vit", "naflexvit"],
-        "patches become tokens before any spatial map, so there is no map to find; token levels are issue 9",
+        ["csatv2", "sequencer", "volo"],
+        "timm declares several levels at one reduction in a hierarchical model (stages after the last "
+        "downsampling that are not one isotropic body); fxfeat returns one level per reduction",
     ),
     "efficientvim": "each stage downsamples at its end and returns its map before the downsampling beside the "
     "downsampled one; fxfeat takes the stage as the unit of that downsampling, so its level is the stage's input",
@@ -198,16 +207,15 @@ EXPLANATIONS = {
     ),
 }
 DECLARED_EXPLANATIONS = {
-    **dict.fromkeys(
-        ["coat", "hiera", "mvitv2", "twins"],
-        "the declared levels are token sequences, which timm reshapes to maps; fxfeat returns them as computed "
-        "(tokens as maps are issue 9)",
-    ),
+    "hiera": "the declared blocks return unrolled tokens, which timm re-rolls into maps; fxfeat cannot trace their "
+    "order to a grid, so it returns them as computed (`NLC`)",
+    "coat": "the declared `parallel_blocks` level is one call returning the four scales; fxfeat places it on one of "
+    "them, timm's wrapper reshapes each",
     "hrnet": "timm declares `stem`, `stage1`...`stage4`, but its `features_only` model returns the outputs of the "
     "classification head's `incre_modules`, which no declared module names",
 }
-ISOTROPIC = ("timm declares several levels at one reduction (the blocks of an isotropic or token model, some at "
-             "a patch size that is not a power of two); fxfeat finds one level per reduction: issue 9")
+ISOTROPIC = ("timm declares several levels at one reduction; fxfeat finds one level per reduction unless the "
+             "model is one isotropic body of blocks after its last downsampling")
 OUTPUT_STRIDE_EXPLANATIONS = {
     "byobnet": "timm's MobileOne blocks ignore the dilation in their training-time conv branches and drop the "
     "identity branch of dilated blocks; fxfeat dilates every kernel after the removed stride",

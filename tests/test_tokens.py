@@ -228,3 +228,17 @@ def test_heads_split_off_tokens_are_not_a_map():
     returned = next(node for node in traced.graph.nodes if node.op == "output").args[0]
     output = analysis.shapes[returned.name]
     assert (output.fmt, output.reduction, output.grid.size, output.grid.prefix) == ("NLC", 4, (12, 12), 0)
+
+
+def test_token_extractor_exports_with_dynamic_sizes():
+    # The reshape reads the grid with size() calls, so torch.export keeps height and width symbolic.
+    model = _TinyViT().eval()
+    extractor = fxfeat.compile(model, out_indices=(0, 2), input_size=(3, 64, 64)).eval()
+    height, width = torch.export.Dim("height", min=2, max=64), torch.export.Dim("width", min=2, max=64)
+    program = torch.export.export(extractor, (torch.randn(2, 3, 64, 96),),
+                                  dynamic_shapes=({2: 8 * height, 3: 8 * width},))
+    x = torch.randn(2, 3, 72, 128)
+    with torch.no_grad():
+        for exported, eager in zip(program.module()(x), extractor(x)):
+            assert exported.shape == eager.shape == (2, 32, 9, 16)
+            torch.testing.assert_close(exported, eager)

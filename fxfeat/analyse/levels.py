@@ -111,6 +111,7 @@ class LevelSearch:
         stride_changes: where the reduction grows along the dominator chain.
         trunk: keys of the module calls enclosing the stages, outermost first (empty: the model itself).
         candidates: for each reduction, every feature map of the chain at it that a module returns.
+        isotropic: the levels are the blocks of an isotropic body (rule 6).
     """
 
     levels: tuple[Level, ...]
@@ -188,6 +189,13 @@ class _Structure:
             for key in traced.node_calls.get(name, ()):
                 first, _ = self.span.get(key, (i, i))
                 self.span[key] = (first, i)
+        self.path_spans: dict[str, tuple[int, int]] = {}
+        for key, (first, last) in self.span.items():
+            parts = traced.calls[key].path.split(".")
+            for depth in range(1, len(parts) + 1):
+                prefix = ".".join(parts[:depth])
+                old = self.path_spans.get(prefix, (first, last))
+                self.path_spans[prefix] = (min(old[0], first), max(old[1], last))
         self.nodes = traced.nodes
         self.versions = versions
         self._returned: dict[str, bool] = {}
@@ -309,15 +317,7 @@ class _Structure:
 
     def path_span(self, path: str) -> tuple[int, int] | None:
         """First and last chain positions inside module ``path``, called or not (a ``ModuleList`` is not)."""
-        if not hasattr(self, "_path_spans"):
-            self._path_spans: dict[str, tuple[int, int]] = {}
-            for key, (first, last) in self.span.items():
-                parts = self.traced.calls[key].path.split(".")
-                for depth in range(1, len(parts) + 1):
-                    prefix = ".".join(parts[:depth])
-                    old = self._path_spans.get(prefix, (first, last))
-                    self._path_spans[prefix] = (min(old[0], first), max(old[1], last))
-        return self._path_spans.get(path)
+        return self.path_spans.get(path)
 
     def block_run(self, after: int, reduction: int) -> list[str]:
         """The isotropic body of the model, if it has one (rule 6): the outputs of the repeated children of one
@@ -336,12 +336,12 @@ class _Structure:
                     continue
                 if self.span[key][1] == i:
                     runs[parent].setdefault(name, key)
-        maps = [i for i in range(after + 1, len(self.chain)) if self.is_candidate(self.chain[i], reduction)]
+        outputs = [i for i in range(after + 1, len(self.chain)) if self.is_candidate(self.chain[i], reduction)]
         best: list[str] = []
         for parent, members in runs.items():
-            inside = sum(1 for i in maps if any(self.span[key][0] <= i <= self.span[key][1]
-                                                 for key in members.values()))
-            if (len(members) >= 2 and len(members) > len(best) and 2 * inside > len(maps)
+            inside = sum(1 for i in outputs if any(self.span[key][0] <= i <= self.span[key][1]
+                                                    for key in members.values()))
+            if (len(members) >= 2 and len(members) > len(best) and 2 * inside > len(outputs)
                     and not self.is_stage_among_stages(parent, reduction)):
                 best = list(members)
         return best

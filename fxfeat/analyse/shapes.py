@@ -2,9 +2,13 @@
 
 The graph is run twice with ``torch.fx``'s ``ShapeProp``: at the probe size and at a second, non-square size.
 A dimension that changes with the input size is spatial, one that does not is batch or channels. That tells
-``NCHW`` from ``NHWC`` maps (and ``NLC`` tokens) without reading any dimension blindly, and it tells a real
-feature map from a fixed-size one (the 7x7 output of an adaptive pooling is not a feature map). Models that
-only accept their native size fall back to one probe and a rule on equal dimensions.
+``NCHW`` from ``NHWC`` maps without reading any dimension blindly, and it tells a real feature map from a
+fixed-size one (the 7x7 output of an adaptive pooling is not a feature map). Models that only accept their native
+size fall back to one probe and a rule on equal dimensions.
+
+Token sequences (``NLC``/``NCL``) take their grid from the data: the map they were flattened from, or the token
+sequence (or the attention heads split from one) they were computed from, with the class, distillation or
+register tokens in front counted as a *prefix*. Tokens whose grid cannot be traced to a map are not spatial.
 
 Probes run on the ``meta`` device (shapes without arithmetic; shape-preserving ops such as normalisations and
 activations pass their input through) and fall back to real tensors when an op has no meta implementation or
@@ -82,10 +86,6 @@ class NodeShape:
     @property
     def is_map(self) -> bool:
         return self.fmt in ("NCHW", "NHWC")
-
-    @property
-    def is_tokens(self) -> bool:
-        return self.fmt in ("NLC", "NCL")
 
     @property
     def is_spatial(self) -> bool:
@@ -241,37 +241,13 @@ def propagate_shapes(graph_module: fx.GraphModule, input_size: tuple[int, int, i
         second = None
     sizes = ((height, width), (other_height, other_width)) if second is not None else ((height, width),)
     probes = [first] if second is None else [first, second]
-    grids: dict[str, _Grid] = {}
-    carriers: dict[str, _Grid] = {}  # token sequences, and tensors keeping their token count whole: the grid
-    image = next((node.name for node in graph_module.graph.nodes if node.op == "placeholder"), None)
-    from_image = {image}  # nodes computed from the input (a position table or bias is no map, whatever its shape)
+    tracker = _GridTracker(graph_module.graph, sizes, one_probe=second is None)
     result = {}
-    for order, node in enumerate(graph_module.graph.nodes):
-        if any(arg.name in from_image for arg in node.all_input_nodes):
-            from_image.add(node.name)
-        carried = [carriers[arg.name] for arg in node.all_input_nodes if arg.name in carriers]
-        if node.name not in first:  # a tuple of tensors (``unbind``, ``chunk``) passes the count on, a size does not
-            if carried and not node.meta.get(NO_TENSOR):
-                carriers[node.name] = max(carried, key=lambda grid: grid.order)
-            continue
-        shapes = tuple(probe.get(node.name) for probe in probes)
-        shape = NodeShape(shapes[0][1:])
-        kept = [grid for grid in carried if grid.count in shape.shape]
-        if kept:  # keeps a token count whole: heads or channels split off the tokens, not a grid of them
-            carriers[node.name] = max(kept, key=lambda grid: grid.order)
-        if node.name in from_image and None not in shapes and all(len(o) == len(shapes[0]) for o in shapes):
-            if len(shapes[0]) == 4 and (second is not None or node.name not in carriers):
-                shape = _map_shape(shapes, sizes)
-                if shape.is_map:
-                    dims = _MAP_DIMS[shape.fmt]
-                    grids[node.name] = _Grid(node.name, dims, tuple((s[dims[0]], s[dims[1]]) for s in shapes),
-                                             shape.reduction, 0, order)
-            elif len(shapes[0]) == 3:
-                inputs = [grids.get(arg.name) or carriers.get(arg.name) for arg in node.all_input_nodes]
-                shape, grid = _token_shape(shapes, sizes, [grid for grid in inputs if grid is not None], order)
-                if grid is not None:
-                    grids[node.name] = carriers[node.name] = grid
-        result[node.name] = shape
+    for node in graph_module.graph.nodes:
+        shapes = tuple(probe.get(node.name) for probe in probes) if node.name in first else None
+        shape = tracker.classify(node, shapes)
+        if shape is not None:
+            result[node.name] = shape
     return result
 
 
@@ -341,6 +317,50 @@ class _Grid:
         """Tokens (grid and prefix) at the first probe."""
         (height, width) = self.sizes[0]
         return height * width + self.prefix
+
+
+class _GridTracker:
+    """Follows grids through the graph in order: the maps (and their grids), the token sequences with theirs, and
+    the tensors that keep a token count whole (attention heads split off the tokens: not maps, whatever their
+    shape). Only values computed from the input count (a position table or bias is no map, whatever its shape)."""
+
+    def __init__(self, graph: fx.Graph, sizes, one_probe: bool):
+        self.sizes, self.one_probe = sizes, one_probe
+        self.grids: dict[str, _Grid] = {}  # maps and token sequences
+        self.carriers: dict[str, _Grid] = {}  # token sequences and the tensors keeping their count whole
+        image = next((node.name for node in graph.nodes if node.op == "placeholder"), None)
+        self.from_image = {image}
+        self.order = 0
+
+    def classify(self, node: fx.Node, shapes: tuple[tuple[int, ...] | None, ...] | None) -> NodeShape | None:
+        """The shape of ``node`` from its shapes at each probe (``None``: its value is no tensor), after recording
+        what it inherits from its inputs."""
+        self.order += 1
+        if any(arg.name in self.from_image for arg in node.all_input_nodes):
+            self.from_image.add(node.name)
+        carried = [self.carriers[arg.name] for arg in node.all_input_nodes if arg.name in self.carriers]
+        if shapes is None:  # a tuple of tensors (unbind, chunk) passes a token count on; a size does not
+            if carried and not node.meta.get(NO_TENSOR):
+                self.carriers[node.name] = max(carried, key=lambda grid: grid.order)
+            return None
+        shape = NodeShape(shapes[0][1:])
+        kept = [grid for grid in carried if grid.count in shape.shape]
+        if kept:
+            self.carriers[node.name] = max(kept, key=lambda grid: grid.order)
+        if node.name not in self.from_image or None in shapes or any(len(s) != len(shapes[0]) for s in shapes):
+            return shape
+        if len(shapes[0]) == 4 and not (self.one_probe and node.name in self.carriers):
+            shape = _map_shape(shapes, self.sizes)
+            if shape.is_map:
+                dims = _MAP_DIMS[shape.fmt]
+                grids = tuple((s[dims[0]], s[dims[1]]) for s in shapes)
+                self.grids[node.name] = _Grid(node.name, dims, grids, shape.reduction, 0, self.order)
+        elif len(shapes[0]) == 3:
+            inputs = [self.grids.get(arg.name) or self.carriers.get(arg.name) for arg in node.all_input_nodes]
+            shape, grid = _token_shape(shapes, self.sizes, [grid for grid in inputs if grid is not None], self.order)
+            if grid is not None:
+                self.grids[node.name] = self.carriers[node.name] = grid
+        return shape
 
 
 def _token_shape(shapes, sizes, inputs: list[_Grid], order: int) -> tuple[NodeShape, _Grid | None]:
