@@ -22,6 +22,7 @@ ISOTROPIC = [
     ("vit_tiny_patch16_224", 224, {}, (2, 5, 11), None, 1),
     ("deit_tiny_distilled_patch16_224", 224, {}, (0, 6, 11), None, 2),  # class and distillation tokens
     ("xcit_nano_12_p16_224", 224, {}, (1, 5, 11), (160, 288), 0),  # any multiple of 16; class token added later
+    ("vit_tiny_patch16_224", 224, dict(dynamic_img_size=True), (9, 10, 11), (160, 256), 1),  # resampled positions
 ]
 ISOTROPIC_ZOO = [
     ("vit_small_patch14_reg4_dinov2", 224, dict(img_size=224), (3, 7, 11), None, 5),  # 4 registers, patch 14
