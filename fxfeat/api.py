@@ -84,7 +84,7 @@ def compile(
         input_size=input_size, output_fmt=output_fmt, return_dict=return_dict, num_classes=num_classes,
     )
     with evaluation_mode(model):
-        traced = trace_model(model)
+        traced = trace_model(model, example_size=request.input_size)
         analysis = analyse(traced, request.input_size)
     plan = make_plan(analysis, request)
     graph = run_passes(
@@ -223,7 +223,7 @@ def inspect(
     """
     request = make_request(model, levels=levels, input_size=input_size)
     with evaluation_mode(model):
-        traced = trace_model(model)
+        traced = trace_model(model, example_size=request.input_size)
         analysis = analyse(traced, request.input_size)
     plan = make_plan(analysis, request)
     reports = tuple(

@@ -28,6 +28,7 @@ __all__ = [
     "HeadNotFoundError",
     "OutputStrideError",
     "RewriteError",
+    "InputShapeError",
 ]
 
 
@@ -103,6 +104,10 @@ class OutputStrideError(FxFeatError, ValueError):
 
 class RewriteError(FxFeatError, RuntimeError):
     """A rewrite pass failed; the message names the pass."""
+
+
+class InputShapeError(FxFeatError, ValueError):
+    """An extractor traced through Python that depends on the input's shape was called with another shape."""
 
 
 class FxFeatWarning(UserWarning):

@@ -22,9 +22,9 @@ the layers of a VGG stage); plain containers (``nn.Sequential``...) count, as st
    layer the trunk holds once (ReXNet's 1x1 conv, DPN's closing norm) or a layer after the trunk (EfficientNet's
    ``conv_head``, a final norm) is head, not a level; DenseNet's ``norm5`` repeats ``norm0``, so it is one.
 
-6. **An isotropic body** replaces all of that: when, after the last change, the repeated children of one module
-   (a ViT's ``blocks``) each return a map or token grid at the final reduction, hold most of the module outputs
-   after the change, and are not one stage among stages, every block's output is a level.
+6. **An isotropic body** replaces all of that: when, after the last change's unit, the repeated children of one
+   module (a ViT's ``blocks``) each return a map or token grid at the final reduction, hold most of the module
+   outputs after that unit, and are not one stage among stages, every block's output is a level.
 
 A "map" here is a feature map or a token sequence on a grid of the input (:mod:`fxfeat.analyse.shapes`).
 Levels are module outputs (``feature_info['module']`` names the outermost call returning the level that holds
@@ -321,7 +321,7 @@ class _Structure:
 
     def block_run(self, after: int, reduction: int) -> list[str]:
         """The isotropic body of the model, if it has one (rule 6): the outputs of the repeated children of one
-        module that lies wholly after chain position ``after`` (the last stride change), each a map or token
+        module that lies wholly after chain position ``after`` (the end of the last change's unit), each a map or token
         grid at ``reduction``. The longest such run is the body if it has at least two members, holds most of
         the module outputs the chain computes after the last change (not a pair of layers in a final block), and its
         module is not one stage among stages (:meth:`is_stage_among_stages`). Empty: no isotropic body."""
@@ -426,7 +426,10 @@ def find_levels(
                      if structure.is_map(chain[i], running) and structure.is_returned(chain[i])), None)
     if last is not None and last not in levels:
         levels.append(last)
-    body = structure.block_run(structure.change_positions[-1], running) if changes else []
+    body = []
+    if changes:  # the body starts after the unit of the last change (the patch embedding): rule 6
+        unit = changes[-1].unit
+        body = structure.block_run(structure.span[unit][1] if unit else structure.change_positions[-1], running)
     if body:  # an isotropic body: its blocks are the levels at the final reduction
         levels = body
 

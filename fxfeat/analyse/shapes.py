@@ -39,11 +39,11 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from fxfeat.errors import ShapePropagationError
 from fxfeat.trace import describe_node
+from fxfeat.trace.metadata import NO_TENSOR
 
 __all__ = ["NodeShape", "TokenGrid", "propagate_shapes", "second_probe_size", "reduction_of"]
 
 PROBE_BATCH = 2
-NO_TENSOR = "fxfeat_no_tensor"  # node.meta key: the probe found no tensor in the node's value
 _MAX_PREFIX_TOKENS = 16
 
 

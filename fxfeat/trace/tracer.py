@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import sys
@@ -27,10 +28,12 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 from torch import nn
 
 from fxfeat.errors import FxFeatWarning, InvalidModelError, TraceFailedError
+from fxfeat.trace.values import EXAMPLE_BATCH, ValueTracer, check_input_shape
 
 __all__ = ["ModuleCall", "TracedModel", "describe_node", "evaluation_mode", "trace_model"]
 
@@ -205,34 +208,32 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
             module.training = flag
 
 
-def trace_model(model: nn.Module, max_opaque: int = 64) -> TracedModel:
+def trace_model(
+    model: nn.Module, max_opaque: int = 64, example_size: tuple[int, int, int] | None = None
+) -> TracedModel:
     """Trace ``model`` (which should already be in eval mode) into a :class:`TracedModel`.
 
-    A submodule that cannot be traced through is made opaque, innermost first, together with every other
-    instance of its class (they fail the same way, and each failure costs a new trace); each one is reported
+    Plain ``torch.fx`` tracing is tried first. If it fails, the model is traced again with proxies that carry
+    their values on an example batch of ``example_size`` (C, H, W; default 3x224x224), so that Python depending
+    only on shapes is evaluated (:mod:`fxfeat.trace.values`); if that Python depends on the input's batch or
+    spatial size, the graph is only valid for the example's and starts with a check that says so. A submodule
+    that still cannot be traced (data-dependent control flow) is made opaque, innermost first, together with every
+    other instance of its class (they fail the same way, and each failure costs a new trace); each one is reported
     with an :class:`~fxfeat.errors.FxFeatWarning`.
 
     Raises:
         TraceFailedError: the model's own ``forward`` cannot be traced.
     """
     leaf_types, autowrap_functions = _library_notrace_hints()
-    opaque_types: dict[type, str] = {}  # class -> why its first instance failed
-    failed_paths: list[str] = []
-    first_failure: tuple[str, BaseException] | None = None
-    while True:
-        tracer = _RecordingTracer(set(opaque_types), leaf_types, autowrap_functions)
-        try:
-            graph = tracer.trace(model, concrete_args=_default_arguments(model))
-            break
-        except Exception as error:
-            path = getattr(error, "_fxfeat_module", "")
-            if first_failure is None:
-                first_failure = (path, error)
-            kind = type(model.get_submodule(path)) if path else None
-            if kind is None or kind in opaque_types or len(opaque_types) >= max_opaque:
-                raise _trace_failure(model, path, error, first_failure, failed_paths) from error
-            opaque_types[kind] = f"{type(error).__name__}: {error}".splitlines()[0]
-            failed_paths.append(path)
+    root = _traceable_root(model)
+    try:
+        tracer = _RecordingTracer(set(), leaf_types, autowrap_functions)
+        graph = tracer.trace(root, concrete_args=_default_arguments(root))
+        opaque_types: dict[type, str] = {}
+    except Exception:
+        example = _example_batch(model, example_size or (3, 224, 224))
+        tracer, graph, opaque_types = _trace_with_values(root, max_opaque, leaf_types, autowrap_functions, example)
+        _guard_shape_decisions(root, graph, tracer, example, leaf_types, autowrap_functions, set(opaque_types))
     opaque = {call.path: opaque_types[call.module_type] for call in tracer.calls.values()
               if call.is_leaf and call.module_type in opaque_types}
     for kind, reason in opaque_types.items():
@@ -251,6 +252,81 @@ def trace_model(model: nn.Module, max_opaque: int = 64) -> TracedModel:
         node.name: tuple(node.meta.get("nn_module_stack", {}).keys()) for node in graph_module.graph.nodes
     }
     return TracedModel(model, graph_module, tracer.calls, node_calls, opaque)
+
+
+def _traceable_root(model: nn.Module) -> nn.Module:
+    """What to trace for ``model``: itself, or, when its ``forward`` is wrapped by a decorator (the wrapper takes
+    ``*args, **kwargs``, which torch.fx cannot map onto the wrapped signature), a shallow copy whose ``forward``
+    passes the image alone to the wrapped one, as a caller does. The copy shares every submodule and tensor."""
+    forward = type(model).forward
+    if not hasattr(forward, "__wrapped__"):
+        return model
+
+    def entry(self, image):
+        return forward(self, image)
+
+    root = copy.copy(model)
+    namespace = {"forward": entry, "__module__": type(model).__module__}
+    root.__class__ = type(type(model).__name__, (type(model),), namespace)
+    return root
+
+
+class _ValueRecordingTracer(ValueTracer, _RecordingTracer):
+    """Records module calls, with proxies that carry their values."""
+
+
+def _example_batch(model: nn.Module, size: tuple[int, int, int], batch: int = EXAMPLE_BATCH) -> torch.Tensor:
+    reference = next(iter(model.parameters()), None)
+    floating = reference is not None and reference.is_floating_point()
+    return torch.randn(batch, *size, dtype=reference.dtype if floating else torch.float32,
+                       device=reference.device if reference is not None else "cpu")
+
+
+def _trace_with_values(model, max_opaque, leaf_types, autowrap_functions, example):
+    """Shape-aware tracing, making submodules opaque while a failure lies inside one."""
+    opaque_types: dict[type, str] = {}  # class -> why its first instance failed
+    failed_paths: list[str] = []
+    first_failure: tuple[str, BaseException] | None = None
+    while True:
+        tracer = _ValueRecordingTracer(set(opaque_types), leaf_types, autowrap_functions, example=example)
+        try:
+            graph = tracer.trace(model, concrete_args=_default_arguments(model))
+            return tracer, graph, opaque_types
+        except Exception as error:
+            path = getattr(error, "_fxfeat_module", "")
+            if first_failure is None:
+                first_failure = (path, error)
+            kind = type(model.get_submodule(path)) if path else None
+            if kind is None or kind in opaque_types or len(opaque_types) >= max_opaque:
+                raise _trace_failure(model, path, error, first_failure, failed_paths) from error
+            opaque_types[kind] = f"{type(error).__name__}: {error}".splitlines()[0]
+            failed_paths.append(path)
+
+
+def _guard_shape_decisions(model, graph, tracer, example, leaf_types, autowrap_functions, opaque_types) -> None:
+    """Trace again with another batch size and another input size; where the Python decisions differ, the graph
+    holds the example's shape, so it starts with a check of the input's shape (``check_input_shape``)."""
+    if not tracer.decisions:
+        return
+    channels, height, width = example.shape[1:]
+    guarded = {}
+    variants = {"batch": (example.shape[0] + 1, height, width), "size": (example.shape[0], height + 32, width + 64)}
+    for what, (batch, other_height, other_width) in variants.items():
+        other = _example_batch(model, (channels, other_height, other_width), batch=batch)
+        retrace = _ValueRecordingTracer(opaque_types, leaf_types, autowrap_functions, example=other)
+        try:
+            retrace.trace(model, concrete_args=_default_arguments(model))
+            same = [(d.kind, d.value) for d in retrace.decisions] == [(d.kind, d.value) for d in tracer.decisions]
+        except Exception:
+            same = False
+        if not same:
+            guarded[what] = example.shape[0] if what == "batch" else (height, width)
+    if not guarded:
+        return
+    image = next(node for node in graph.nodes if node.op == "placeholder")
+    with graph.inserting_after(image):
+        check = graph.call_function(check_input_shape, (image, guarded.get("batch"), guarded.get("size")))
+    image.replace_all_uses_with(check, delete_user_cb=lambda user: user is not check)
 
 
 def _default_arguments(model: nn.Module) -> dict[str, object] | None:
@@ -273,7 +349,7 @@ def _default_arguments(model: nn.Module) -> dict[str, object] | None:
 def _check_single_input(model: nn.Module, graph: fx.Graph) -> None:
     """The model must run on one image batch: every input after the first needs a default value."""
     inputs = [node for node in graph.nodes if node.op == "placeholder"]
-    required = [node.target for node in inputs[1:] if not node.args]
+    required = [node.target for node in inputs[1:] if not node.args and not str(node.target).startswith("*")]
     if required or not inputs:
         names = ", ".join(node.target for node in inputs)
         needs = f"needs {1 + len(required)} inputs ({', '.join(required)} without a default)" if inputs else \

@@ -1,0 +1,216 @@
+"""Shape-aware tracing: proxies that know the value they stand for on an example input.
+
+Plain ``torch.fx`` tracing fails on Python that looks at sizes: ``if x.shape[1] != 3``, ``int(math.sqrt(n))``,
+``for i in range(x.shape[1] // k)``, ``h, w = x.shape[-2:]`` passed on to Python code, ``len(x.shape)``. The
+:class:`ValueTracer` runs every traced op on an example batch as it records it, so each proxy carries its value,
+and Python that needs a concrete bool, int, float, length or iteration gets it from that value. Each such
+*decision* is recorded. Arithmetic on sizes that stays in tensor ops (``x.view(b, -1, c)`` with ``b, c`` read
+from ``x.shape``) is still recorded as graph nodes and follows the input at run time.
+
+A decision on a value computed from tensor *data* (``if x.sum() > 0``, ``int(t.item())``) is data-dependent: it
+raises ``TraceError`` as plain tracing does, so the submodule holding it is made opaque.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> class Picky(nn.Module):
+    ...     def forward(self, x):
+    ...         if x.shape[1] != 3:
+    ...             raise ValueError("RGB only")
+    ...         return x.flatten(2).mean(-1)
+    >>> tracer = ValueTracer(example=torch.randn(2, 3, 8, 8))
+    >>> graph = tracer.trace(Picky())
+    >>> [(decision.kind, decision.value) for decision in tracer.decisions]
+    [('bool', False)]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx.proxy import Attribute, TraceError
+
+from fxfeat.trace.metadata import data_inputs
+
+__all__ = ["EXAMPLE_BATCH", "Decision", "ValueTracer", "check_input_shape"]
+
+_UNKNOWN = object()  # the value of a node that could not be computed
+# torch.fx patches these while it traces, so that module calls become graph nodes; computing a value must call
+# the modules for real.
+_MODULE_CALL, _MODULE_GETATTR = torch.nn.Module.__call__, torch.nn.Module.__getattr__
+EXAMPLE_BATCH = 2  # as the shape probes: a batch of one would hide which dimension is the batch
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One place where traced Python needed a concrete value.
+
+    Attributes:
+        node: the node whose value was used.
+        kind: what Python asked for: ``"bool"``, ``"int"``, ``"index"``, ``"float"``, ``"len"`` or ``"iter"``.
+        value: the answer, at the example input.
+    """
+
+    node: str
+    kind: str
+    value: Any
+
+
+class _Concrete:
+    """The conversions Python applies to a value, answered from the traced value."""
+
+    def __len__(self) -> int:
+        value = self.tracer.decide(self, "len")
+        return len(value)
+
+    def __int__(self) -> int:
+        return int(self.tracer.decide(self, "int"))
+
+    def __index__(self) -> int:
+        return operator.index(self.tracer.decide(self, "index"))
+
+    def __float__(self) -> float:
+        return float(self.tracer.decide(self, "float"))
+
+    def __getattr__(self, name: str) -> _ValueAttribute:
+        return _ValueAttribute(self, name)
+
+
+class _ValueProxy(_Concrete, fx.Proxy):
+    pass
+
+
+class _ValueAttribute(_Concrete, Attribute):
+    pass
+
+
+def check_input_shape(x: torch.Tensor, batch: int | None, size: tuple[int, int] | None) -> torch.Tensor:
+    """Raise if ``x`` is not of the batch size and spatial size a shape-specialised graph was traced for."""
+    from fxfeat.errors import InputShapeError
+
+    wrong_batch = batch is not None and x.shape[0] != batch
+    wrong_size = size is not None and tuple(x.shape[-2:]) != tuple(size)
+    if wrong_batch or wrong_size:
+        expected = [f"batch size {batch}"] if batch is not None else []
+        expected += [f"height x width {size[0]}x{size[1]}"] if size is not None else []
+        raise InputShapeError(
+            f"this extractor was traced through Python code that depends on the input's shape, and is valid only "
+            f"for inputs with {' and '.join(expected)}; got an input of shape {tuple(x.shape)}.",
+            hint="compile again with input_size=(C, H, W) of your inputs (and a batch of that size), or remove "
+            "the shape-dependent Python from the model's forward.",
+        )
+    return x
+
+
+@contextlib.contextmanager
+def _real_module_calls() -> Iterator[None]:
+    """Module calls and attribute reads as outside tracing, for the duration."""
+    patched = torch.nn.Module.__call__, torch.nn.Module.__getattr__
+    torch.nn.Module.__call__, torch.nn.Module.__getattr__ = _MODULE_CALL, _MODULE_GETATTR
+    try:
+        yield
+    finally:
+        torch.nn.Module.__call__, torch.nn.Module.__getattr__ = patched
+
+
+class ValueTracer(fx.Tracer):
+    """An ``fx.Tracer`` whose proxies carry their values on ``example`` (see the module docstring).
+
+    Attributes:
+        decisions: every concrete value traced Python asked for, in order.
+    """
+
+    def __init__(self, *args, example: torch.Tensor, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.example = example
+        self.values: dict[fx.Node, Any] = {}
+        self.data_derived: set[fx.Node] = set()
+        self.decisions: list[Decision] = []
+        self._placeholders = 0
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ValueProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        node = proxy.node
+        self.values[node] = self._evaluate(kind, target, args, kwargs)
+        if any(self._carries_data(argument) for argument in data_inputs(node)):
+            self.data_derived.add(node)
+        return proxy
+
+    def _carries_data(self, node: fx.Node) -> bool:
+        return node in self.data_derived or isinstance(self.values.get(node), torch.Tensor)
+
+    def _value_of(self, item: Any) -> Any:
+        if isinstance(item, Attribute) and item._node is None:
+            owner = self._value_of(item.root)
+            return _UNKNOWN if owner is _UNKNOWN else getattr(owner, item.attr, _UNKNOWN)
+        if isinstance(item, fx.Proxy):
+            return self.values.get(item.node, _UNKNOWN)
+        return item
+
+    def _evaluate(self, kind: str, target, args, kwargs) -> Any:
+        """The value of a new node, computed from its arguments' values (``_UNKNOWN`` if that fails)."""
+        if kind == "placeholder":
+            self._placeholders += 1
+            if str(target).startswith("**"):
+                return {}  # **kwargs: a caller passing only the image passes none
+            if str(target).startswith("*"):
+                return ()
+            return self.example if self._placeholders == 1 else _UNKNOWN
+        if kind == "output":
+            return _UNKNOWN
+        values = fx.node.map_aggregate((args, kwargs), self._value_of)
+        unknown = []
+        fx.node.map_aggregate(values, lambda item: unknown.append(item) if item is _UNKNOWN else None)
+        if unknown:
+            return _UNKNOWN
+        (args, kwargs) = values
+        try:
+            with torch.no_grad(), _real_module_calls():
+                if kind == "get_attr":
+                    value = operator.attrgetter(target)(self.root)
+                    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+                if kind == "call_function":
+                    return target(*args, **kwargs)
+                if kind == "call_method":
+                    return getattr(args[0], target)(*args[1:], **kwargs)
+                if kind == "call_module":
+                    return self.root.get_submodule(target)(*args, **kwargs)
+        except Exception:
+            return _UNKNOWN
+        return _UNKNOWN
+
+    def decide(self, proxy: fx.Proxy, kind: str) -> Any:
+        """The concrete value Python asks ``proxy`` for, recorded as a decision.
+
+        Raises:
+            TraceError: the value depends on tensor data, or could not be computed.
+        """
+        node = proxy.node
+        value = self.values.get(node, _UNKNOWN)
+        tensor = isinstance(value, torch.Tensor)
+        if value is _UNKNOWN or node in self.data_derived or (tensor and kind not in ("len", "iter")):
+            raise TraceError(
+                f"{kind}() of {node.format_node()} depends on tensor values (data-dependent control flow)"
+                if value is not _UNKNOWN else f"{kind}() of {node.format_node()}: its value could not be computed"
+            )
+        self.decisions.append(Decision(node.name, kind, tuple(value.shape) if tensor else value))
+        return value
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return bool(self.decide(obj, "bool"))
+
+    def iter(self, obj: fx.Proxy):
+        value = self.decide(obj, "iter")
+        return iter([obj[i] for i in range(len(value))])
+
+    def keys(self, obj: fx.Proxy):
+        return list(self.decide(obj, "keys").keys())
