@@ -114,22 +114,34 @@ def _write_tensors(traced: TracedModel, aliases: Aliases, shapes: dict[str, Node
     return {write: read for write, read in tensors.items() if write not in read_directly}
 
 
-def _level_chain(dataflow: DataFlow, chain: tuple[str, ...], shapes: dict[str, NodeShape]) -> tuple[str, ...]:
+def _level_chain(traced: TracedModel, dataflow: DataFlow, chain: tuple[str, ...], shapes: dict[str, NodeShape]
+                 ) -> tuple[str, ...]:
     """The chain the levels are found on: the output's dominator chain, unless the model computes a coarser map
     than any on it, which then rejoins finer ones (a decoder, a fusion head). The levels are then on the
-    dominator chain of the last map at the coarsest reduction: the encoder's pyramid."""
+    dominator chain of the last map at the coarsest reduction: the encoder's pyramid. A coarser map inside a
+    module call that returns only finer maps (an attention computing its keys and values on a coarser grid, as
+    in CvT) is that call's internal affair, not an encoder's output."""
+
+    def hidden(name: str, reduction: int) -> bool:
+        for key in traced.node_calls.get(name, ()):
+            returned = [shapes.get(output) for output in traced.calls[key].outputs] if key in traced.calls else []
+            returned = [shape for shape in returned if shape is not None and shape.is_spatial]
+            if returned and all(shape.reduction < reduction for shape in returned):
+                return True
+        return False
 
     def reduction(name: str) -> int:
         shape = shapes.get(name)
         feeds = dataflow.depends_on_input(name) and dataflow.feeds_output(name)
         return shape.reduction if shape is not None and shape.is_spatial and feeds else 0
 
-    deepest = max(map(reduction, shapes), default=0)
-    if deepest <= max(map(reduction, chain), default=0):
+    on_chain = max(map(reduction, chain), default=0)
+    coarser = [name for name in shapes if reduction(name) > on_chain and not hidden(name, reduction(name))]
+    if not coarser:
         return chain
-    sink = max((name for name in shapes if reduction(name) == deepest), key=dataflow.order.__getitem__,
-               default=None)
-    return dataflow.dominator_chain(sink) if sink is not None else chain
+    deepest = max(map(reduction, coarser))
+    sink = max((name for name in coarser if reduction(name) == deepest), key=dataflow.order.__getitem__)
+    return dataflow.dominator_chain(sink)
 
 
 def analyse(traced: TracedModel, input_size: tuple[int, int, int]) -> GraphAnalysis:
@@ -142,7 +154,7 @@ def analyse(traced: TracedModel, input_size: tuple[int, int, int]) -> GraphAnaly
     dataflow = DataFlow(traced.graph, aliases)
     chain = dataflow.dominator_chain()
     versions = returned_versions(traced, aliases)
-    search = find_levels(traced, _level_chain(dataflow, chain, shapes), shapes, versions, tensors)
+    search = find_levels(traced, _level_chain(traced, dataflow, chain, shapes), shapes, versions, tensors)
     return GraphAnalysis(
         traced=traced,
         input_size=tuple(input_size),

@@ -22,9 +22,10 @@ the layers of a VGG stage); plain containers (``nn.Sequential``...) count, as st
    layer the trunk holds once (ReXNet's 1x1 conv, DPN's closing norm) or a layer after the trunk (EfficientNet's
    ``conv_head``, a final norm) is head, not a level; DenseNet's ``norm5`` repeats ``norm0``, so it is one.
 
-6. **An isotropic body** replaces all of that: when, after the last change's unit, the repeated children of one
-   module (a ViT's ``blocks``) each return a map or token grid at the final reduction, hold most of the module
-   outputs after that unit, and are not one stage among stages, every block's output is a level.
+6. **An isotropic body** replaces all of that: when, after the last change, the repeated children of one module
+   (a ViT's ``blocks``) each return a map or token grid at the final reduction, hold most of the module outputs
+   after the change's stem (the patch embedding), and are not one stage among stages, every block's output is a
+   level.
 
 A "map" here is a feature map or a token sequence on a grid of the input (:mod:`fxfeat.analyse.shapes`).
 Levels are module outputs (``feature_info['module']`` names the outermost call returning the level that holds
@@ -319,26 +320,30 @@ class _Structure:
         """First and last chain positions inside module ``path``, called or not (a ``ModuleList`` is not)."""
         return self.path_spans.get(path)
 
-    def block_run(self, after: int, reduction: int) -> list[str]:
+    def block_run(self, change: int, reduction: int) -> list[str]:
         """The isotropic body of the model, if it has one (rule 6): the outputs of the repeated children of one
-        module that lies wholly after chain position ``after`` (the end of the last change's unit), each a map or token
-        grid at ``reduction``. The longest such run is the body if it has at least two members, holds most of
-        the module outputs the chain computes after the last change (not a pair of layers in a final block), and its
-        module is not one stage among stages (:meth:`is_stage_among_stages`). Empty: no isotropic body."""
+        module that lies wholly after chain position ``change`` (the last stride change), each a map or token grid
+        at ``reduction``. The longest such run is the body if it has at least two members, holds most of the
+        module outputs the chain computes after the change's stem (the calls holding the change that end before
+        the run's module: a patch embedding), and its module is not one stage among stages
+        (:meth:`is_stage_among_stages`). Empty: no isotropic body."""
         runs: dict[str, dict[str, str]] = defaultdict(dict)  # parent path -> {output node: child call}
-        for i in range(after + 1, len(self.chain)):
+        for i in range(change + 1, len(self.chain)):
             name = self.chain[i]
             if not self.is_candidate(name, reduction):
                 continue
             for key in self.stack(name):
                 parent = self.traced.calls[key].path.rpartition(".")[0]
-                if not parent or self.path_span(parent)[0] <= after or not self.is_repeated(key):
+                if not parent or self.path_span(parent)[0] <= change or not self.is_repeated(key):
                     continue
                 if self.span[key][1] == i:
                     runs[parent].setdefault(name, key)
-        outputs = [i for i in range(after + 1, len(self.chain)) if self.is_candidate(self.chain[i], reduction)]
         best: list[str] = []
         for parent, members in runs.items():
+            start = self.path_span(parent)[0]
+            stem_end = max((self.span[key][1] for key in self.stack(self.chain[change])
+                            if key in self.span and self.span[key][1] < start), default=change)
+            outputs = [i for i in range(stem_end + 1, len(self.chain)) if self.is_candidate(self.chain[i], reduction)]
             inside = sum(1 for i in outputs if any(self.span[key][0] <= i <= self.span[key][1]
                                                     for key in members.values()))
             if (len(members) >= 2 and len(members) > len(best) and 2 * inside > len(outputs)
@@ -426,10 +431,7 @@ def find_levels(
                      if structure.is_map(chain[i], running) and structure.is_returned(chain[i])), None)
     if last is not None and last not in levels:
         levels.append(last)
-    body = []
-    if changes:  # the body starts after the unit of the last change (the patch embedding): rule 6
-        unit = changes[-1].unit
-        body = structure.block_run(structure.span[unit][1] if unit else structure.change_positions[-1], running)
+    body = structure.block_run(structure.change_positions[-1], running) if changes else []
     if body:  # an isotropic body: its blocks are the levels at the final reduction
         levels = body
 

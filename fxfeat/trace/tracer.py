@@ -23,6 +23,7 @@ import contextlib
 import copy
 import functools
 import inspect
+import operator
 import sys
 import warnings
 from collections.abc import Iterator
@@ -228,11 +229,12 @@ def trace_model(
     root = _traceable_root(model)
     try:
         tracer = _RecordingTracer(set(), leaf_types, autowrap_functions)
-        graph = tracer.trace(root, concrete_args=_default_arguments(root))
+        graph, targets = _trace(tracer, root)
         opaque_types: dict[type, str] = {}
     except Exception:
         example = _example_batch(model, example_size or (3, 224, 224))
-        tracer, graph, opaque_types = _trace_with_values(root, max_opaque, leaf_types, autowrap_functions, example)
+        tracer, graph, targets, opaque_types = _trace_with_values(
+            root, max_opaque, leaf_types, autowrap_functions, example)
         _guard_shape_decisions(root, graph, tracer, example, leaf_types, autowrap_functions, set(opaque_types))
     opaque = {call.path: opaque_types[call.module_type] for call in tracer.calls.values()
               if call.is_leaf and call.module_type in opaque_types}
@@ -247,11 +249,50 @@ def trace_model(
             stacklevel=3,
         )
     _check_single_input(model, graph)
-    graph_module = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    graph_module = fx.GraphModule(targets, graph, type(model).__name__)
     node_calls = {
         node.name: tuple(node.meta.get("nn_module_stack", {}).keys()) for node in graph_module.graph.nodes
     }
     return TracedModel(model, graph_module, tracer.calls, node_calls, opaque)
+
+
+@contextlib.contextmanager
+def _undoing_module_writes(model: nn.Module) -> Iterator[None]:
+    """Undo, on exit, what tracing wrote into the modules' attributes and plain containers (a cache that stored a
+    proxy, a counter): the user's model is never changed, and a second trace starts from the same state."""
+    saved = []
+    for module in model.modules():
+        attributes = dict(module.__dict__)
+        contents = {key: copy.copy(value) for key, value in attributes.items()
+                    if type(value) in (dict, list, set) and key not in _MODULE_TABLES}
+        saved.append((module, attributes, contents))
+    try:
+        yield
+    finally:
+        for module, attributes, contents in saved:
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
+            for key, snapshot in contents.items():
+                container = attributes[key]
+                if isinstance(container, list):
+                    container[:] = snapshot
+                else:
+                    container.clear()
+                    container.update(snapshot)
+
+
+_MODULE_TABLES = {"_parameters", "_buffers", "_modules"}
+
+
+def _trace(tracer: fx.Tracer, root: nn.Module) -> tuple[fx.Graph, dict[str, object]]:
+    """Trace ``root``, then undo what tracing wrote into its modules (torch.fx itself stores the tensors the code
+    creates as ``_tensor_constant`` attributes of the root). Returns the graph and what its ``call_module`` and
+    ``get_attr`` targets name, constants included."""
+    with _undoing_module_writes(root):
+        graph = tracer.trace(root, concrete_args=_default_arguments(root))
+        targets = {node.target: operator.attrgetter(node.target)(root)
+                   for node in graph.nodes if node.op in ("call_module", "get_attr")}
+    return graph, targets
 
 
 def _traceable_root(model: nn.Module) -> nn.Module:
@@ -290,8 +331,8 @@ def _trace_with_values(model, max_opaque, leaf_types, autowrap_functions, exampl
     while True:
         tracer = _ValueRecordingTracer(set(opaque_types), leaf_types, autowrap_functions, example=example)
         try:
-            graph = tracer.trace(model, concrete_args=_default_arguments(model))
-            return tracer, graph, opaque_types
+            graph, targets = _trace(tracer, model)
+            return tracer, graph, targets, opaque_types
         except Exception as error:
             path = getattr(error, "_fxfeat_module", "")
             if first_failure is None:
@@ -315,7 +356,7 @@ def _guard_shape_decisions(model, graph, tracer, example, leaf_types, autowrap_f
         other = _example_batch(model, (channels, other_height, other_width), batch=batch)
         retrace = _ValueRecordingTracer(opaque_types, leaf_types, autowrap_functions, example=other)
         try:
-            retrace.trace(model, concrete_args=_default_arguments(model))
+            _trace(retrace, model)
             same = [(d.kind, d.value) for d in retrace.decisions] == [(d.kind, d.value) for d in tracer.decisions]
         except Exception:
             same = False

@@ -54,7 +54,7 @@ class Decision:
     Attributes:
         node: the node whose value was used.
         kind: what Python asked for: ``"bool"``, ``"int"``, ``"index"``, ``"float"``, ``"len"`` or ``"iter"``.
-        value: the answer, at the example input.
+        value: the answer at the example input (for ``len``, ``iter`` and ``keys``: the number of elements).
     """
 
     node: str
@@ -202,7 +202,9 @@ class ValueTracer(fx.Tracer):
                 f"{kind}() of {node.format_node()} depends on tensor values (data-dependent control flow)"
                 if value is not _UNKNOWN else f"{kind}() of {node.format_node()}: its value could not be computed"
             )
-        self.decisions.append(Decision(node.name, kind, tuple(value.shape) if tensor else value))
+        # Iterating decides how many elements there are, not what they are (each is a proxy of its own).
+        recorded = len(value) if kind in ("len", "iter", "keys") else value
+        self.decisions.append(Decision(node.name, kind, recorded))
         return value
 
     def to_bool(self, obj: fx.Proxy) -> bool:

@@ -1,0 +1,180 @@
+"""Shape-aware tracing: forwards with Python on shapes, in the root forward and in submodules, trace without
+opaque modules; graphs that hold a shape-dependent decision check the input's shape."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxfeat
+from tests.helpers import assert_bit_equal_to_eager
+
+
+class _ChannelGroups(nn.Module):
+    """A loop over channel groups counted from the input's shape, and tuple unpacking of the shape."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.groups = groups
+        self.convs = nn.ModuleList(nn.Conv2d(channels // groups, channels // groups, 3, padding=1)
+                                   for _ in range(groups))
+
+    def forward(self, x):
+        batch, channels, height, width = x.shape
+        step = channels // self.groups
+        parts = [self.convs[i](x[:, i * step:(i + 1) * step]) for i in range(x.shape[1] // step)]
+        return torch.cat(parts, 1).reshape(batch, channels, height, width)
+
+
+class _Stage(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.down = nn.Conv2d(cin, cout, 3, stride=2, padding=1)
+        self.mix = _ChannelGroups(cout, 2)
+
+    def forward(self, x):
+        if len(x.shape) != 4:  # len() of a shape
+            raise ValueError("maps only")
+        return F.relu(self.mix(self.down(x)))
+
+
+class ShapeChecks(nn.Module):
+    """Shape-dependent Python that does not depend on the input size: the graph stays general."""
+
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.Sequential(_Stage(3, 8), _Stage(8, 16), _Stage(16, 32))
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        if x.shape[1] != 3:  # a check in the root forward
+            raise ValueError("RGB only")
+        for size in x.shape[2:]:  # iteration over a shape
+            if size < 8:
+                raise ValueError("too small")
+        return self.head(self.stages(x).mean((2, 3)))
+
+
+class _Tokens(nn.Module):
+    """Tokens back to a square map with ``int(math.sqrt(n))``: the side is baked from the example."""
+
+    def forward(self, tokens):
+        side = int(math.sqrt(tokens.shape[1]))
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
+
+
+class SquareTokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, stride=4)
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.to_map = _Tokens()
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.to_map(self.down(self.stem(x)).flatten(2).transpose(1, 2))
+        return self.head(x.mean((2, 3)))
+
+
+class SquareOrWide(nn.Module):
+    """A branch on ``h == w``: the graph holds the example's branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, stride=4)
+        self.square = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.wide = nn.Conv2d(8, 16, 5, stride=2, padding=2)
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        x = self.stem(x)
+        return (self.square(x) if h == w else self.wide(x)).mean((2, 3))
+
+
+@pytest.mark.parametrize("model_class, size, other", [(SquareTokens, (64, 64), (96, 96)),
+                                                      (SquareOrWide, (64, 64), (64, 128))])
+def test_size_dependent_python_guards_the_input_shape(model_class, size, other):
+    model = model_class().eval()
+    extractor = fxfeat.compile(model, input_size=(3, *size))
+    assert extractor.feature_info.reduction() == [4, 8]
+    assert_bit_equal_to_eager(model, extractor, torch.randn(2, 3, *size))
+    assert_bit_equal_to_eager(model, extractor, torch.randn(5, 3, *size))  # the batch size is free
+    with torch.no_grad(), pytest.raises(fxfeat.InputShapeError, match=f"{size[0]}x{size[1]}"):
+        extractor(torch.randn(2, 3, *other))
+    # Compiled at the other size, it follows the model there.
+    assert_bit_equal_to_eager(model, fxfeat.compile(model, input_size=(3, *other)), torch.randn(2, 3, *other))
+
+
+class _DataDependent(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x  # on tensor values: no example can decide it for every input
+
+
+class WithDataDependentBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.gate = _DataDependent()
+        self.down2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        if x.shape[1] != 3:
+            raise ValueError("RGB only")
+        return self.down2(self.gate(self.down(x)))
+
+
+def test_data_dependent_python_still_makes_its_submodule_opaque():
+    model = WithDataDependentBlock().eval()
+    with pytest.warns(fxfeat.FxFeatWarning, match="gate"):
+        report = fxfeat.inspect(model, input_size=(3, 32, 32))
+    assert set(report.opaque_modules) == {"gate"}
+    with pytest.warns(fxfeat.FxFeatWarning, match="gate"):
+        extractor = fxfeat.compile(model, input_size=(3, 32, 32))
+    assert_bit_equal_to_eager(model, extractor, torch.randn(2, 3, 40, 48))
+
+
+class _RootDataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+
+    def forward(self, x):
+        if x.mean() > 0:
+            return self.conv(x)
+        return self.conv(-x)
+
+
+def test_data_dependent_root_forward_is_a_clear_error():
+    with pytest.raises(fxfeat.TraceFailedError, match="data-dependent"):
+        fxfeat.compile(_RootDataDependent().eval(), input_size=(3, 32, 32))
+
+
+def test_the_model_is_not_changed_by_shape_aware_tracing():
+    model = SquareTokens().eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    fxfeat.compile(model, input_size=(3, 64, 64))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert type(model) is SquareTokens and not model.training
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 96, 96)).shape == (1, 10)
+
+
+def test_tracing_leaves_nothing_in_the_model():
+    # TinyViT's attention caches its bias per device on first use, so tracing it would store a proxy there;
+    # torch.fx also stores the tensors traced code creates on the root as `_tensor_constant` attributes.
+    from tests.conftest import timm_model
+
+    for name in ("tiny_vit_5m_224", "swin_tiny_patch4_window7_224"):
+        model = timm_model(name)
+        attributes = {path: set(module.__dict__) for path, module in model.named_modules()}
+        fxfeat.compile(model)
+        assert {path: set(module.__dict__) for path, module in model.named_modules()} == attributes
+        caches = [module.attention_bias_cache for module in model.modules() if hasattr(module, "attention_bias_cache")]
+        assert all(not cache for cache in caches)
+        with torch.no_grad():
+            assert model(torch.randn(1, 3, 224, 224)).shape == (1, model.num_classes)
