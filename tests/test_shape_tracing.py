@@ -60,6 +60,21 @@ class ShapeChecks(nn.Module):
         return self.head(self.stages(x).mean((2, 3)))
 
 
+def test_shape_checks_trace_without_opaque_modules_and_stay_general():
+    model = ShapeChecks().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxfeat.FxFeatWarning)
+        extractor = fxfeat.compile(model, input_size=(3, 64, 64))
+        report = fxfeat.inspect(model, input_size=(3, 64, 64))
+    assert not report.opaque_modules
+    assert extractor.feature_info.reduction() == [2, 4, 8]
+    assert extractor.feature_info.module_name() == ["stages.0", "stages.1", "stages.2"]
+    checks = [n for n in extractor.graph.nodes if n.op == "call_function" and n.target.__name__ == "check_input_shape"]
+    assert not checks  # no decision depends on the input's size: the graph is general
+    for batch, height, width in ((2, 64, 64), (1, 72, 120)):
+        assert_bit_equal_to_eager(model, extractor, torch.randn(batch, 3, height, width))
+
+
 class _Tokens(nn.Module):
     """Tokens back to a square map with ``int(math.sqrt(n))``: the side is baked from the example."""
 

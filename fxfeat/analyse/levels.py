@@ -5,6 +5,9 @@ included as new versions of the tensor they write), the reduction of each node o
 recorded by the tracer. A call is *repeated* when its module has a sibling of the same class (stages, blocks,
 the layers of a VGG stage); plain containers (``nn.Sequential``...) count, as stages often are containers.
 
+0. **A returned pyramid.** A model that returns maps at several reductions (a list, tuple or dict: a backbone, an
+   encoder, an FPN) has those maps as its levels, in the order it returns them; the rest of the rule is for
+   models that return one thing.
 1. **Stride changes.** Walking the chain, a feature map whose reduction exceeds every earlier one changes the
    stride.
 2. **Downsampling units.** The unit of a stride change is the outermost module call that contains it and no
@@ -23,9 +26,9 @@ the layers of a VGG stage); plain containers (``nn.Sequential``...) count, as st
    ``conv_head``, a final norm) is head, not a level; DenseNet's ``norm5`` repeats ``norm0``, so it is one.
 
 6. **An isotropic body** replaces all of that: when, after the last change, the repeated children of one module
-   (a ViT's ``blocks``) each return a map or token grid at the final reduction, hold most of the module outputs
-   after the change's stem (the patch embedding), and are not one stage among stages, every block's output is a
-   level.
+   (a ViT's ``blocks``; blocks, not single layers) each return a map or token grid at the final reduction, hold
+   most of the module outputs after the change's stem (the patch embedding), and are not one stage among stages,
+   every block's output is a level.
 
 A "map" here is a feature map or a token sequence on a grid of the input (:mod:`fxfeat.analyse.shapes`).
 Levels are module outputs (``feature_info['module']`` names the outermost call returning the level that holds
@@ -46,15 +49,18 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from fxfeat.analyse.aliases import Aliases
 from fxfeat.analyse.shapes import NodeShape, TokenGrid
 from fxfeat.trace import TracedModel
+from fxfeat.trace.values import check_input_shape
 
 __all__ = [
-    "Level", "LevelSearch", "StrideChange", "find_levels", "outermost_path", "returned_versions", "returning_calls",
+    "Level", "LevelSearch", "StrideChange", "find_levels", "outermost_path", "returned_maps", "returned_versions",
+    "returning_calls",
 ]
 
 
@@ -90,6 +96,7 @@ class Level:
         tensor: the node holding the level's tensor when that is not ``node`` itself (a write into a view of a
             tensor stands for the whole tensor); ``None`` otherwise.
         grid: for a token sequence, the grid its tokens lie on (prefix tokens, size, where to read it).
+        key: the key the model returns the level under, when it returns its pyramid as a dict.
     """
 
     node: str
@@ -101,6 +108,7 @@ class Level:
     candidates: tuple[str, ...] = ()
     tensor: str | None = None
     grid: TokenGrid | None = None
+    key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -322,11 +330,11 @@ class _Structure:
 
     def block_run(self, change: int, reduction: int) -> list[str]:
         """The isotropic body of the model, if it has one (rule 6): the outputs of the repeated children of one
-        module that lies wholly after chain position ``change`` (the last stride change), each a map or token grid
-        at ``reduction``. The longest such run is the body if it has at least two members, holds most of the
-        module outputs the chain computes after the change's stem (the calls holding the change that end before
-        the run's module: a patch embedding), and its module is not one stage among stages
-        (:meth:`is_stage_among_stages`). Empty: no isotropic body."""
+        module that lies wholly after chain position ``change`` (the last stride change), each a block (a call
+        traced through, not one layer) returning a map or token grid at ``reduction``. The longest such run is
+        the body if it has at least two members, holds most of the module outputs the chain computes after the
+        change's stem (the calls holding the change that end before the run's module: a patch embedding), and
+        its module is not one stage among stages (:meth:`is_stage_among_stages`). Empty: no isotropic body."""
         runs: dict[str, dict[str, str]] = defaultdict(dict)  # parent path -> {output node: child call}
         for i in range(change + 1, len(self.chain)):
             name = self.chain[i]
@@ -335,6 +343,8 @@ class _Structure:
             for key in self.stack(name):
                 parent = self.traced.calls[key].path.rpartition(".")[0]
                 if not parent or self.path_span(parent)[0] <= change or not self.is_repeated(key):
+                    continue
+                if not self.is_block(key):
                     continue
                 if self.span[key][1] == i:
                     runs[parent].setdefault(name, key)
@@ -350,6 +360,11 @@ class _Structure:
                     and not self.is_stage_among_stages(parent, reduction)):
                 best = list(members)
         return best
+
+    def is_block(self, key: str) -> bool:
+        """Whether call ``key`` is a block (traced through, or a leaf made of submodules) rather than one layer."""
+        call = self.traced.calls[key]
+        return not call.is_leaf or any(True for _ in self.traced.root.get_submodule(call.path).children())
 
     def is_stage_among_stages(self, path: str, reduction: int) -> bool:
         """Whether module ``path`` or one enclosing it has a same-class sibling whose last map on the chain is at
@@ -390,6 +405,29 @@ def _trunk(structure: _Structure, changes: list[StrideChange]) -> tuple[str, ...
         if any(first <= p <= end for p in earlier):
             return tuple(outer[: depth + 1])
     return ()
+
+
+def returned_maps(traced: TracedModel, shapes: dict[str, NodeShape]) -> list[tuple[str, str | None]]:
+    """The maps (and token grids) the model returns, in return order, each with the key of the dict that holds it
+    (``None`` in a list or tuple); the input itself and empty placeholders (zero channels) are left out."""
+    output = next(node for node in reversed(traced.graph.nodes) if node.op == "output")
+    found: dict[str, str | None] = {}
+
+    def visit(value: object, key: str | None) -> None:
+        if isinstance(value, fx.Node):
+            shape = shapes.get(value.name)
+            is_input = value.op == "placeholder" or value.target is check_input_shape
+            if not is_input and shape is not None and shape.is_spatial and 0 not in shape.shape:
+                found.setdefault(value.name, key)
+        elif isinstance(value, dict):
+            for name, item in value.items():
+                visit(item, str(name))
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item, key)
+
+    visit(output.args[0] if output.args else None, None)
+    return list(found.items())
 
 
 def find_levels(
@@ -434,6 +472,11 @@ def find_levels(
     body = structure.block_run(structure.change_positions[-1], running) if changes else []
     if body:  # an isotropic body: its blocks are the levels at the final reduction
         levels = body
+    keys: dict[str, str | None] = {}
+    returned = returned_maps(traced, shapes)
+    if len({shapes[name].reduction for name, _ in returned}) > 1:  # the model returns its pyramid (rule 0)
+        keys = dict(returned)
+        levels, body = list(keys), []
 
     by_reduction: dict[int, list[str]] = defaultdict(list)
     for name in chain:
@@ -451,6 +494,7 @@ def find_levels(
             candidates=tuple(by_reduction[shapes[name].reduction]),
             tensor=tensors.get(name),
             grid=shapes[name].grid,
+            key=keys.get(name),
         )
         for name in levels
     )

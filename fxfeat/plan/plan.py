@@ -319,7 +319,7 @@ def _select(out_indices: int | tuple[int, ...] | None, levels: tuple[Level, ...]
 
 
 def _output_name(level: Level) -> str:
-    return (level.module or level.node).replace(".", "_")
+    return level.key or (level.module or level.node).replace(".", "_")
 
 
 def _penultimate_level(analysis: GraphAnalysis, mode: str) -> Level:

@@ -41,6 +41,8 @@ from fxfeat.trace.metadata import data_inputs
 __all__ = ["EXAMPLE_BATCH", "Decision", "ValueTracer", "check_input_shape"]
 
 _UNKNOWN = object()  # the value of a node that could not be computed
+# Tensor factories that take sizes: called with sizes read from proxies, they become graph nodes.
+_FACTORIES = ("empty", "zeros", "ones", "full", "rand", "randn", "arange", "linspace", "eye")
 # torch.fx patches these while it traces, so that module calls become graph nodes; computing a value must call
 # the modules for real.
 _MODULE_CALL, _MODULE_GETATTR = torch.nn.Module.__call__, torch.nn.Module.__getattr__
@@ -136,6 +138,30 @@ class ValueTracer(fx.Tracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ValueProxy(node, self)
+
+    def trace(self, root, concrete_args=None) -> fx.Graph:
+        """Trace ``root``; tensor factories given sizes read from proxies (``torch.zeros(b, 1, h, w)``) are
+        recorded as graph nodes, so the sizes follow the input instead of being taken from the example."""
+        originals = {name: getattr(torch, name) for name in _FACTORIES}
+        for name, function in originals.items():
+            setattr(torch, name, self._recording(function))
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            for name, function in originals.items():
+                setattr(torch, name, function)
+
+    def _recording(self, function):
+        def factory(*args, **kwargs):
+            found = []
+            fx.node.map_aggregate((args, kwargs), lambda item: found.append(item) if isinstance(item, fx.Proxy)
+                                  else None)
+            if found:
+                return self.create_proxy("call_function", function, args, kwargs)
+            return function(*args, **kwargs)
+
+        factory.__wrapped__ = function
+        return factory
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)

@@ -1,0 +1,78 @@
+"""Models that return their pyramid (segmentation encoders, torchvision's FPN backbone) and encoder-decoder nets
+(U-Net, FPN, DeepLabV3+, torchvision's segmentation models): the levels are the returned maps, or the encoder's.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+
+import fxfeat
+from benchmarks.coverage_check import _equal
+from tests.helpers import as_list, assert_bit_equal_to_eager
+
+smp = pytest.importorskip("segmentation_models_pytorch")
+
+ENCODERS = ["resnet18", "mobilenet_v2", "efficientnet-b0", "mit_b0", "densenet121", "vgg11", "tu-convnext_atto"]
+
+
+def _returned_maps(encoder, x) -> list[torch.Tensor]:
+    """What the encoder returns, without the input itself and the empty placeholders some encoders return for
+    stages they do not have."""
+    with torch.no_grad():
+        features = encoder(x)
+    return [f for f in features if f.numel() and not (f.shape == x.shape and torch.equal(f, x))]
+
+
+@pytest.mark.parametrize("name", ENCODERS)
+def test_encoder_levels_are_exactly_its_returned_maps(name):
+    torch.manual_seed(0)
+    encoder = smp.encoders.get_encoder(name, weights=None).eval()
+    extractor = fxfeat.compile(encoder).eval()
+    for batch, size in ((2, (224, 224)), (1, (256, 320))):  # any batch and size: no shape check in the graph
+        x = torch.randn(batch, 3, *size)
+        expected = _returned_maps(encoder, x)
+        with torch.no_grad():
+            outputs = as_list(extractor(x))
+        assert len(outputs) == len(expected)
+        assert all(_equal(reference, output) for reference, output in zip(expected, outputs))
+
+
+@pytest.mark.parametrize("architecture", ["Unet", "FPN", "DeepLabV3Plus"])
+def test_encoder_decoder_levels_contain_the_encoder_stages(architecture):
+    torch.manual_seed(0)
+    model = getattr(smp, architecture)("resnet18", encoder_weights=None).eval()
+    extractor = fxfeat.compile(model).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        outputs = as_list(extractor(x))
+    stages = _returned_maps(model.encoder, x)
+    deepest_per_reduction = {tuple(stage.shape[-2:]): stage for stage in stages}  # DeepLabV3+ dilates layer4
+    assert all(any(_equal(stage, output) for output in outputs) for stage in deepest_per_reduction.values())
+    assert all(info["module"].startswith("encoder.") for info in extractor.feature_info.get_dicts())
+
+
+@pytest.mark.parametrize("name", ["deeplabv3_resnet50", "fcn_resnet50"])
+def test_torchvision_segmentation_models_give_their_backbone_stages(name):
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None).eval()
+    extractor = fxfeat.compile(model)
+    assert extractor.feature_info.module_name() == ["backbone.relu", "backbone.layer1", "backbone.layer4"]
+    assert extractor.feature_info.reduction() == [2, 4, 8]  # the backbone is dilated after layer1
+    assert_bit_equal_to_eager(model, extractor, torch.randn(1, 3, 224, 224))
+
+
+def test_torchvision_fpn_backbone_levels_are_its_maps():
+    torch.manual_seed(0)
+    backbone = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).backbone
+    backbone.eval()
+    extractor = fxfeat.compile(backbone, return_dict=True).eval()
+    x = torch.randn(1, 3, 224, 288)
+    with torch.no_grad():
+        expected = backbone(x)
+        outputs = extractor(x)
+    assert list(outputs) == list(expected) == ["0", "1", "2", "3", "pool"]
+    assert all(torch.equal(outputs[key], expected[key]) for key in expected)
+    assert extractor.feature_info.reduction() == [4, 8, 16, 32, 64]
+    assert extractor.feature_info.channels() == [256] * 5

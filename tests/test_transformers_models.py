@@ -1,0 +1,98 @@
+"""Hugging Face ``transformers`` vision models, built from small configs with random weights, compile with no
+argument but the model: keyword forwards (``pixel_values=``), optional flags, ``ModelOutput`` results and Python
+on shapes are traced. Their levels are the model's own hidden states (token outputs as NCHW maps), and the pooled
+features are the base model's ``pooler_output``.
+
+The default suite runs three of them; ``make test-zoo`` runs the rest.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxfeat
+from benchmarks.coverage_check import _equal
+
+transformers = pytest.importorskip("transformers")
+T = transformers
+
+STAGES = dict(hidden_sizes=[16, 32, 64, 128], depths=[2, 2, 2, 2])
+VIT = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, intermediate_size=128)
+
+
+def _build(name: str):
+    """A small random-weight model of each class."""
+    builders = {
+        "ResNetForImageClassification": lambda: T.ResNetForImageClassification(
+            T.ResNetConfig(embedding_size=16, **STAGES)),
+        "ConvNextForImageClassification": lambda: T.ConvNextForImageClassification(T.ConvNextConfig(**STAGES)),
+        "ConvNextV2ForImageClassification": lambda: T.ConvNextV2ForImageClassification(
+            T.ConvNextV2Config(**STAGES)),
+        "RegNetForImageClassification": lambda: T.RegNetForImageClassification(
+            T.RegNetConfig(embedding_size=16, groups_width=8, **STAGES)),
+        "MobileNetV2ForImageClassification": lambda: T.MobileNetV2ForImageClassification(
+            T.MobileNetV2Config(depth_multiplier=0.35)),
+        "PoolFormerForImageClassification": lambda: T.PoolFormerForImageClassification(
+            T.PoolFormerConfig(**STAGES)),
+        "SwinModel": lambda: T.SwinModel(T.SwinConfig(embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 1, 2, 2])),
+        "Swinv2Model": lambda: T.Swinv2Model(T.Swinv2Config(embed_dim=16, depths=[1, 1, 2, 1],
+                                                            num_heads=[1, 1, 2, 2])),
+        "FocalNetModel": lambda: T.FocalNetModel(T.FocalNetConfig(embed_dim=16, depths=[1, 1, 2, 1])),
+        "PvtV2Model": lambda: T.PvtV2Model(T.PvtV2Config()),
+        "SegformerModel": lambda: T.SegformerModel(T.SegformerConfig()),
+        "LevitModel": lambda: T.LevitModel(T.LevitConfig()),
+        "CvtModel": lambda: T.CvtModel(T.CvtConfig()),
+        "ViTModel": lambda: T.ViTModel(T.ViTConfig(**VIT)),
+        "DeiTModel": lambda: T.DeiTModel(T.DeiTConfig(**VIT)),
+        "Dinov2Model": lambda: T.Dinov2Model(T.Dinov2Config(**VIT, image_size=224, patch_size=14)),
+        "BeitModel": lambda: T.BeitModel(T.BeitConfig(**VIT)),
+    }
+    torch.manual_seed(0)
+    return builders[name]().eval()
+
+
+CI = ["ResNetForImageClassification", "SwinModel", "ViTModel"]
+ZOO = ["ConvNextForImageClassification", "ConvNextV2ForImageClassification", "RegNetForImageClassification",
+       "MobileNetV2ForImageClassification", "PoolFormerForImageClassification", "Swinv2Model", "FocalNetModel",
+       "PvtV2Model", "SegformerModel", "LevitModel", "CvtModel", "DeiTModel", "Dinov2Model", "BeitModel"]
+ISOTROPIC = {"ViTModel", "DeiTModel", "Dinov2Model", "BeitModel"}
+
+
+def check(name: str) -> None:
+    model = _build(name)
+    extractor = fxfeat.compile(model).eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        outputs = list(extractor(x))
+        result = model(x, output_hidden_states=True)
+    hidden = list(getattr(result, "reshaped_hidden_states", None) or result.hidden_states)
+    for entry, output in zip(extractor.feature_info.get_dicts(), outputs):
+        if entry["reduction"] > 2:  # the models' hidden states start after their stems
+            assert any(_equal(state, output) for state in hidden), entry
+    if name in ISOTROPIC:  # the last three blocks, as timm's default for ViTs
+        assert len(outputs) == 3 and len(extractor.feature_info) == model.config.num_hidden_layers
+    else:  # one level per stage, the deepest one being the model's last hidden state
+        assert any(_equal(hidden[-1], output) for output in outputs)
+        reductions = extractor.feature_info.reduction()
+        assert all(a < b for a, b in zip(reductions, reductions[1:])), reductions
+    pooler = getattr(model.base_model(x), "pooler_output", None)
+    if pooler is not None and name.endswith("ForImageClassification"):
+        pooled = fxfeat.compile(model, mode="pooled").eval()
+        with torch.no_grad():
+            assert torch.equal(pooled(x), pooler.flatten(1))
+
+
+@pytest.mark.parametrize("name", CI)
+def test_transformers_models(name):
+    check(name)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", ZOO)
+def test_transformers_zoo(name):
+    check(name)
+
+
+def test_at_least_ten_classes():
+    assert len(set(CI + ZOO)) >= 10
