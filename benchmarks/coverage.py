@@ -117,10 +117,16 @@ class _Pool:
     def run(self, cases: list[dict[str, str]], on_result) -> None:
         pending = list(reversed(cases))
         while pending or any(slot["case"] for slot in self.slots):
-            for slot in self.slots:
+            for index, slot in enumerate(self.slots):
                 if slot["case"] is None and pending:
-                    slot["case"], slot["started"] = pending.pop(), time.monotonic()
-                    slot["connection"].send(slot["case"])
+                    case = pending.pop()
+                    try:
+                        slot["connection"].send(case)
+                    except OSError:  # the idle worker died (out of memory after its last model): start another
+                        slot["process"].kill()
+                        slot = self.slots[index] = self._start()
+                        slot["connection"].send(case)
+                    slot["case"], slot["started"] = case, time.monotonic()
             busy = [slot for slot in self.slots if slot["case"]]
             deadline = min(slot["started"] for slot in busy) + self.timeout
             ready = wait([slot["connection"] for slot in busy], timeout=max(0.0, deadline - time.monotonic()))

@@ -41,6 +41,7 @@ from fxfeat.trace.metadata import data_inputs
 __all__ = ["EXAMPLE_BATCH", "Decision", "ValueTracer", "check_input_shape"]
 
 _UNKNOWN = object()  # the value of a node that could not be computed
+_VALUE = "_fxfeat_value"  # where a proxy keeps its value
 # Tensor factories that take sizes: called with sizes read from proxies, they become graph nodes.
 _FACTORIES = ("empty", "zeros", "ones", "full", "rand", "randn", "arange", "linspace", "eye")
 # torch.fx patches these while it traces, so that module calls become graph nodes; computing a value must call
@@ -110,6 +111,13 @@ def check_input_shape(x: torch.Tensor, batch: int | None, size: tuple[int, int] 
     return x
 
 
+def _holds(test, value: Any) -> bool:
+    """Whether some leaf of a nested structure of arguments passes ``test``."""
+    found = []
+    fx.node.map_aggregate(value, lambda item: found.append(item) if test(item) else None)
+    return bool(found)
+
+
 @contextlib.contextmanager
 def _real_module_calls() -> Iterator[None]:
     """Module calls and attribute reads as outside tracing, for the duration."""
@@ -131,7 +139,6 @@ class ValueTracer(fx.Tracer):
     def __init__(self, *args, example: torch.Tensor, **kwargs):
         super().__init__(*args, **kwargs)
         self.example = example
-        self.values: dict[fx.Node, Any] = {}
         self.data_derived: set[fx.Node] = set()
         self.decisions: list[Decision] = []
         self._placeholders = 0
@@ -153,10 +160,7 @@ class ValueTracer(fx.Tracer):
 
     def _recording(self, function):
         def factory(*args, **kwargs):
-            found = []
-            fx.node.map_aggregate((args, kwargs), lambda item: found.append(item) if isinstance(item, fx.Proxy)
-                                  else None)
-            if found:
+            if _holds(lambda item: isinstance(item, fx.Proxy), (args, kwargs)):
                 return self.create_proxy("call_function", function, args, kwargs)
             return function(*args, **kwargs)
 
@@ -166,20 +170,26 @@ class ValueTracer(fx.Tracer):
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         node = proxy.node
-        self.values[node] = self._evaluate(kind, target, args, kwargs)
-        if any(self._carries_data(argument) for argument in data_inputs(node)):
+        # The value lives on the proxy, so it is freed with it: tracing holds no more than the eager forward does.
+        proxy.__dict__[_VALUE] = self._evaluate(kind, target, args, kwargs)
+        data = {argument.name for argument in data_inputs(node)}
+
+        def carries_data(item: Any) -> bool:
+            argument = item._node if isinstance(item, Attribute) else getattr(item, "node", None)
+            if not isinstance(item, fx.Proxy) or argument is None or argument.name not in data:
+                return False
+            return argument in self.data_derived or isinstance(self._value_of(item), torch.Tensor)
+
+        if _holds(carries_data, (args, kwargs)):
             self.data_derived.add(node)
         return proxy
 
-    def _carries_data(self, node: fx.Node) -> bool:
-        return node in self.data_derived or isinstance(self.values.get(node), torch.Tensor)
-
     def _value_of(self, item: Any) -> Any:
-        if isinstance(item, Attribute) and item._node is None:
+        if isinstance(item, Attribute):  # x.shape: read from the owner's value
             owner = self._value_of(item.root)
             return _UNKNOWN if owner is _UNKNOWN else getattr(owner, item.attr, _UNKNOWN)
         if isinstance(item, fx.Proxy):
-            return self.values.get(item.node, _UNKNOWN)
+            return item.__dict__.get(_VALUE, _UNKNOWN)
         return item
 
     def _evaluate(self, kind: str, target, args, kwargs) -> Any:
@@ -194,9 +204,7 @@ class ValueTracer(fx.Tracer):
         if kind == "output":
             return _UNKNOWN
         values = fx.node.map_aggregate((args, kwargs), self._value_of)
-        unknown = []
-        fx.node.map_aggregate(values, lambda item: unknown.append(item) if item is _UNKNOWN else None)
-        if unknown:
+        if _holds(lambda item: item is _UNKNOWN, values):
             return _UNKNOWN
         (args, kwargs) = values
         try:
@@ -221,15 +229,14 @@ class ValueTracer(fx.Tracer):
             TraceError: the value depends on tensor data, or could not be computed.
         """
         node = proxy.node
-        value = self.values.get(node, _UNKNOWN)
-        tensor = isinstance(value, torch.Tensor)
-        if value is _UNKNOWN or node in self.data_derived or (tensor and kind not in ("len", "iter")):
-            raise TraceError(
-                f"{kind}() of {node.format_node()} depends on tensor values (data-dependent control flow)"
-                if value is not _UNKNOWN else f"{kind}() of {node.format_node()}: its value could not be computed"
-            )
-        # Iterating decides how many elements there are, not what they are (each is a proxy of its own).
-        recorded = len(value) if kind in ("len", "iter", "keys") else value
+        value = self._value_of(proxy)
+        if value is _UNKNOWN:
+            raise TraceError(f"{kind}() of {node.format_node()}: its value could not be computed")
+        counting = kind in ("len", "iter", "keys")  # how many elements, not what they are (each is a proxy)
+        if not counting and (node in self.data_derived or isinstance(value, torch.Tensor)):
+            raise TraceError(f"{kind}() of {node.format_node()} depends on tensor values (data-dependent control "
+                             "flow)")
+        recorded = len(value) if counting else value
         self.decisions.append(Decision(node.name, kind, recorded))
         return value
 
