@@ -151,6 +151,7 @@ class Inspection:
         total_parameters: parameters of the whole model.
         opaque_modules: submodules torch.fx could not trace through, with the reason.
         head: the global pooling and classifier found, with the unpooled and pooled nodes (``None``: none).
+        decoder: for an encoder-decoder net, the calls after the encoder that raise the resolution again.
     """
 
     model_name: str
@@ -160,6 +161,7 @@ class Inspection:
     total_parameters: int
     opaque_modules: dict[str, str]
     head: Head
+    decoder: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         origin = {"declared": "declared by the model", "discovered": "discovered from the graph",
@@ -180,6 +182,8 @@ class Inspection:
             f"  unpooled: {head.unpooled or '-'} -> global pool: {head.global_pool or 'none found'}; "
             f"pooled: {head.pooled or '-'} -> classifier: {head.classifier or 'none found'}"
         )
+        if self.decoder:
+            lines.append(f"  decoder (after the encoder's levels): {', '.join(self.decoder)}")
         for path, reason in self.opaque_modules.items():
             lines.append(f"  opaque: {path} ({reason})")
         return "\n".join(lines)
@@ -241,4 +245,5 @@ def inspect(
         total_parameters=sum(p.numel() for p in model.parameters()),
         opaque_modules=dict(traced.opaque_modules),
         head=analysis.head,
+        decoder=analysis.decoder,
     )

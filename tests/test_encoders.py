@@ -76,3 +76,11 @@ def test_torchvision_fpn_backbone_levels_are_its_maps():
     assert all(torch.equal(outputs[key], expected[key]) for key in expected)
     assert extractor.feature_info.reduction() == [4, 8, 16, 32, 64]
     assert extractor.feature_info.channels() == [256] * 5
+
+
+def test_inspect_shows_the_decoder():
+    model = smp.Unet("resnet18", encoder_weights=None).eval()
+    report = fxfeat.inspect(model)
+    assert report.decoder == ("decoder", "segmentation_head")
+    assert "decoder (after the encoder's levels): decoder, segmentation_head" in str(report)
+    assert fxfeat.inspect(torchvision.models.resnet18()).decoder == ()

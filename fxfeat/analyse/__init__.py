@@ -55,6 +55,7 @@ class GraphAnalysis:
         candidates: for each reduction, the feature maps of the chain at it that a module returns.
         head: the global pooling and the classifier, with the unpooled and pooled nodes.
         declared: the model's own timm-style ``feature_info`` (list of dicts), if it has one.
+        decoder: for an encoder-decoder, the outermost calls after the encoder that raise the resolution again.
     """
 
     traced: TracedModel
@@ -72,6 +73,7 @@ class GraphAnalysis:
     candidates: dict[int, tuple[str, ...]]
     head: Head
     declared: tuple[dict[str, Any], ...] | None
+    decoder: tuple[str, ...] = ()
 
     def level_at(self, node: str, module: str | None = None) -> Level:
         """Describe an arbitrary node as a level (used for levels the user or the model names)."""
@@ -144,6 +146,24 @@ def _level_chain(traced: TracedModel, dataflow: DataFlow, chain: tuple[str, ...]
     return dataflow.dominator_chain(sink)
 
 
+def _decoder(traced: TracedModel, dataflow: DataFlow, shapes: dict[str, NodeShape], level_chain: tuple[str, ...],
+             chain: tuple[str, ...]) -> tuple[str, ...]:
+    """When the levels are an encoder's (the level chain ends at the coarsest map, not at the output): the
+    outermost module calls after it that bring the resolution back up, in order."""
+    if level_chain == chain or not level_chain:
+        return ()
+    sink = level_chain[-1]
+    deepest, after = shapes[sink].reduction, dataflow.order[sink]
+    calls: dict[str, None] = {}
+    for node in traced.graph.nodes:
+        shape, stack = shapes.get(node.name), traced.node_calls.get(node.name, ())
+        if (shape is not None and shape.is_spatial and shape.reduction < deepest and stack
+                and stack[0] in traced.calls and dataflow.order[node.name] > after
+                and dataflow.depends_on_input(node.name) and dataflow.feeds_output(node.name)):
+            calls.setdefault(traced.calls[stack[0]].path)
+    return tuple(calls)
+
+
 def analyse(traced: TracedModel, input_size: tuple[int, int, int]) -> GraphAnalysis:
     """Run every analysis on ``traced`` with probes of ``input_size`` (C, H, W)."""
     shapes = propagate_shapes(traced.graph_module, input_size)
@@ -154,7 +174,8 @@ def analyse(traced: TracedModel, input_size: tuple[int, int, int]) -> GraphAnaly
     dataflow = DataFlow(traced.graph, aliases)
     chain = dataflow.dominator_chain()
     versions = returned_versions(traced, aliases)
-    search = find_levels(traced, _level_chain(traced, dataflow, chain, shapes), shapes, versions, tensors)
+    level_chain = _level_chain(traced, dataflow, chain, shapes)
+    search = find_levels(traced, level_chain, shapes, versions, tensors)
     return GraphAnalysis(
         traced=traced,
         input_size=tuple(input_size),
@@ -170,5 +191,6 @@ def analyse(traced: TracedModel, input_size: tuple[int, int, int]) -> GraphAnaly
         trunk=search.trunk,
         candidates=search.candidates,
         head=find_head(traced, chain, shapes),
+        decoder=_decoder(traced, dataflow, shapes, level_chain, chain),
         declared=_declared_feature_info(traced.root),
     )
