@@ -124,25 +124,25 @@ def _level_chain(traced: TracedModel, dataflow: DataFlow, chain: tuple[str, ...]
     module call that returns only finer maps (an attention computing its keys and values on a coarser grid, as
     in CvT) is that call's internal affair, not an encoder's output."""
 
-    def hidden(name: str, reduction: int) -> bool:
+    def hidden(name: str, coarse: int) -> bool:
         for key in traced.node_calls.get(name, ()):
             returned = [shapes.get(output) for output in traced.calls[key].outputs] if key in traced.calls else []
             returned = [shape for shape in returned if shape is not None and shape.is_spatial]
-            if returned and all(shape.reduction < reduction for shape in returned):
+            if returned and all(shape.reduction < coarse for shape in returned):
                 return True
         return False
 
-    def reduction(name: str) -> int:
-        shape = shapes.get(name)
-        feeds = dataflow.depends_on_input(name) and dataflow.feeds_output(name)
-        return shape.reduction if shape is not None and shape.is_spatial and feeds else 0
-
-    on_chain = max(map(reduction, chain), default=0)
-    coarser = [name for name in shapes if reduction(name) > on_chain and not hidden(name, reduction(name))]
+    reduction = {  # of the maps the input flows through to the output, 0 for every other node
+        name: shape.reduction if shape.is_spatial and dataflow.depends_on_input(name) and dataflow.feeds_output(name)
+        else 0
+        for name, shape in shapes.items()
+    }
+    on_chain = max((reduction.get(name, 0) for name in chain), default=0)
+    coarser = [name for name, r in reduction.items() if r > on_chain and not hidden(name, r)]
     if not coarser:
         return chain
-    deepest = max(map(reduction, coarser))
-    sink = max((name for name in coarser if reduction(name) == deepest), key=dataflow.order.__getitem__)
+    deepest = max(reduction[name] for name in coarser)
+    sink = max((name for name in coarser if reduction[name] == deepest), key=dataflow.order.__getitem__)
     return dataflow.dominator_chain(sink)
 
 

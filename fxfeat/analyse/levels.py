@@ -56,7 +56,6 @@ from torch import nn
 from fxfeat.analyse.aliases import Aliases
 from fxfeat.analyse.shapes import NodeShape, TokenGrid
 from fxfeat.trace import TracedModel
-from fxfeat.trace.values import check_input_shape
 
 __all__ = [
     "Level", "LevelSearch", "StrideChange", "find_levels", "outermost_path", "returned_maps", "returned_versions",
@@ -416,8 +415,7 @@ def returned_maps(traced: TracedModel, shapes: dict[str, NodeShape]) -> list[tup
     def visit(value: object, key: str | None) -> None:
         if isinstance(value, fx.Node):
             shape = shapes.get(value.name)
-            is_input = value.op == "placeholder" or value.target is check_input_shape
-            if not is_input and shape is not None and shape.is_spatial and 0 not in shape.shape:
+            if value.name not in traced.image_nodes and shape is not None and shape.is_spatial and 0 not in shape.shape:
                 found.setdefault(value.name, key)
         elif isinstance(value, dict):
             for name, item in value.items():

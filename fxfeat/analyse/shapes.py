@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.fx as fx
@@ -40,10 +40,11 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from fxfeat.errors import ShapePropagationError
 from fxfeat.trace import describe_node
 from fxfeat.trace.metadata import NO_TENSOR
+from fxfeat.trace.values import EXAMPLE_BATCH, example_batch
 
 __all__ = ["NodeShape", "TokenGrid", "propagate_shapes", "second_probe_size", "reduction_of"]
 
-PROBE_BATCH = 2
+PROBE_BATCH = EXAMPLE_BATCH  # the probes run on the batch size of shape-aware tracing's example
 _MAX_PREFIX_TOKENS = 16
 
 
@@ -184,9 +185,6 @@ class _MetaShapeProp(nn.Module):
 
 def _run_probe(graph_module: fx.GraphModule, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
     """Per-node shapes (batch included) of one propagation; meta first, real tensors as the fallback."""
-    reference = next(iter(graph_module.parameters()), None)
-    dtype = reference.dtype if reference is not None and reference.is_floating_point() else torch.float32
-    device = reference.device if reference is not None else torch.device("cpu")
     wrapper = _MetaShapeProp(graph_module)
     meta_state = {
         name: torch.empty_like(tensor, device="meta")
@@ -194,10 +192,10 @@ def _run_probe(graph_module: fx.GraphModule, input_shape: tuple[int, ...]) -> di
     }
     with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback before re-raising
         try:
-            example = torch.empty((PROBE_BATCH, *input_shape), device="meta", dtype=dtype)
+            example = example_batch(graph_module, input_shape, PROBE_BATCH, device="meta")
             torch.func.functional_call(wrapper, meta_state, (example,))
         except Exception:
-            example = torch.randn((PROBE_BATCH, *input_shape), device=device, dtype=dtype)
+            example = example_batch(graph_module, input_shape, PROBE_BATCH)
             with torch.no_grad():
                 _ShapeProp(graph_module).propagate(example)
     shapes = {}
@@ -390,7 +388,7 @@ def _token_shape(shapes, sizes, inputs: list[_Grid], order: int) -> tuple[NodeSh
         _, dim, grid, prefix = best
         token_grid = TokenGrid(prefix, grid.sizes[0], grid.source, grid.dims)
         return (NodeShape(shape[1:], _TOKEN_FORMATS[dim], grid.reduction, token_grid),
-                _Grid(grid.source, grid.dims, grid.sizes, grid.reduction, prefix, order))
+                replace(grid, prefix=prefix, order=order))
     return NodeShape(shape[1:]), None
 
 

@@ -29,12 +29,11 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
 from torch import nn
 
 from fxfeat.errors import FxFeatWarning, InvalidModelError, TraceFailedError
-from fxfeat.trace.values import EXAMPLE_BATCH, ValueTracer, check_input_shape
+from fxfeat.trace.values import ValueTracer, check_input_shape, example_batch
 
 __all__ = ["ModuleCall", "TracedModel", "describe_node", "evaluation_mode", "trace_model"]
 
@@ -95,6 +94,14 @@ class TracedModel:
     def nodes(self) -> dict[str, fx.Node]:
         """The graph's nodes by name."""
         return {node.name: node for node in self.graph.nodes}
+
+    @functools.cached_property
+    def image_nodes(self) -> frozenset[str]:
+        """The nodes that stand for the input image: its placeholder and the shape check of a graph traced
+        through shape-dependent Python."""
+        image = next(node for node in self.graph.nodes if node.op == "placeholder")
+        checks = [user.name for user in image.users if user.op == "call_function" and user.target is check_input_shape]
+        return frozenset([image.name, *checks])
 
     @functools.cached_property
     def returned_by(self) -> dict[str, tuple[str, ...]]:
@@ -232,7 +239,7 @@ def trace_model(
         graph, targets = _trace(tracer, root)
         opaque_types: dict[type, str] = {}
     except Exception:
-        example = _example_batch(model, example_size or (3, 224, 224))
+        example = example_batch(model, example_size or (3, 224, 224))
         tracer, graph, targets, opaque_types = _trace_with_values(
             root, max_opaque, leaf_types, autowrap_functions, example)
         _guard_shape_decisions(root, graph, tracer, example, leaf_types, autowrap_functions, set(opaque_types))
@@ -316,13 +323,6 @@ class _ValueRecordingTracer(ValueTracer, _RecordingTracer):
     """Records module calls, with proxies that carry their values."""
 
 
-def _example_batch(model: nn.Module, size: tuple[int, int, int], batch: int = EXAMPLE_BATCH) -> torch.Tensor:
-    reference = next(iter(model.parameters()), None)
-    floating = reference is not None and reference.is_floating_point()
-    return torch.randn(batch, *size, dtype=reference.dtype if floating else torch.float32,
-                       device=reference.device if reference is not None else "cpu")
-
-
 def _trace_with_values(model, max_opaque, leaf_types, autowrap_functions, example):
     """Shape-aware tracing, making submodules opaque while a failure lies inside one."""
     opaque_types: dict[type, str] = {}  # class -> why its first instance failed
@@ -353,7 +353,7 @@ def _guard_shape_decisions(model, graph, tracer, example, leaf_types, autowrap_f
     guarded = {}
     variants = {"batch": (example.shape[0] + 1, height, width), "size": (example.shape[0], height + 32, width + 64)}
     for what, (batch, other_height, other_width) in variants.items():
-        other = _example_batch(model, (channels, other_height, other_width), batch=batch)
+        other = example_batch(model, (channels, other_height, other_width), batch=batch)
         retrace = _ValueRecordingTracer(opaque_types, leaf_types, autowrap_functions, example=other)
         try:
             _trace(retrace, model)

@@ -36,9 +36,10 @@ import torch
 import torch.fx as fx
 from torch.fx.proxy import Attribute, TraceError
 
+from fxfeat.errors import InputShapeError
 from fxfeat.trace.metadata import data_inputs
 
-__all__ = ["EXAMPLE_BATCH", "Decision", "ValueTracer", "check_input_shape"]
+__all__ = ["EXAMPLE_BATCH", "Decision", "ValueTracer", "check_input_shape", "example_batch"]
 
 _UNKNOWN = object()  # the value of a node that could not be computed
 _VALUE = "_fxfeat_value"  # where a proxy keeps its value
@@ -69,8 +70,7 @@ class _Concrete:
     """The conversions Python applies to a value, answered from the traced value."""
 
     def __len__(self) -> int:
-        value = self.tracer.decide(self, "len")
-        return len(value)
+        return len(self.tracer.decide(self, "len"))
 
     def __int__(self) -> int:
         return int(self.tracer.decide(self, "int"))
@@ -95,8 +95,6 @@ class _ValueAttribute(_Concrete, Attribute):
 
 def check_input_shape(x: torch.Tensor, batch: int | None, size: tuple[int, int] | None) -> torch.Tensor:
     """Raise if ``x`` is not of the batch size and spatial size a shape-specialised graph was traced for."""
-    from fxfeat.errors import InputShapeError
-
     wrong_batch = batch is not None and x.shape[0] != batch
     wrong_size = size is not None and tuple(x.shape[-2:]) != tuple(size)
     if wrong_batch or wrong_size:
@@ -109,6 +107,16 @@ def check_input_shape(x: torch.Tensor, batch: int | None, size: tuple[int, int] 
             "the shape-dependent Python from the model's forward.",
         )
     return x
+
+
+def example_batch(module: torch.nn.Module, size: tuple[int, ...], batch: int = EXAMPLE_BATCH,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """A random input batch of per-sample ``size`` in the dtype of ``module``'s parameters (float32 if they are not
+    floating point) and on their device (or ``device``)."""
+    reference = next(iter(module.parameters()), None)
+    floating = reference is not None and reference.is_floating_point()
+    device = device or (reference.device if reference is not None else "cpu")
+    return torch.randn(batch, *size, dtype=reference.dtype if floating else torch.float32, device=device)
 
 
 def _holds(test, value: Any) -> bool:
