@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 import fxfeat
 from benchmarks.coverage_check import _equal
@@ -53,10 +54,12 @@ def test_encoder_decoder_levels_contain_the_encoder_stages(architecture):
     assert all(info["module"].startswith("encoder.") for info in extractor.feature_info.get_dicts())
 
 
-@pytest.mark.parametrize("name", ["deeplabv3_resnet50", "fcn_resnet50"])
-def test_torchvision_segmentation_models_give_their_backbone_stages(name):
+@pytest.mark.parametrize("name, aux_loss", [("deeplabv3_resnet50", None), ("fcn_resnet50", None),
+                                            ("deeplabv3_resnet50", True)])
+def test_torchvision_segmentation_models_give_their_backbone_stages(name, aux_loss):
+    # With aux_loss the model also returns a head on layer3: the levels still run to layer4.
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None, weights_backbone=None).eval()
+    model = torchvision.models.get_model(name, weights=None, weights_backbone=None, aux_loss=aux_loss).eval()
     extractor = fxfeat.compile(model)
     assert extractor.feature_info.module_name() == ["backbone.relu", "backbone.layer1", "backbone.layer4"]
     assert extractor.feature_info.reduction() == [2, 4, 8]  # the backbone is dilated after layer1
@@ -84,3 +87,46 @@ def test_inspect_shows_the_decoder():
     assert report.decoder == ("decoder", "segmentation_head")
     assert "decoder (after the encoder's levels): decoder, segmentation_head" in str(report)
     assert fxfeat.inspect(torchvision.models.resnet18()).decoder == ()
+
+
+class _LogitsAndAuxiliaryMap(nn.Module):
+    """A classifier that also returns an auxiliary map computed from its third stage."""
+
+    def __init__(self, as_dict: bool = False):
+        super().__init__()
+        self.net = torchvision.models.resnet18()
+        self.aux = nn.Conv2d(256, 5, 1)
+        self.as_dict = as_dict
+
+    def forward(self, x):
+        net = self.net
+        x = net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x))))))
+        c3 = net.layer3(x)
+        logits = net.fc(torch.flatten(net.avgpool(net.layer4(c3)), 1))
+        auxiliary = self.aux(c3)
+        return {"logits": logits, "aux": auxiliary} if self.as_dict else (logits, auxiliary)
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_logits_beside_an_auxiliary_map_keep_the_whole_model(as_dict):
+    # The auxiliary output is a second sink: the levels, the pooling and the classifier are the main output's.
+    torch.manual_seed(0)
+    model = _LogitsAndAuxiliaryMap(as_dict).eval()
+    report = fxfeat.inspect(model)
+    assert [level.module for level in report.levels] == ["net.relu", "net.layer1", "net.layer2", "net.layer3",
+                                                        "net.layer4"]
+    assert (report.head.global_pool, report.head.classifier) == ("net_avgpool", "net_fc")
+    assert report.decoder == ()
+    x = torch.randn(2, 3, 160, 192)
+    assert_bit_equal_to_eager(model, fxfeat.compile(model), x)
+    net = model.net
+    with torch.no_grad():
+        unpooled = nn.Sequential(*list(net.children())[:-2])(x)
+        pooled = torch.flatten(net.avgpool(unpooled), 1)
+        assert torch.equal(fxfeat.compile(model, mode="unpooled")(x), unpooled)
+        assert torch.equal(fxfeat.compile(model, mode="pooled")(x), pooled)
+
+
+def test_inspect_shows_the_upsampling_after_the_backbone():
+    model = torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None).eval()
+    assert fxfeat.inspect(model).decoder == ("classifier", "interpolate")

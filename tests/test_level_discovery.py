@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 import fxfeat
+import fxfeat.trace.tracer
 from tests.conftest import timm_model
+from tests.helpers import assert_bit_equal_to_eager
 
 TIMM_DECLARED = [
     "resnet50",
@@ -63,3 +68,46 @@ def test_inspect_reports_candidates_and_parameters():
     assert level.node in level.candidates and len(level.candidates) > 1
     text = str(report)
     assert "blocks.4" in text and "params kept" in text
+
+
+class _NormAct(nn.Module):
+    """A norm traced through, whose unused dropout and activation are ``nn.Identity`` (as timm's norm-act
+    layers are when built without them)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.drop = nn.Identity()
+        self.act = nn.Identity()
+
+    def forward(self, x):
+        x = F.batch_norm(x, self.bn.running_mean, self.bn.running_var, self.bn.weight, self.bn.bias)
+        return self.act(self.drop(x))
+
+
+class _Stage(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, stride=2, padding=1)
+        self.norm = _NormAct(cout)
+
+    def forward(self, x):
+        return self.norm(self.conv(x))
+
+
+def test_a_stage_returning_its_map_through_identities_is_the_level():
+    model = nn.Sequential(_Stage(3, 8), _Stage(8, 16), _Stage(16, 32)).eval()
+    extractor = fxfeat.compile(model, input_size=(3, 64, 64))
+    assert extractor.feature_info.module_name() == ["0", "1", "2"]
+    assert_bit_equal_to_eager(model, extractor, torch.randn(2, 3, 48, 80))
+
+
+@pytest.mark.parametrize("name", ["mobilenetv2_035", "mobilenetv3_large_100", "rexnet_100"])
+def test_discovery_does_not_need_timms_registry(name, monkeypatch):
+    # timm's registry of untraceable layers keeps its norm-act layers whole; traced through, they return their
+    # map through identities, and the levels must not move.
+    model = timm_model(name)
+    del model.feature_info
+    with_registry = fxfeat.compile(model, levels="auto").feature_info.module_name()
+    monkeypatch.setattr(fxfeat.trace.tracer, "_library_notrace_hints", lambda: ((), ()))
+    assert fxfeat.compile(model, levels="auto").feature_info.module_name() == with_registry

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.proxy import TraceError
 
 import fxfeat
 from tests.helpers import assert_bit_equal_to_eager
@@ -72,6 +73,93 @@ def test_shape_checks_trace_without_opaque_modules_and_stay_general():
     checks = [n for n in extractor.graph.nodes if n.op == "call_function" and n.target.__name__ == "check_input_shape"]
     assert not checks  # no decision depends on the input's size: the graph is general
     for batch, height, width in ((2, 64, 64), (1, 72, 120)):
+        assert_bit_equal_to_eager(model, extractor, torch.randn(batch, 3, height, width))
+
+
+def _check_channels(x):
+    if x.shape[1] < 1:  # a comparison on a size
+        raise ValueError("no channels")
+    return x
+
+
+def _int_of_size(x):
+    return x[:, : int(x.shape[1])]
+
+
+def _len_of_shape(x):
+    if len(x.shape) != 4:
+        raise ValueError("maps only")
+    return x
+
+
+def _iterate_shape(x):
+    for size in x.shape[2:]:
+        if size < 1:
+            raise ValueError("empty map")
+    return x
+
+
+def _sqrt_of_size(x):
+    return x * (1 / int(math.sqrt(x.shape[1])))
+
+
+def _range_over_size(x):
+    return torch.cat([x[:, i : i + 1] for i in range(x.shape[1])], 1)
+
+
+def _unpack_shape(x):
+    batch, *rest = x.shape  # a starred unpacking, which plain torch.fx cannot do
+    return x.reshape(batch, -1).reshape(batch, *rest)
+
+
+def _write_into(x):
+    x = x.clone()
+    x[:, 0] = x[:, -1]  # setitem on a traced tensor
+    return x
+
+
+_CONSTRUCTS = [_check_channels, _int_of_size, _len_of_shape, _iterate_shape, _sqrt_of_size, _range_over_size,
+               _unpack_shape, _write_into]
+
+
+class _ConstructStage(nn.Module):
+    def __init__(self, construct, cin: int, cout: int):
+        super().__init__()
+        self.construct = construct
+        self.conv = nn.Conv2d(cin, cout, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return F.relu(self.conv(self.construct(x)))
+
+
+class _ConstructModel(nn.Module):
+    """``construct`` in the root forward and in every stage."""
+
+    def __init__(self, construct):
+        super().__init__()
+        self.construct = construct
+        widths = ((3, 8), (8, 16), (16, 32))
+        self.stages = nn.Sequential(*(_ConstructStage(construct, cin, cout) for cin, cout in widths))
+
+    def forward(self, x):
+        return self.stages(self.construct(x)).mean((2, 3))
+
+
+@pytest.mark.parametrize("construct", _CONSTRUCTS, ids=[c.__name__.strip("_") for c in _CONSTRUCTS])
+def test_each_shape_construct_traces_in_the_root_and_in_submodules(construct):
+    torch.manual_seed(0)
+    model = _ConstructModel(construct).eval()
+    # Plain torch.fx cannot trace it: the shape-aware tracer is what makes it work.
+    with pytest.raises((TraceError, TypeError, RuntimeError)):
+        torch.fx.symbolic_trace(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fxfeat.FxFeatWarning)
+        extractor = fxfeat.compile(model, input_size=(3, 32, 32))
+        report = fxfeat.inspect(model, input_size=(3, 32, 32))
+    assert not report.opaque_modules
+    assert extractor.feature_info.module_name() == ["stages.0", "stages.1", "stages.2"]
+    assert not [n for n in extractor.graph.nodes if getattr(n.target, "__name__", "") == "check_input_shape"]
+    for batch, height, width in ((2, 32, 32), (3, 40, 56)):
         assert_bit_equal_to_eager(model, extractor, torch.randn(batch, 3, height, width))
 
 

@@ -55,7 +55,8 @@ class GraphAnalysis:
         candidates: for each reduction, the feature maps of the chain at it that a module returns.
         head: the global pooling and the classifier, with the unpooled and pooled nodes.
         declared: the model's own timm-style ``feature_info`` (list of dicts), if it has one.
-        decoder: for an encoder-decoder, the outermost calls after the encoder that raise the resolution again.
+        decoder: when the resolution rises after the last level (an encoder-decoder), the outermost calls (or
+            top-level functions) after it on the way to the output.
     """
 
     traced: TracedModel
@@ -146,22 +147,44 @@ def _level_chain(traced: TracedModel, dataflow: DataFlow, chain: tuple[str, ...]
     return dataflow.dominator_chain(sink)
 
 
-def _decoder(traced: TracedModel, dataflow: DataFlow, shapes: dict[str, NodeShape], level_chain: tuple[str, ...],
-             chain: tuple[str, ...]) -> tuple[str, ...]:
-    """When the levels are an encoder's (the level chain ends at the coarsest map, not at the output): the
-    outermost module calls after it that bring the resolution back up, in order."""
-    if level_chain == chain or not level_chain:
+def _decoder(traced: TracedModel, dataflow: DataFlow, shapes: dict[str, NodeShape], levels: tuple[Level, ...]
+             ) -> tuple[str, ...]:
+    """When the resolution rises again after the last level (an encoder-decoder, a segmentation head that
+    upsamples): the outermost module calls, or top-level functions, computed from the last level on the way to
+    the output, in order. Empty when nothing after the last level is finer than it."""
+    if not levels or shapes.get(levels[-1].node) is None or not shapes[levels[-1].node].is_spatial:
         return ()
-    sink = level_chain[-1]
-    deepest, after = shapes[sink].reduction, dataflow.order[sink]
-    calls: dict[str, None] = {}
-    for node in traced.graph.nodes:
-        shape, stack = shapes.get(node.name), traced.node_calls.get(node.name, ())
-        if (shape is not None and shape.is_spatial and shape.reduction < deepest and stack
-                and stack[0] in traced.calls and dataflow.order[node.name] > after
-                and dataflow.depends_on_input(node.name) and dataflow.feeds_output(node.name)):
-            calls.setdefault(traced.calls[stack[0]].path)
-    return tuple(calls)
+    last, deepest = levels[-1].node, shapes[levels[-1].node].reduction
+    after = {name for name in dataflow.computed_from(last) if dataflow.feeds_output(name)}
+
+    def finer(name: str) -> bool:
+        shape = shapes.get(name)
+        return shape is not None and shape.is_spatial and shape.reduction < deepest
+
+    if not any(finer(name) for name in after):
+        return ()
+    def outermost(name: str) -> str:
+        stack = traced.node_calls.get(name, ())
+        return traced.calls[stack[0]].path if stack and stack[0] in traced.calls else name
+
+    parts = {outermost(node.name): None for node in traced.graph.nodes
+             if node.name in after and node.op != "output" and node.name in shapes}
+    parts.pop(outermost(last), None)  # the encoder the last level lies in
+    return tuple(parts)
+
+
+def _main_chain(traced: TracedModel, dataflow: DataFlow) -> tuple[str, ...]:
+    """Nodes every input-to-output path passes through. For a model that returns several tensors (logits beside
+    auxiliary logits or maps, a segmenter's main and auxiliary outputs), each returned tensor is a sink: the
+    chain is that of the one computed furthest from the input (the longest dominator chain; the first returned
+    on a tie), followed by the output node, so a shallower auxiliary output does not cut the chain short."""
+    output = next(node for node in reversed(traced.graph.nodes) if node.op == "output")
+    returned = [name for name in dict.fromkeys(node.name for node in output.all_input_nodes)
+                if dataflow.depends_on_input(name)]
+    if len(returned) < 2:
+        return dataflow.dominator_chain()
+    chains = [dataflow.dominator_chain(name) for name in returned]
+    return max(chains, key=len) + (output.name,)
 
 
 def analyse(traced: TracedModel, input_size: tuple[int, int, int]) -> GraphAnalysis:
@@ -172,7 +195,7 @@ def analyse(traced: TracedModel, input_size: tuple[int, int, int]) -> GraphAnaly
     tensors = _write_tensors(traced, aliases, shapes)
     shapes = {**shapes, **{write: shapes[base] for write, base in tensors.items()}}
     dataflow = DataFlow(traced.graph, aliases)
-    chain = dataflow.dominator_chain()
+    chain = _main_chain(traced, dataflow)
     versions = returned_versions(traced, aliases)
     level_chain = _level_chain(traced, dataflow, chain, shapes)
     search = find_levels(traced, level_chain, shapes, versions, tensors)
@@ -191,6 +214,6 @@ def analyse(traced: TracedModel, input_size: tuple[int, int, int]) -> GraphAnaly
         trunk=search.trunk,
         candidates=search.candidates,
         head=find_head(traced, chain, shapes),
-        decoder=_decoder(traced, dataflow, shapes, level_chain, chain),
+        decoder=_decoder(traced, dataflow, shapes, search.levels),
         declared=_declared_feature_info(traced.root),
     )

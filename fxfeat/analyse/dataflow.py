@@ -74,6 +74,10 @@ class DataFlow:
             chain.append(dominators[chain[-1]])
         return tuple(reversed(chain))
 
+    def computed_from(self, name: str) -> set[str]:
+        """The nodes whose value is computed from node ``name``'s (its data-flow descendants)."""
+        return nx.descendants(self.graph, name)
+
     def feeds_output(self, name: str) -> bool:
         """Whether the value of node ``name`` reaches the output."""
         return name in self._output_ancestors

@@ -132,15 +132,18 @@ class LevelSearch:
 def returning_calls(traced: TracedModel, name: str, versions: dict[str, list[str]] | None = None) -> list[str]:
     """Keys of the module calls that return node ``name``.
 
-    A block that returns it through an ``nn.Identity`` it calls last (an unused anti-aliasing layer, say) counts
-    as returning it; so does a call whose returned tensor was last written by ``name`` (``versions``, from
-    :func:`returned_versions`).
+    A block that returns it through ``nn.Identity`` calls it makes last (an unused anti-aliasing layer, a norm's
+    unused dropout and activation, one after the other) counts as returning it; so does a call whose returned
+    tensor was last written by ``name`` (``versions``, from :func:`returned_versions`).
     """
     keys = list(traced.returned_by.get(name, ()))
     stack = traced.node_calls.get(name, ())
-    for user in traced.nodes[name].users:
-        if user.op == "call_module" and isinstance(traced.root.get_submodule(user.target), nn.Identity):
-            keys += [key for key in traced.returned_by.get(user.name, ()) if key in stack]
+    passed = [name]
+    while passed:
+        for user in traced.nodes[passed.pop()].users:
+            if user.op == "call_module" and isinstance(traced.root.get_submodule(user.target), nn.Identity):
+                keys += [key for key in traced.returned_by.get(user.name, ()) if key in stack]
+                passed.append(user.name)
     return keys + list((versions or {}).get(name, ()))
 
 

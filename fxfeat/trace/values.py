@@ -86,7 +86,10 @@ class _Concrete:
 
 
 class _ValueProxy(_Concrete, fx.Proxy):
-    pass
+    def __setitem__(self, key, value) -> None:
+        """``x[key] = value`` is recorded as an ``operator.setitem`` node (a write into ``x``, which the alias
+        analysis follows), and done on the example value as eager code does it."""
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
 
 
 class _ValueAttribute(_Concrete, Attribute):
