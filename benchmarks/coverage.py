@@ -168,9 +168,9 @@ class _Pool:
 # the conventions). Rendered next to every remaining miss; a miss without an entry is flagged as not analysed.
 EXPLANATIONS = {
     "coat": "multi-branch: CoaT's parallel blocks mix the four resolutions at every step, so no map between the "
-    "serial stages and the end lies on every path; levels off the dominator chain are issue 10",
+    "serial stages and the end lies on every path; fxfeat leaves levels off the dominator chain to `levels=[...]`",
     "crossvit": "multi-branch: two token branches with different patch sizes exchange their class tokens at every "
-    "block, so no map lies on every path; levels off the dominator chain are issue 10",
+    "block, so no map lies on every path; fxfeat leaves levels off the dominator chain to `levels=[...]`",
     **dict.fromkeys(
         ["gemma4_vit", "naflexvit", "tnt"],
         "patches become tokens by reshaping the image (or TNT's inner pixel tokens), never through a map, so the "
@@ -187,13 +187,13 @@ EXPLANATIONS = {
     "efficientvim": "each stage downsamples at its end and returns its map before the downsampling beside the "
     "downsampled one; fxfeat takes the stage as the unit of that downsampling, so its level is the stage's input",
     "hrnet": "multi-branch: parallel resolution branches, so no map below reduction 4 lies on every path; timm "
-    "returns its classification head's `incre_modules`; levels off the dominator chain are issue 10",
+    "returns its classification head's `incre_modules`; fxfeat leaves levels off the dominator chain to `levels=[...]`",
     "mobilenetv5": "multi-branch: the last stage (reduction 32) feeds a fusion adapter beside the reduction-16 stage, "
-    "so it lies off the dominator chain; levels off the chain are issue 10",
+    "so it lies off the dominator chain; fxfeat leaves levels off the chain to `levels=[...]`",
     **dict.fromkeys(
         ["nasnet", "pnasnet"],
         "multi-branch: each cell reads the outputs of the two previous cells, so no map between the stem and the "
-        "last cell lies on every path; levels off the dominator chain are issue 10",
+        "last cell lies on every path; fxfeat leaves levels off the dominator chain to `levels=[...]`",
     ),
     **dict.fromkeys(
         ["ghostnet", "repghost"],

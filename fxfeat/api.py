@@ -15,6 +15,7 @@ from fxfeat.feature_info import FeatureInfo
 from fxfeat.module import FeatureGraphModule
 from fxfeat.passes import (
     attach_classifier,
+    bind_optional_inputs,
     dilate,
     expose_outputs,
     remove_dead_code,
@@ -89,13 +90,15 @@ def compile(
     plan = make_plan(analysis, request)
     graph = run_passes(
         traced.graph, plan,
-        [attach_classifier, dilate, expose_outputs, remove_dead_code, snapshot_outputs, remove_dead_code],
+        [bind_optional_inputs, attach_classifier, dilate, expose_outputs, remove_dead_code, snapshot_outputs,
+         remove_dead_code],
     )
     feature_info = FeatureInfo(plan.feature_info(), plan.out_indices)
     extractor = FeatureGraphModule.build(
         traced.graph_module, graph, feature_info, training=model.training,
         class_name=f"{traced.model_name}Features", new_modules=_new_modules(plan, traced.root),
     )
+    extractor.input_size = request.input_size
     if plan.op_edits:
         extractor.feature_info = _checked_output_stride_info(extractor, plan, request.input_size)
     return extractor

@@ -29,6 +29,8 @@ __all__ = [
     "OutputStrideError",
     "RewriteError",
     "InputShapeError",
+    "ExportError",
+    "MissingDependencyError",
 ]
 
 
@@ -108,6 +110,15 @@ class RewriteError(FxFeatError, RuntimeError):
 
 class InputShapeError(FxFeatError, ValueError):
     """An extractor traced through Python that depends on the input's shape was called with another shape."""
+
+
+class ExportError(FxFeatError, RuntimeError):
+    """Exporting an extractor failed, or the exported artefact does not match the eager extractor; the message
+    names the format, the exporter, and the node or op the exporter reported."""
+
+
+class MissingDependencyError(FxFeatError, ImportError):
+    """An optional package a feature needs (``onnx``, ``onnxruntime``) is not installed."""
 
 
 class FxFeatWarning(UserWarning):

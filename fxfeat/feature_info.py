@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,6 +78,24 @@ class FeatureInfo:
     def from_other(self, out_indices: Sequence[int]) -> FeatureInfo:
         """The same levels with another selection."""
         return FeatureInfo(self.info, out_indices)
+
+    def to_json(self) -> str:
+        """The levels and the selection as JSON (shapes become lists), as stored in exported files.
+
+        Example:
+            >>> info = FeatureInfo([dict(num_chs=8, reduction=2, module="stem", shape=(8, 4, 4))], out_indices=(0,))
+            >>> FeatureInfo.from_json(info.to_json()).get_dicts()[0]["shape"]
+            (8, 4, 4)
+        """
+        return json.dumps(dict(info=self.info, out_indices=list(self.out_indices)))
+
+    @classmethod
+    def from_json(cls, text: str) -> FeatureInfo:
+        """Read what :meth:`to_json` wrote."""
+        data = json.loads(text)
+        info = [{k: tuple(v) if k == "shape" and v is not None else v for k, v in entry.items()}
+                for entry in data["info"]]
+        return cls(info, data["out_indices"])
 
     def __getitem__(self, item: int) -> dict[str, Any]:
         return self.info[item]

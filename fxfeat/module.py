@@ -27,7 +27,12 @@ class FeatureGraphModule(fx.GraphModule):
 
     Attributes:
         feature_info: :class:`~fxfeat.FeatureInfo` of the returned tensors.
+        input_size: ``(C, H, W)`` the extractor was compiled (probed) at; exports default to it.
     """
+
+    # Python-side descriptions, not part of the computation: TorchScript leaves them out.
+    __jit_unused_properties__ = [*getattr(fx.GraphModule, "__jit_unused_properties__", []), "feature_info",
+                                 "input_size"]
 
     @property
     def feature_info(self) -> FeatureInfo:
@@ -36,6 +41,14 @@ class FeatureGraphModule(fx.GraphModule):
     @feature_info.setter
     def feature_info(self, value: FeatureInfo) -> None:
         self.meta.setdefault(_PRESERVED, {})["feature_info"] = value
+
+    @property
+    def input_size(self) -> tuple[int, int, int] | None:
+        return self.meta[_PRESERVED].get("input_size")
+
+    @input_size.setter
+    def input_size(self, value: tuple[int, int, int]) -> None:
+        self.meta.setdefault(_PRESERVED, {})["input_size"] = tuple(value)
 
     @classmethod
     def build(

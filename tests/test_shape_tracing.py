@@ -272,11 +272,16 @@ def test_tracing_leaves_nothing_in_the_model():
     # torch.fx also stores the tensors traced code creates on the root as `_tensor_constant` attributes.
     from tests.conftest import timm_model
 
-    for name in ("tiny_vit_5m_224", "swin_tiny_patch4_window7_224"):
+    # ConViT's attention assigns its position buffer in forward, which stored a proxy in the buffer table.
+    for name in ("tiny_vit_5m_224", "swin_tiny_patch4_window7_224", "convit_tiny"):
         model = timm_model(name)
         attributes = {path: set(module.__dict__) for path, module in model.named_modules()}
+        buffers = {path: dict(module._buffers) for path, module in model.named_modules()}
         fxfeat.compile(model)
+        fxfeat.compile(model, levels="auto")  # a second trace starts from the same state
         assert {path: set(module.__dict__) for path, module in model.named_modules()} == attributes
+        assert all(module._buffers[key] is value
+                   for path, module in model.named_modules() for key, value in buffers[path].items())
         caches = [module.attention_bias_cache for module in model.modules() if hasattr(module, "attention_bias_cache")]
         assert all(not cache for cache in caches)
         with torch.no_grad():

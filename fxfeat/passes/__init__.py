@@ -1,6 +1,7 @@
 """Stage 4 of the pipeline: rewrite passes over a copy of the traced graph, run by one driver."""
 
 from fxfeat.passes.attach_classifier import attach_classifier
+from fxfeat.passes.bind_inputs import bind_optional_inputs
 from fxfeat.passes.dead_code import remove_dead_code
 from fxfeat.passes.dilate import dilate
 from fxfeat.passes.driver import run_passes
@@ -8,5 +9,6 @@ from fxfeat.passes.expose_outputs import expose_outputs
 from fxfeat.passes.snapshot_outputs import snapshot_outputs
 
 __all__ = [
-    "attach_classifier", "dilate", "expose_outputs", "remove_dead_code", "run_passes", "snapshot_outputs",
+    "attach_classifier", "bind_optional_inputs", "dilate", "expose_outputs", "remove_dead_code", "run_passes",
+    "snapshot_outputs",
 ]

@@ -266,12 +266,12 @@ def trace_model(
 @contextlib.contextmanager
 def _undoing_module_writes(model: nn.Module) -> Iterator[None]:
     """Undo, on exit, what tracing wrote into the modules' attributes and plain containers (a cache that stored a
-    proxy, a counter): the user's model is never changed, and a second trace starts from the same state."""
+    proxy, a counter, a buffer assigned in ``forward``): the user's model is never changed, and a second trace
+    starts from the same state."""
     saved = []
     for module in model.modules():
         attributes = dict(module.__dict__)
-        contents = {key: copy.copy(value) for key, value in attributes.items()
-                    if type(value) in (dict, list, set) and key not in _MODULE_TABLES}
+        contents = {key: copy.copy(value) for key, value in attributes.items() if type(value) in (dict, list, set)}
         saved.append((module, attributes, contents))
     try:
         yield
@@ -286,9 +286,6 @@ def _undoing_module_writes(model: nn.Module) -> Iterator[None]:
                 else:
                     container.clear()
                     container.update(snapshot)
-
-
-_MODULE_TABLES = {"_parameters", "_buffers", "_modules"}
 
 
 def _trace(tracer: fx.Tracer, root: nn.Module) -> tuple[fx.Graph, dict[str, object]]:
