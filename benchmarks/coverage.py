@@ -107,17 +107,18 @@ def _worker(connection, without_registry: bool = False) -> None:
 
 
 class _Pool:
-    """Worker processes that each check one model at a time; a model past the time limit kills its worker."""
+    """Worker processes that each check one model at a time; a model past the time limit kills its worker.
+    ``target(connection)`` is the worker loop (default: the coverage checks)."""
 
-    def __init__(self, workers: int, timeout: float, without_registry: bool = False):
-        self.without_registry = without_registry
+    def __init__(self, workers: int, timeout: float, without_registry: bool = False, target=None):
+        self.target, self.args = (target, ()) if target is not None else (_worker, (without_registry,))
         self.context = multiprocessing.get_context("spawn")
         self.timeout = timeout
         self.slots = [self._start() for _ in range(workers)]
 
     def _start(self) -> dict[str, Any]:
         parent, child = self.context.Pipe()
-        process = self.context.Process(target=_worker, args=(child, self.without_registry), daemon=True)
+        process = self.context.Process(target=self.target, args=(child, *self.args), daemon=True)
         process.start()
         return dict(process=process, connection=parent, case=None, started=0.0)
 

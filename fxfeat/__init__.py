@@ -7,15 +7,18 @@ Example:
     [64, 64, 128, 256, 512]
 """
 
+from fxfeat import export
 from fxfeat.api import Inspection, compile, inspect
 from fxfeat.errors import (
     DeclaredLevelError,
+    ExportError,
     FxFeatError,
     FxFeatWarning,
     HeadNotFoundError,
     InputShapeError,
     InvalidModelError,
     InvalidRequestError,
+    MissingDependencyError,
     NoFeatureMapsError,
     OutIndicesError,
     OutputStrideError,
@@ -30,17 +33,20 @@ from fxfeat.module import FeatureGraphModule
 
 __all__ = [
     "compile",
+    "export",
     "inspect",
     "Inspection",
     "FeatureInfo",
     "FeatureGraphModule",
     "DeclaredLevelError",
+    "ExportError",
     "FxFeatError",
     "FxFeatWarning",
     "HeadNotFoundError",
     "InputShapeError",
     "InvalidModelError",
     "InvalidRequestError",
+    "MissingDependencyError",
     "NoFeatureMapsError",
     "OutIndicesError",
     "OutputStrideError",

@@ -1,4 +1,5 @@
-"""Command line: ``python -m fxfeat inspect torchvision:resnet50`` and ``python -m fxfeat demo``.
+"""Command line: ``python -m fxfeat inspect torchvision:resnet50``, ``python -m fxfeat export timm:NAME --onnx
+out.onnx`` and ``python -m fxfeat demo``.
 
 Models are named ``torchvision:NAME`` or ``timm:NAME`` and built with random weights (no download).
 """
@@ -72,6 +73,44 @@ def _demo(args: argparse.Namespace) -> None:
         print()
 
 
+def _out_indices(text: str | None):
+    if text is None:
+        return None
+    values = tuple(int(part) for part in text.split(","))
+    return values[0] if len(values) == 1 and not text.endswith(",") else values
+
+
+def _export(args: argparse.Namespace) -> None:
+    import fxfeat
+    from fxfeat import export
+
+    targets = [(flag, path) for flag, path in (("onnx", args.onnx), ("torchscript", args.torchscript),
+                                                 ("exported_program", args.exported_program)) if path]
+    if not targets:
+        raise fxfeat.InvalidRequestError("Nothing to export.",
+                                         hint="give --onnx PATH, --torchscript PATH or --exported-program PATH.")
+    model = build_model(args.model)
+    input_size = tuple(args.input_size) if args.input_size else None
+    extractor = fxfeat.compile(model, mode=args.mode, out_indices=_out_indices(args.out_indices),
+                               output_stride=args.output_stride, input_size=input_size)
+    channels, height, width = extractor.input_size
+    with torch.no_grad():
+        outputs = extractor.eval()(torch.randn(1, channels, height, width))
+    outputs = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+    print(f"{args.model}: {len(outputs)} outputs for a 1x{channels}x{height}x{width} input")
+    for name, output in zip(export.output_names(extractor), outputs):
+        print(f"  {name:<28} {list(output.shape)}")
+    for kind, path in targets:
+        if kind == "onnx":
+            report = export.to_onnx(extractor, path, dynamic=not args.static)
+        elif kind == "torchscript":
+            _, report = export.to_torchscript(extractor, args.method, path=path, return_report=True)
+        else:
+            _, report = export.to_exported_program(extractor, path=path, dynamic=not args.static,
+                                                   return_report=True)
+        print(report)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fxfeat", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +119,18 @@ def main(argv: list[str] | None = None) -> None:
     inspect.add_argument("--levels", default=None, help="'auto', or comma-separated module paths/node names")
     inspect.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
     inspect.set_defaults(run=_inspect)
+    export = commands.add_parser("export", help="compile a model and export the extractor, checked against eager")
+    export.add_argument("model", help="torchvision:NAME or timm:NAME")
+    export.add_argument("--onnx", metavar="PATH", help="write an ONNX file")
+    export.add_argument("--torchscript", metavar="PATH", help="write a TorchScript archive")
+    export.add_argument("--exported-program", metavar="PATH", help="write a torch.export archive (.pt2)")
+    export.add_argument("--method", choices=("script", "trace"), default="script", help="TorchScript method")
+    export.add_argument("--mode", choices=("features", "unpooled", "pooled"), default="features")
+    export.add_argument("--out-indices", help="e.g. '1,2,3,4', or 'N' for the last N levels")
+    export.add_argument("--output-stride", type=int, choices=(8, 16, 32))
+    export.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
+    export.add_argument("--static", action="store_true", help="fix the batch, height and width to the example's")
+    export.set_defaults(run=_export)
     demo = commands.add_parser("demo", help="compile a few models and print their pyramids")
     demo.add_argument("models", nargs="*", default=["torchvision:resnet50", "timm:regnety_032"])
     demo.set_defaults(run=_demo)
