@@ -10,7 +10,7 @@ format) case, two at a time, one thread each, under a time limit.
 Usage::
 
     python -m benchmarks.export_zoo [--models timm:NAME torchvision:NAME ...] [--timeout 150] [--workers 2]
-        [--out docs/export.json] [--markdown docs/export-zoo.md] [--guide docs/export.md] [--render]
+        [--out docs/export.json] [--markdown docs/export-zoo.md] [--guide docs/export.md] [--render] [--resume]
 
 It writes the JSON, the per-model table (``--markdown``) and the summary table between the
 ``<!-- zoo-table:start -->`` and ``<!-- zoo-table:end -->`` markers of the guide.
@@ -93,7 +93,8 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Per format: models compiled, exported and checked, with every dim dynamic, and by which exporter."""
     summary: dict[str, Any] = {}
     for fmt in FORMATS:
-        rows = [r for r in results if r["format"] == fmt and r.get("compiled")]
+        # A case past the time limit has no record of compiling; it counts as compiled and not exported.
+        rows = [r for r in results if r["format"] == fmt and r.get("compiled", True)]
         exported = [r for r in rows if r.get("ok")]
         summary[fmt] = dict(
             compiled=len(rows), exported=len(exported),
@@ -110,6 +111,8 @@ def _cell(result: dict[str, Any] | None) -> str:
         return "-"
     if not result.get("compiled", True):
         return "not compiled"
+    if "timeout" in result.get("error", ""):
+        return "time limit"
     if result.get("ok"):
         dims = {"batch,height,width": "dynamic", "batch": "batch only", "": "static"}[",".join(result["dynamic"])]
         return f"yes ({dims})"
@@ -126,6 +129,9 @@ def summary_table(report: dict[str, Any]) -> list[str]:
         "the export succeeded and its parity check against eager passed (`fxfeat.export.close`: rtol 1e-4, "
         "absolute tolerance 1e-5 + 1e-4 x the output's largest magnitude) at the compile size and through every "
         "dim it reports dynamic.",
+        *([f"**Partial: {len(results)} of {report['cases']} (model, format) cases measured so far** (the run was "
+           "interrupted; `python -m benchmarks.export_zoo --resume` measures the rest)."]
+          if len(results) < report["cases"] else []),
         "",
         "| format | exported / compiled | every dim dynamic | batch only | by exporter | time limit hit |",
         "|---|---|---|---|---|---|",
@@ -150,7 +156,7 @@ def write_markdown(report: dict[str, Any], path: Path, guide: Path | None = None
         by_model.setdefault((r["library"], r["name"]), {})[r["format"]] = r
     for (library, name), row in by_model.items():
         lines.append(f"| {library}:{name} | " + " | ".join(_cell(row.get(fmt)) for fmt in FORMATS) + " |")
-    failures = [r for r in results if r.get("compiled") and not r.get("ok")]
+    failures = [r for r in results if r.get("compiled", True) and not r.get("ok")]
     if failures:
         lines += ["", "## Why an export failed", ""]
         lines += [f"- {r['library']}:{r['name']} {r['format']}: {r.get('error', '')[:400]}" for r in failures]
@@ -174,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--markdown", type=Path, default=Path("docs/export-zoo.md"))
     parser.add_argument("--guide", type=Path, default=Path("docs/export.md"), help="gets the summary table")
     parser.add_argument("--render", action="store_true", help="only rewrite --markdown from the --out JSON")
+    parser.add_argument("--resume", action="store_true", help="keep the results in --out, run the other cases")
     args = parser.parse_args(argv)
     if args.render:
         report = json.loads(args.out.read_text())
@@ -191,6 +198,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cases = _cases(args)
     start = time.monotonic()
     results: list[dict[str, Any]] = []
+    if args.resume and args.out.exists():  # go on from an interrupted run: its cases are not run again
+        previous = json.loads(args.out.read_text())
+        results = previous["results"]
+        start -= previous["wall_s"]
+        done = {(r["library"], r["name"], r["format"]) for r in results}
+        cases_to_run = [c for c in cases if (c["library"], c["name"], c["format"]) not in done]
+    else:
+        cases_to_run = cases
 
     def report_now() -> dict[str, Any]:
         return dict(
@@ -210,10 +225,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     pool = _Pool(args.workers, args.timeout, target=_worker)
     try:
-        pool.run(cases, on_result)
+        pool.run(cases_to_run, on_result)
     finally:
         pool.close()
     order = {(c["library"], c["name"], c["format"]): i for i, c in enumerate(cases)}
+    results = [r for r in results if (r["library"], r["name"], r["format"]) in order]
     results.sort(key=lambda r: order[(r["library"], r["name"], r["format"])])
     report = report_now()
     args.out.write_text(json.dumps(report, indent=1) + "\n")

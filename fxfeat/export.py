@@ -102,7 +102,8 @@ class ExportReport:
 
 def output_names(extractor: FeatureGraphModule) -> list[str]:
     """Names of the extractor's outputs in order: the dict keys if it returns a dict, else each level's module
-    path (its node name when it has none), made into unique identifiers.
+    path (``pooled`` for pooled features, which no module returns; else the node name), made into unique
+    identifiers.
 
     Example:
         >>> import torchvision, fxfeat
@@ -111,7 +112,8 @@ def output_names(extractor: FeatureGraphModule) -> list[str]:
     """
     keys = _returned_keys(extractor)
     if keys is None:
-        keys = [entry["module"] or entry["node"] for entry in extractor.feature_info.get_dicts()]
+        keys = [entry["module"] or ("pooled" if entry.get("fmt") == "NC" else entry["node"])
+                for entry in extractor.feature_info.get_dicts()]
     names: list[str] = []
     for key in keys:
         name = re.sub(r"\W", "_", str(key)) or "output"
@@ -304,7 +306,8 @@ def to_torchscript(extractor: FeatureGraphModule, method: str = "script", *, pat
             if method == "script":
                 module = torch.jit.script(extractor)
             else:
-                module = torch.jit.trace(extractor, inputs.example, strict=False, check_trace=False)
+                with torch.no_grad():  # the inference path, as eager runs it (nn.MultiheadAttention's fast path)
+                    module = torch.jit.trace(extractor, inputs.example, strict=False, check_trace=False)
         except Exception as error:
             raise _export_error(extractor, what, error) from error
 
@@ -368,9 +371,37 @@ def _onnx_runtime():
     return onnx, onnxruntime
 
 
-def _export_onnx(extractor: nn.Module, example: torch.Tensor, path: Path, names: list[str], exporter: str,
+def _rename_outputs(graph, names: list[str]) -> None:
+    """Give the ONNX ``graph``'s outputs ``names``. Exporters name values after the fx nodes, and a level's name
+    may be one of them (an output named ``permute`` beside an internal ``permute`` makes an invalid model), so
+    an internal value holding a wanted name is renamed first."""
+
+    def rename(old: str, new: str) -> None:
+        for node in graph.node:
+            for field in (node.input, node.output):
+                if old in field:
+                    renamed = [new if name == old else name for name in field]
+                    del field[:]
+                    field.extend(renamed)
+        for value in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+            if value.name == old:
+                value.name = new
+
+    current = [output.name for output in graph.output]
+    for index, name in enumerate(current):  # out of the way first: the wanted names may be swapped
+        rename(name, f"__fxfeat_output_{index}")
+    used = {name for node in graph.node for name in (*node.input, *node.output)}
+    used |= {value.name for value in (*graph.input, *graph.value_info, *graph.initializer)}
+    for name in names:
+        if name in used:
+            rename(name, f"{name}__internal")
+    for index, name in enumerate(names):
+        rename(f"__fxfeat_output_{index}", name)
+
+
+def _export_onnx(extractor: nn.Module, example: torch.Tensor, path: Path, exporter: str,
                  dims: tuple[str, ...], opset: int | None) -> None:
-    common = dict(input_names=[INPUT_NAME], output_names=names, opset_version=opset)
+    common = dict(input_names=[INPUT_NAME], opset_version=opset)  # outputs are named afterwards (_rename_outputs)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # the exporters' progress and deprecation chatter
         if exporter == "dynamo":
@@ -411,13 +442,19 @@ def to_onnx(extractor: FeatureGraphModule, path: str | Path, *, input_size: tupl
             what = f"ONNX ({candidate} exporter)"
             try:
                 try:
-                    _export_onnx(extractor, inputs.example, path, names, candidate, dims, opset)
+                    _export_onnx(extractor, inputs.example, path, candidate, dims, opset)
+                    model = onnx.load(str(path))
+                    _rename_outputs(model.graph, names)
+                    onnx.helper.set_model_props(model, {FEATURE_INFO_KEY: extractor.feature_info.to_json(),
+                                                        "fxfeat.exporter": candidate})
+                    onnx.save(model, str(path))
+                    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
                 except Exception as error:
                     raise _export_error(extractor, what, error) from error
-                session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
-                def run(x, session=session):
-                    return [torch.from_numpy(output) for output in session.run(None, {INPUT_NAME: x.numpy()})]
+                def run(x, session=session):  # on the CPU, whatever the extractor's device
+                    outputs = session.run(None, {INPUT_NAME: x.detach().cpu().numpy()})
+                    return [torch.from_numpy(output).to(x.device) for output in outputs]
 
                 return candidate, _compare(extractor, run, inputs.checked(dims), what)
             except ExportError as error:
@@ -428,9 +465,6 @@ def to_onnx(extractor: FeatureGraphModule, path: str | Path, *, input_size: tupl
 
     with _in_eval_mode(extractor):
         used, checks, dims, notes = _most_dynamic(inputs, attempt)
-    model = onnx.load(str(path))
-    onnx.helper.set_model_props(model, {FEATURE_INFO_KEY: extractor.feature_info.to_json(), "fxfeat.exporter": used})
-    onnx.save(model, str(path))
     tried = [failure for failure in failures if failure.startswith("ONNX (dynamo") and used != "dynamo"]
     notes += tuple(f"the dynamo exporter failed: {failure}" for failure in tried[-1:])
     return ExportReport("onnx", used, tuple(names), dims, checks, str(path), notes)

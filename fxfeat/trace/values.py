@@ -97,19 +97,31 @@ class _ValueAttribute(_Concrete, Attribute):
 
 
 def check_input_shape(x: torch.Tensor, batch: int | None, size: tuple[int, int] | None) -> torch.Tensor:
-    """Raise if ``x`` is not of the batch size and spatial size a shape-specialised graph was traced for."""
+    """Raise if ``x`` is not of the batch size and spatial size a shape-specialised graph was traced for.
+    TorchScript compiles it (an exported extractor keeps the check), with a plain message."""
     wrong_batch = batch is not None and x.shape[0] != batch
-    wrong_size = size is not None and tuple(x.shape[-2:]) != tuple(size)
+    wrong_size = False
+    if size is not None:
+        wrong_size = x.shape[-2] != size[0] or x.shape[-1] != size[1]
     if wrong_batch or wrong_size:
-        expected = [f"batch size {batch}"] if batch is not None else []
-        expected += [f"height x width {size[0]}x{size[1]}"] if size is not None else []
-        raise InputShapeError(
-            f"this extractor was traced through Python code that depends on the input's shape, and is valid only "
-            f"for inputs with {' and '.join(expected)}; got an input of shape {tuple(x.shape)}.",
-            hint="compile again with input_size=(C, H, W) of your inputs (and a batch of that size), or remove "
-            "the shape-dependent Python from the model's forward.",
-        )
+        if not torch.jit.is_scripting():
+            raise _input_shape_error(x, batch, size)
+        raise RuntimeError("InputShapeError: this extractor was traced through Python code that depends on the "
+                           "input's shape, and is valid only for the batch size and height x width it was compiled "
+                           "for (see the extractor's feature_info shapes)")
     return x
+
+
+@torch.jit.unused
+def _input_shape_error(x: torch.Tensor, batch: int | None, size: tuple[int, int] | None) -> InputShapeError:
+    expected = [f"batch size {batch}"] if batch is not None else []
+    expected += [f"height x width {size[0]}x{size[1]}"] if size is not None else []
+    return InputShapeError(
+        f"this extractor was traced through Python code that depends on the input's shape, and is valid only "
+        f"for inputs with {' and '.join(expected)}; got an input of shape {tuple(x.shape)}.",
+        hint="compile again with input_size=(C, H, W) of your inputs (and a batch of that size), or remove "
+        "the shape-dependent Python from the model's forward.",
+    )
 
 
 def example_batch(module: torch.nn.Module, size: tuple[int, ...], batch: int = EXAMPLE_BATCH,
