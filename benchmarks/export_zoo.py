@@ -37,8 +37,6 @@ DEFAULT_TIMEOUT_S = 150
 
 def check_export(library: str, name: str, fmt: str) -> dict[str, Any]:
     """Compile ``library:name`` with the defaults and export it to ``fmt``; failures are recorded, not raised."""
-    import torch
-
     import fxfeat
     from benchmarks.coverage_check import _build, _input_size, describe_error
     from fxfeat import export
@@ -65,7 +63,6 @@ def check_export(library: str, name: str, fmt: str) -> dict[str, Any]:
     except Exception as error:
         result.update(ok=False, error=describe_error(error))
     result["seconds"] = round(time.perf_counter() - start, 1)
-    del torch
     return result
 
 

@@ -494,8 +494,7 @@ def read_feature_info(path: str | Path) -> FeatureInfo:
     if not zipfile.is_zipfile(path):
         return read_onnx_feature_info(path)
     with zipfile.ZipFile(path) as archive:
-        member = next((name for name in archive.namelist() if name.endswith(f"/{FEATURE_INFO_FILE}")
-                       or name.endswith(f"extra/{FEATURE_INFO_FILE}")), None)
+        member = next((name for name in archive.namelist() if name.endswith(f"/{FEATURE_INFO_FILE}")), None)
         if member is None:
             raise ExportError(f"{path} holds no fxfeat feature_info.",
                               hint="export it with fxfeat.export (to_torchscript or to_exported_program with path=).")
