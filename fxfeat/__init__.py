@@ -9,6 +9,7 @@ Example:
 
 from fxfeat import export
 from fxfeat.api import Inspection, compile, inspect
+from fxfeat.backbone import Backbone, backbone
 from fxfeat.errors import (
     DeclaredLevelError,
     ExportError,
@@ -29,10 +30,14 @@ from fxfeat.errors import (
     UnknownLevelError,
 )
 from fxfeat.feature_info import FeatureInfo
+from fxfeat.freeze import freeze
 from fxfeat.module import FeatureGraphModule
 
 __all__ = [
     "compile",
+    "backbone",
+    "Backbone",
+    "freeze",
     "export",
     "inspect",
     "Inspection",

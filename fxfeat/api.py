@@ -5,12 +5,16 @@ trace -> analyse -> plan -> rewrite -> build.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch
 from torch import nn
 
 from fxfeat.analyse import GraphAnalysis, Head, analyse
+from fxfeat.analyse.aliases import annotate_aliases
+from fxfeat.errors import FxFeatWarning
 from fxfeat.feature_info import FeatureInfo
 from fxfeat.module import FeatureGraphModule
 from fxfeat.passes import (
@@ -25,7 +29,8 @@ from fxfeat.passes import (
 from fxfeat.plan import make_plan, make_request
 from fxfeat.plan.output_stride import check_output_stride, edited_module
 from fxfeat.plan.plan import NEW_CLASSIFIER, format_table
-from fxfeat.trace import evaluation_mode, trace_model
+from fxfeat.trace import TracedModel, evaluation_mode, trace_model, trace_training_graph
+from fxfeat.trace.align import AlignmentError, align_training_graph
 
 __all__ = ["compile", "inspect", "Inspection"]
 
@@ -88,20 +93,63 @@ def compile(
         traced = trace_model(model, example_size=request.input_size)
         analysis = analyse(traced, request.input_size)
     plan = make_plan(analysis, request)
-    graph = run_passes(
-        traced.graph, plan,
-        [bind_optional_inputs, attach_classifier, dilate, expose_outputs, remove_dead_code, snapshot_outputs,
-         remove_dead_code],
-    )
+    graphs, targets = _mode_graphs(traced, analysis, plan)
+    targets.update(_new_modules(plan, traced.root))
     feature_info = FeatureInfo(plan.feature_info(), plan.out_indices)
     extractor = FeatureGraphModule.build(
-        traced.graph_module, graph, feature_info, training=model.training,
-        class_name=f"{traced.model_name}Features", new_modules=_new_modules(plan, traced.root),
+        model, graphs, targets, feature_info, training=model.training, class_name=f"{traced.model_name}Features",
     )
     extractor.input_size = request.input_size
     if plan.op_edits:
         extractor.feature_info = _checked_output_stride_info(extractor, plan, request.input_size)
     return extractor
+
+
+_PASSES = (bind_optional_inputs, attach_classifier, dilate, expose_outputs, remove_dead_code, snapshot_outputs,
+           remove_dead_code)
+
+
+def _targets(graph_module: torch.fx.GraphModule, graph: torch.fx.Graph) -> dict[str, object]:
+    """What the ``call_module``/``get_attr`` targets of ``graph`` name in ``graph_module``."""
+    return {node.target: graph_module.get_submodule(node.target) if node.op == "call_module" else
+            attrgetter(node.target)(graph_module) for node in graph.nodes if node.op in ("call_module", "get_attr")}
+
+
+def _mode_graphs(traced: TracedModel, analysis: GraphAnalysis, plan) -> tuple[dict[str, torch.fx.Graph], dict]:
+    """The rewritten eval-mode graph and train-mode graph (the same object when they do not differ), and what
+    their targets name. The train graph is traced again in train mode, given the eval graph's node names
+    (:func:`~fxfeat.trace.align.align_training_graph`) and rewritten by the same passes with the same plan. If that
+    fails, the extractor runs the eval graph in both modes, with a warning."""
+    eval_graph = run_passes(traced.graph, plan, _PASSES)
+    eval_targets = _targets(traced.graph_module, traced.graph)
+    try:
+        raw, raw_targets = trace_training_graph(traced)
+        aligned, train_targets = align_training_graph(traced.graph, eval_targets, raw, raw_targets)
+        missing = plan.node_names() - {node.name for node in aligned.nodes}
+        if missing:
+            raise AlignmentError(f"no train-mode counterpart for node(s) {sorted(missing)}")
+        added = {node.name for node in aligned.nodes if node.name.startswith("training_")}
+        annotate_aliases(aligned, traced.root, tensors=set(analysis.shapes) | added)
+        train_graph = run_passes(aligned, plan, _PASSES)
+    except Exception as error:
+        warnings.warn(
+            f"fxfeat could not build the train-mode graph of {traced.model_name} ({type(error).__name__}: "
+            f"{error}); the extractor runs the eval-mode graph in .train() too, so Python that only runs in "
+            "training (drop path, F.dropout(x, p, self.training)) stays off. Modules (nn.Dropout, batch norm) "
+            "still follow .train().",
+            FxFeatWarning, stacklevel=3,
+        )
+        train_graph, train_targets = eval_graph, eval_targets
+    if train_graph.python_code("self").src == eval_graph.python_code("self").src:
+        train_graph = eval_graph
+    return {"train": train_graph, "eval": eval_graph}, {**_used(train_graph, train_targets),
+                                                        **_used(eval_graph, eval_targets)}
+
+
+def _used(graph: torch.fx.Graph, targets: dict[str, object]) -> dict[str, object]:
+    """The entries of ``targets`` that ``graph`` uses."""
+    return {node.target: targets[node.target] for node in graph.nodes if node.op in ("call_module", "get_attr")
+            and node.target in targets}
 
 
 def _new_modules(plan, root: nn.Module) -> dict[str, nn.Module]:

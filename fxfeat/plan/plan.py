@@ -99,6 +99,17 @@ class ExtractionPlan:
     output_fmt: str = "NCHW"
     isotropic: bool = False
 
+    def node_names(self) -> set[str]:
+        """Every node of the traced graph the rewrite passes look up by name."""
+        names = {edit.node for edit in self.op_edits}
+        if self.classifier is not None:
+            names.add(self.classifier[0])
+        for output in self.outputs:
+            names.update(name for name in (output.node, output.version) if name and name != NEW_CLASSIFIER)
+            if output.tokens is not None:
+                names.add(output.tokens[1].source)
+        return names
+
     def feature_info(self) -> list[dict[str, Any]]:
         """timm-style info dicts for every level, describing the tensors as they are returned (the levels not
         returned as they would be), with the layout the model computes (``native_fmt``) and the number of

@@ -1,5 +1,12 @@
 """Stage 1 of the pipeline: trace a model with ``torch.fx``, recording which module call made each node."""
 
-from fxfeat.trace.tracer import ModuleCall, TracedModel, describe_node, evaluation_mode, trace_model
+from fxfeat.trace.tracer import (
+    ModuleCall,
+    TracedModel,
+    describe_node,
+    evaluation_mode,
+    trace_model,
+    trace_training_graph,
+)
 
-__all__ = ["ModuleCall", "TracedModel", "describe_node", "evaluation_mode", "trace_model"]
+__all__ = ["ModuleCall", "TracedModel", "describe_node", "evaluation_mode", "trace_model", "trace_training_graph"]

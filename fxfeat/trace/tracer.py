@@ -29,13 +29,14 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 from torch import nn
 
 from fxfeat.errors import FxFeatWarning, InvalidModelError, TraceFailedError
 from fxfeat.trace.values import ValueTracer, check_input_shape, example_batch
 
-__all__ = ["ModuleCall", "TracedModel", "describe_node", "evaluation_mode", "trace_model"]
+__all__ = ["ModuleCall", "TracedModel", "describe_node", "evaluation_mode", "trace_model", "trace_training_graph"]
 
 _CONTAINER_FORWARDS = {nn.Sequential.forward, nn.ModuleList.forward, nn.ModuleDict.forward}
 
@@ -74,6 +75,8 @@ class TracedModel:
         calls: every module call by key.
         node_calls: for each node name, the keys of the calls that created it, outermost first.
         opaque_modules: submodules made leaves because tracing through them failed, with the reason.
+        opaque_types: the classes made opaque (every instance of a class that failed is a leaf).
+        example: the example batch of shape-aware tracing (``None``: plain ``torch.fx`` traced the model).
     """
 
     root: nn.Module
@@ -81,6 +84,8 @@ class TracedModel:
     calls: dict[str, ModuleCall]
     node_calls: dict[str, tuple[str, ...]]
     opaque_modules: dict[str, str] = field(default_factory=dict)
+    opaque_types: frozenset[type] = frozenset()
+    example: torch.Tensor | None = None
 
     @property
     def graph(self) -> fx.Graph:
@@ -152,6 +157,9 @@ def _library_notrace_hints() -> tuple[tuple[type, ...], tuple]:
 
 
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
+# Batch and instance norms of any library: one op whose running statistics and training flag live in the module,
+# kept whole so that the module's own flag decides how it normalises (``fxfeat.freeze`` keeps them in eval mode).
+_NORMS = (nn.modules.batchnorm._NormBase,)
 
 
 def _holds_layers(module: nn.Module) -> bool:
@@ -172,7 +180,7 @@ class _RecordingTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if type(m) in self.opaque_types:
             return True
-        if self.leaf_types and isinstance(m, self.leaf_types) and not _holds_layers(m):
+        if isinstance(m, (*self.leaf_types, *_NORMS)) and not _holds_layers(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -234,6 +242,7 @@ def trace_model(
     """
     leaf_types, autowrap_functions = _library_notrace_hints()
     root = _traceable_root(model)
+    example = None
     try:
         tracer = _RecordingTracer(set(), leaf_types, autowrap_functions)
         graph, targets = _trace(tracer, root)
@@ -260,7 +269,39 @@ def trace_model(
     node_calls = {
         node.name: tuple(node.meta.get("nn_module_stack", {}).keys()) for node in graph_module.graph.nodes
     }
-    return TracedModel(model, graph_module, tracer.calls, node_calls, opaque)
+    return TracedModel(model, graph_module, tracer.calls, node_calls, opaque, frozenset(opaque_types), example)
+
+
+def trace_training_graph(traced: TracedModel) -> tuple[fx.Graph, dict[str, object]]:
+    """Trace ``traced.root`` again as its ``.train()`` runs, the way ``traced`` was traced (plain or shape-aware,
+    the same opaque modules): dropout, drop path and stochastic depth written as ``if self.training:`` or
+    ``F.dropout(x, p, self.training)`` appear as they run in training. Nothing of the model changes: its flags,
+    buffers (batch-norm statistics updated by shape-aware tracing) and the random number generator's state are
+    restored. Returns the graph and what its ``call_module`` and ``get_attr`` targets name.
+    """
+    model = traced.root
+    leaf_types, autowrap_functions = _library_notrace_hints()
+    root = _traceable_root(model)
+    flags = {module: module.training for module in model.modules()}
+    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    devices = sorted({b.device.index for b, _ in buffers if b.is_cuda} | {
+        p.device.index for p in model.parameters() if p.is_cuda})
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            model.train()
+            if traced.example is None:
+                tracer = _RecordingTracer(set(traced.opaque_types), leaf_types, autowrap_functions)
+            else:
+                tracer = _ValueRecordingTracer(set(traced.opaque_types), leaf_types, autowrap_functions,
+                                               example=traced.example)
+            graph, targets = _trace(tracer, root)
+    finally:
+        for module, flag in flags.items():
+            module.training = flag
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+    return graph, targets
 
 
 @contextlib.contextmanager
