@@ -5,8 +5,9 @@ from fxfeat.trace.tracer import (
     TracedModel,
     describe_node,
     evaluation_mode,
+    random_state_kept,
     trace_model,
     trace_training_graph,
 )
 
-__all__ = ["ModuleCall", "TracedModel", "describe_node", "evaluation_mode", "trace_model", "trace_training_graph"]
+__all__ = ["ModuleCall", "TracedModel", "describe_node", "evaluation_mode", "random_state_kept", "trace_model", "trace_training_graph"]

@@ -36,7 +36,10 @@ from torch import nn
 from fxfeat.errors import FxFeatWarning, InvalidModelError, TraceFailedError
 from fxfeat.trace.values import ValueTracer, check_input_shape, example_batch
 
-__all__ = ["ModuleCall", "TracedModel", "describe_node", "evaluation_mode", "trace_model", "trace_training_graph"]
+__all__ = [
+    "ModuleCall", "TracedModel", "describe_node", "evaluation_mode", "random_state_kept", "trace_model",
+    "trace_training_graph",
+]
 
 _CONTAINER_FORWARDS = {nn.Sequential.forward, nn.ModuleList.forward, nn.ModuleDict.forward}
 
@@ -213,6 +216,16 @@ def describe_node(node: fx.Node) -> str:
 
 
 @contextlib.contextmanager
+def random_state_kept(model: nn.Module) -> Iterator[None]:
+    """Restore the random number generators (the CPU's and those of the model's GPUs) on exit: probing and
+    tracing the model draw random batches and dropout masks, and a seeded training run must not depend on
+    whether a model was compiled."""
+    devices = sorted({t.device.index or 0 for t in (*model.parameters(), *model.buffers()) if t.is_cuda})
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+@contextlib.contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[None]:
     """Put ``model`` in eval mode for the duration, then restore every submodule's own ``training`` flag."""
     flags = {module: module.training for module in model.modules()}
@@ -284,10 +297,8 @@ def trace_training_graph(traced: TracedModel) -> tuple[fx.Graph, dict[str, objec
     root = _traceable_root(model)
     flags = {module: module.training for module in model.modules()}
     buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
-    devices = sorted({b.device.index for b, _ in buffers if b.is_cuda} | {
-        p.device.index for p in model.parameters() if p.is_cuda})
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
+        with random_state_kept(model), torch.no_grad():
             model.train()
             if traced.example is None:
                 tracer = _RecordingTracer(set(traced.opaque_types), leaf_types, autowrap_functions)
