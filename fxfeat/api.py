@@ -29,7 +29,7 @@ from fxfeat.passes import (
 from fxfeat.plan import make_plan, make_request
 from fxfeat.plan.output_stride import check_output_stride, edited_module
 from fxfeat.plan.plan import NEW_CLASSIFIER, format_table
-from fxfeat.trace import TracedModel, evaluation_mode, random_state_kept, trace_model, trace_training_graph
+from fxfeat.trace import TracedModel, evaluation_mode, model_state_kept, trace_model, trace_training_graph
 from fxfeat.trace.align import AlignmentError, align_training_graph
 
 __all__ = ["compile", "inspect", "Inspection"]
@@ -89,20 +89,19 @@ def compile(
         model, mode=mode, out_indices=out_indices, output_stride=output_stride, levels=levels,
         input_size=input_size, output_fmt=output_fmt, return_dict=return_dict, num_classes=num_classes,
     )
-    with random_state_kept(model):
+    with model_state_kept(model):  # its flags, buffers and the random state are as they were after compiling
         with evaluation_mode(model):
             traced = trace_model(model, example_size=request.input_size)
             analysis = analyse(traced, request.input_size)
         plan = make_plan(analysis, request)
         graphs, targets = _mode_graphs(traced, analysis, plan)
-    targets.update(_new_modules(plan, traced.root))
-    feature_info = FeatureInfo(plan.feature_info(), plan.out_indices)
-    extractor = FeatureGraphModule.build(
-        model, graphs, targets, feature_info, training=model.training, class_name=f"{traced.model_name}Features",
-    )
-    extractor.input_size = request.input_size
-    if plan.op_edits:
-        with random_state_kept(model):
+        targets.update(_new_modules(plan, traced.root))
+        feature_info = FeatureInfo(plan.feature_info(), plan.out_indices)
+        extractor = FeatureGraphModule.build(
+            model, graphs, targets, feature_info, training=model.training, class_name=f"{traced.model_name}Features",
+        )
+        extractor.input_size = request.input_size
+        if plan.op_edits:  # probes the extractor, whose layers are the model's
             extractor.feature_info = _checked_output_stride_info(extractor, plan, request.input_size)
     return extractor
 
@@ -279,7 +278,7 @@ def inspect(
         ('avgpool', 'fc')
     """
     request = make_request(model, levels=levels, input_size=input_size)
-    with random_state_kept(model), evaluation_mode(model):
+    with model_state_kept(model), evaluation_mode(model):
         traced = trace_model(model, example_size=request.input_size)
         analysis = analyse(traced, request.input_size)
     plan = make_plan(analysis, request)

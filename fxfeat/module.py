@@ -116,12 +116,20 @@ class FeatureGraphModule(fx.GraphModule):
         """Set the mode of the extractor and of the modules it holds, and run the graph traced in that mode.
         Norms ``fxfeat.freeze`` froze stay in eval mode."""
         super().train(mode)
-        graphs = self.meta.get(_GRAPHS)
-        if graphs is not None and self.graph is not graphs["train" if mode else "eval"]:
-            self.graph = graphs["train" if mode else "eval"]
+        self._use_mode_graph()
         for path in self.meta.get(_FROZEN_NORMS, ()):
             self.get_submodule(path).eval()
         return self
+
+    def _use_mode_graph(self) -> None:
+        """Make the graph of the current mode the one ``forward`` runs."""
+        graphs = self.meta.get(_GRAPHS)
+        if graphs is not None and self._graph is not graphs["train" if self.training else "eval"]:
+            self.graph = graphs["train" if self.training else "eval"]
+
+    def __call__(self, *args, **kwargs):
+        self._use_mode_graph()  # also when the flag was set without train(): `module.training = False`
+        return super().__call__(*args, **kwargs)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:

@@ -77,7 +77,11 @@ def _loss(features: list[torch.Tensor]) -> torch.Tensor:
     return sum((f * torch.randn(f.shape, generator=generator)).sum() for f in features)
 
 
-@pytest.mark.parametrize("library, name, kwargs, size", TRAINING_MODELS, ids=[f"{m[0]}-{m[1]}" for m in TRAINING_MODELS])
+def _ids(models):
+    return [f"{library}-{name}" for library, name, _, _ in models]
+
+
+@pytest.mark.parametrize("library, name, kwargs, size", TRAINING_MODELS, ids=_ids(TRAINING_MODELS))
 def test_training_only_ops_are_random_in_train_mode_and_off_in_eval_mode(library, name, kwargs, size):
     model = _model(library, name, kwargs)
     extractor = fxfeat.compile(model).train()
@@ -92,7 +96,7 @@ def test_training_only_ops_are_random_in_train_mode_and_off_in_eval_mode(library
         assert all(torch.equal(a, b) for a, b in zip(as_list(extractor(x)), as_list(extractor(x))))
 
 
-@pytest.mark.parametrize("library, name, kwargs, size", GRADIENT_MODELS, ids=[f"{m[0]}-{m[1]}" for m in GRADIENT_MODELS])
+@pytest.mark.parametrize("library, name, kwargs, size", GRADIENT_MODELS, ids=_ids(GRADIENT_MODELS))
 def test_train_mode_outputs_gradients_and_batch_norm_updates_equal_eager(library, name, kwargs, size):
     model = _model(library, name, kwargs).train()
     reference = copy.deepcopy(model)

@@ -5,9 +5,12 @@ from fxfeat.trace.tracer import (
     TracedModel,
     describe_node,
     evaluation_mode,
-    random_state_kept,
+    model_state_kept,
     trace_model,
     trace_training_graph,
 )
 
-__all__ = ["ModuleCall", "TracedModel", "describe_node", "evaluation_mode", "random_state_kept", "trace_model", "trace_training_graph"]
+__all__ = [
+    "ModuleCall", "TracedModel", "describe_node", "evaluation_mode", "model_state_kept", "trace_model",
+    "trace_training_graph",
+]

@@ -37,7 +37,7 @@ from fxfeat.errors import FxFeatWarning, InvalidModelError, TraceFailedError
 from fxfeat.trace.values import ValueTracer, check_input_shape, example_batch
 
 __all__ = [
-    "ModuleCall", "TracedModel", "describe_node", "evaluation_mode", "random_state_kept", "trace_model",
+    "ModuleCall", "TracedModel", "describe_node", "evaluation_mode", "model_state_kept", "trace_model",
     "trace_training_graph",
 ]
 
@@ -216,13 +216,23 @@ def describe_node(node: fx.Node) -> str:
 
 
 @contextlib.contextmanager
-def random_state_kept(model: nn.Module) -> Iterator[None]:
-    """Restore the random number generators (the CPU's and those of the model's GPUs) on exit: probing and
-    tracing the model draw random batches and dropout masks, and a seeded training run must not depend on
-    whether a model was compiled."""
+def model_state_kept(model: nn.Module) -> Iterator[None]:
+    """Restore, on exit, the model's training flags and buffer values and the random number generators (the
+    CPU's and those of the model's GPUs). Tracing in train mode and probing run the model's layers: batch norms
+    update their statistics and dropout draws masks. The model must not change, and a seeded training run must
+    not depend on whether a model was compiled."""
+    flags = {module: module.training for module in model.modules()}
+    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
     devices = sorted({t.device.index or 0 for t in (*model.parameters(), *model.buffers()) if t.is_cuda})
-    with torch.random.fork_rng(devices=devices):
-        yield
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        for module, flag in flags.items():
+            module.training = flag
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
 
 
 @contextlib.contextmanager
@@ -295,24 +305,14 @@ def trace_training_graph(traced: TracedModel) -> tuple[fx.Graph, dict[str, objec
     model = traced.root
     leaf_types, autowrap_functions = _library_notrace_hints()
     root = _traceable_root(model)
-    flags = {module: module.training for module in model.modules()}
-    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
-    try:
-        with random_state_kept(model), torch.no_grad():
-            model.train()
-            if traced.example is None:
-                tracer = _RecordingTracer(set(traced.opaque_types), leaf_types, autowrap_functions)
-            else:
-                tracer = _ValueRecordingTracer(set(traced.opaque_types), leaf_types, autowrap_functions,
-                                               example=traced.example)
-            graph, targets = _trace(tracer, root)
-    finally:
-        for module, flag in flags.items():
-            module.training = flag
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
-    return graph, targets
+    with model_state_kept(model), torch.no_grad():
+        model.train()
+        if traced.example is None:
+            tracer = _RecordingTracer(set(traced.opaque_types), leaf_types, autowrap_functions)
+        else:
+            tracer = _ValueRecordingTracer(set(traced.opaque_types), leaf_types, autowrap_functions,
+                                           example=traced.example)
+        return _trace(tracer, root)
 
 
 @contextlib.contextmanager
