@@ -74,8 +74,9 @@ def compile(
 
     Returns:
         A :class:`FeatureGraphModule` (a ``torch.fx.GraphModule``) with ``feature_info``. It keeps only the
-        submodules and parameters the returned levels need, shares parameter storage with ``model`` and is in
-        ``model``'s training mode. The graph is traced in eval mode.
+        submodules and parameters the returned levels need, which are ``model``'s own objects (copies only where
+        fxfeat rewrites a module), and is in ``model``'s training mode. ``.eval()`` runs the graph traced in eval
+        mode, ``.train()`` the one traced in train mode (see :mod:`fxfeat.module`).
 
     Example:
         >>> import torch, torchvision, fxfeat

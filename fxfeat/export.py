@@ -140,13 +140,17 @@ def _flat(outputs: Any) -> list[torch.Tensor]:
 
 @contextlib.contextmanager
 def _in_eval_mode(extractor: nn.Module) -> Iterator[None]:
-    """Exports are inference graphs: the extractor is in eval mode for the duration, then as it was."""
-    training = extractor.training
+    """Exports are inference graphs: the extractor is in eval mode for the duration, then every module's flag
+    is as it was (the modules are the model's, whose flags may differ from one another)."""
+    flags = {module: module.training for module in extractor.modules()}
     extractor.eval()
     try:
         yield
     finally:
-        extractor.train(training)
+        for module, flag in flags.items():
+            module.training = flag
+        if isinstance(extractor, FeatureGraphModule):
+            extractor._use_mode_graph()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,21 @@
+"""The code blocks of the guides run as written."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+_BLOCK = re.compile(r"```python\n(.*?)```", re.DOTALL)
+
+
+def _blocks(name: str) -> list[str]:
+    return _BLOCK.findall((DOCS / name).read_text())
+
+
+@pytest.mark.parametrize("index", range(len(_blocks("training.md"))))
+def test_training_guide_code_runs(index, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the guide saves a detector to the working directory
+    exec(compile(_blocks("training.md")[index], f"docs/training.md block {index}", "exec"), {})
