@@ -27,7 +27,7 @@ from tests.helpers import as_list
 TRAINING_MODELS = [
     ("timm", "convnext_atto", dict(drop_path_rate=0.5), 64),
     ("timm", "efficientnet_b0", dict(drop_path_rate=0.5), 64),
-    ("timm", "vit_tiny_patch16_224", dict(drop_path_rate=0.5, proj_drop_rate=0.2), 224),
+    ("timm", "vit_tiny_patch16_224", dict(drop_path_rate=0.5, proj_drop_rate=0.2, attn_drop_rate=0.2), 224),
     ("timm", "swin_tiny_patch4_window7_224", dict(drop_path_rate=0.5), 224),
     ("torchvision", "efficientnet_b0", dict(stochastic_depth_prob=0.5), 64),
     ("torchvision", "convnext_tiny", dict(stochastic_depth_prob=0.5), 64),
@@ -41,7 +41,7 @@ GRADIENT_MODELS = [
     ("torchvision", "vit_b_16", dict(dropout=0.2), 224),
     ("timm", "convnext_atto", dict(drop_path_rate=0.5), 96),
     ("timm", "efficientnet_b0", dict(drop_path_rate=0.5), 96),
-    ("timm", "vit_tiny_patch16_224", dict(drop_path_rate=0.5, proj_drop_rate=0.2), 224),
+    ("timm", "vit_tiny_patch16_224", dict(drop_path_rate=0.5, proj_drop_rate=0.2, attn_drop_rate=0.2), 224),
 ]
 
 

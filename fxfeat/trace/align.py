@@ -9,8 +9,9 @@ that computes the same value and returns a copy of the train graph in which matc
 
 A node matches when it is made by the same module call (its innermost ``nn_module_stack`` entry), with the same
 op and target, and its arguments match: the matched counterparts of the eval node's arguments, where a train
-argument may be computed from that counterpart by training-only nodes (``x * mask / keep`` for ``x``); equal
-constants, where two booleans may differ (training flags). Candidates are tried in graph order, so an insertion
+argument may be computed from that counterpart by training-only nodes (``x * mask / keep`` for ``x``); the same
+constants, except that numbers, booleans and ``None`` may differ (training flags and rates:
+``F.dropout(x, p, self.training)``, ``dropout_p=p if self.training else 0.0``). Candidates are tried in graph order, so an insertion
 only training makes (an extra ``add`` in a block) does not shift the matches after it.
 
 Example:
@@ -43,6 +44,7 @@ __all__ = ["AlignmentError", "align_training_graph"]
 _CONSTANT_PREFIX = "_tensor_constant"  # torch.fx's names for tensors the code creates
 _PREFIX = "training_"  # names of the nodes only training runs
 _SEARCH_LIMIT = 256  # training-only nodes followed back from an argument
+_SCALARS = (bool, int, float, type(None))  # constants training may set otherwise
 
 
 class AlignmentError(Exception):
@@ -101,8 +103,8 @@ class _Matcher:
             return isinstance(train_value, slice) and self.same(
                 (eval_value.start, eval_value.stop, eval_value.step),
                 (train_value.start, train_value.stop, train_value.step))
-        if isinstance(eval_value, bool) and isinstance(train_value, bool):
-            return True  # a training flag
+        if isinstance(eval_value, _SCALARS) and isinstance(train_value, _SCALARS):
+            return True  # a training flag or rate (`dropout_p=p if self.training else 0.0`)
         if isinstance(eval_value, torch.Tensor):
             return _same_tensor(eval_value, train_value)
         return type(eval_value) is type(train_value) and eval_value == train_value
