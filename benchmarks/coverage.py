@@ -276,6 +276,8 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         torchvision_compile=count(torchvision_rows, compiled),
         torchvision_eager_equal=count(torchvision_rows, lambda r: r.get("eager_equal")),
         opaque_models=sum(1 for r in results if r.get("opaque")),
+        train_graph={kind: sum(1 for r in results if r.get("auto", {}).get("train_graph", "").startswith(kind))
+                     for kind in ("own", "same", "fallback")},
         compile_s_median=round(statistics.median(times), 4) if times else None,
     )
 
@@ -370,7 +372,16 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         lines.append(f"| {label} | {_fraction(summary[key]['hits'], summary[key]['total'])} |")
     lines.append(f"| median compile time (`auto`) | {summary['compile_s_median']} s |")
     lines.append(f"| models with opaque submodules | {summary['opaque_models']} |")
+    if "train_graph" in summary:
+        kinds = summary["train_graph"]
+        lines.append(f"| train-mode graph: own (training-only code) / same as eval / eval graph used (not aligned) "
+                     f"| {kinds['own']} / {kinds['same']} / {kinds['fallback']} |")
     changed = report.get("torchvision_changed") or []
+    fallbacks = [f"{r['library']}:{r['name']} ({r['auto']['train_graph'].split('(', 1)[-1].split(')')[0]})"
+                 for r in rows if r.get("auto", {}).get("train_graph", "").startswith("fallback")]
+    if "train_graph" in summary:
+        lines += ["", f"Models running their eval-mode graph in train mode too (the train-mode graph could not be "
+                  f"aligned): {'; '.join(fallbacks) if fallbacks else 'none'}."]
     lines += ["", f"torchvision models whose levels changed since the previous report: "
               f"{', '.join(changed) if changed else 'none'}.", ""]
 

@@ -127,15 +127,19 @@ def _input_size(model: nn.Module) -> tuple[int, int, int]:
 def _compile(model: nn.Module, **kwargs):
     """The extractor returning *every* level (an isotropic model returns its last three by default, as timm's
     do) and the seconds the first compile took."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         start = time.perf_counter()
         extractor = fxfeat.compile(model, **kwargs)
         seconds = time.perf_counter() - start
         count = len(extractor.feature_info)
         if len(extractor.feature_info.out_indices) < count:
             extractor = fxfeat.compile(model, **kwargs, out_indices=tuple(range(count)))
-        return extractor.eval(), seconds
+    fallback = next((str(w.message) for w in caught if "train-mode graph" in str(w.message)), None)
+    graphs = extractor.mode_graphs
+    extractor.train_graph = (f"fallback: {fallback}" if fallback else
+                             "same" if graphs["train"] is graphs["eval"] else "own")
+    return extractor.eval(), seconds
 
 
 def _run(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -223,7 +227,8 @@ def check_model(library: str, name: str, *, output_stride: bool = True) -> dict[
     if compiled is not None:
         extractor, seconds = compiled
         auto = result.setdefault("auto", {})
-        auto.update(levels=_levels(extractor.feature_info), compile_s=round(seconds, 4))
+        auto.update(levels=_levels(extractor.feature_info), compile_s=round(seconds, 4),
+                    train_graph=extractor.train_graph)
         result["token_levels"] = any(level["native_fmt"] in ("NLC", "NCL") for level in auto["levels"])
         outputs = _attempt(result, "auto", lambda: _run(extractor, x))
         if outputs is not None and timm_features is not None:
