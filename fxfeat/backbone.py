@@ -64,7 +64,11 @@ class Backbone(nn.Module):
         return self.body.feature_info
 
     def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        features = self.body(x)
+        features = self.body(x)  # a list; a dict or one tensor when the body was compiled to return one
+        if isinstance(features, dict):
+            features = list(features.values())
+        elif isinstance(features, torch.Tensor):
+            features = [features]
         maps = OrderedDict((str(index), value) for index, value in enumerate(features))
         return self.fpn(maps) if self.fpn is not None else maps
 

@@ -130,8 +130,10 @@ def test_backbone_arguments():
     assert plain.out_channels == 512 and list(plain(torch.randn(1, 3, 64, 64))) == ["0"]
     several = fxfeat.backbone(model, out_indices=(2, 3))
     assert several.out_channels == [128, 256]
-    wrapped = fxfeat.backbone(fxfeat.compile(model, out_indices=(3, 4)), fpn_channels=16, extra_blocks=None)
-    assert list(wrapped(torch.randn(1, 3, 64, 64))) == ["0", "1"]
+    wrapped = fxfeat.backbone(fxfeat.compile(model, out_indices=(3, 4), return_dict=True), fpn_channels=16,
+                              extra_blocks=None)
+    maps = wrapped(torch.randn(1, 3, 64, 64))
+    assert list(maps) == ["0", "1"] and [m.shape[1] for m in maps.values()] == [16, 16]
     with pytest.raises(fxfeat.InvalidRequestError, match="mode"):
         fxfeat.backbone(model, mode="pooled")
     with pytest.raises(fxfeat.InvalidRequestError, match="already compiled"):
