@@ -10,7 +10,8 @@ format) case, two at a time, one thread each, under a time limit.
 Usage::
 
     python -m benchmarks.export_zoo [--models timm:NAME torchvision:NAME ...] [--timeout 150] [--workers 2]
-        [--out docs/export.json] [--markdown docs/export-zoo.md] [--guide docs/export.md] [--render] [--resume]
+        [--out docs/export.json] [--markdown docs/export-zoo.md] [--guide docs/export.md] [--render]
+        [--resume [--retry-timeouts]]
 
 It writes the JSON, the per-model table (``--markdown``) and the summary table between the
 ``<!-- zoo-table:start -->`` and ``<!-- zoo-table:end -->`` markers of the guide.
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--guide", type=Path, default=Path("docs/export.md"), help="gets the summary table")
     parser.add_argument("--render", action="store_true", help="only rewrite --markdown from the --out JSON")
     parser.add_argument("--resume", action="store_true", help="keep the results in --out, run the other cases")
+    parser.add_argument("--retry-timeouts", action="store_true",
+                        help="with --resume: run again the cases that timed out (a busy machine's timeouts)")
     args = parser.parse_args(argv)
     if args.render:
         report = json.loads(args.out.read_text())
@@ -199,6 +202,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         previous = json.loads(args.out.read_text())
         results = previous["results"]
         start -= previous["wall_s"]
+        if args.retry_timeouts:
+            results = [r for r in results if "timeout" not in r.get("error", "")]
         done = {(r["library"], r["name"], r["format"]) for r in results}
         cases_to_run = [c for c in cases if (c["library"], c["name"], c["format"]) not in done]
     else:
