@@ -175,11 +175,34 @@ def test_a_shape_checked_extractor_exports_with_its_check():
         scripted(torch.randn(2, 3, 64, 128))
 
 
+class _ImageOrDict(nn.Module):
+    """A forward annotated to take an image or a dict of inputs (timm's NaFlexViT): the extractor takes an image."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.stage = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor | dict[str, torch.Tensor]):
+        if isinstance(x, dict):
+            x = x["image"]
+        return self.stage(self.stem(x).relu()).relu().mean((2, 3))
+
+
+def test_an_image_or_dict_annotation_scripts_as_an_image():
+    extractor = fxfeat.compile(_ImageOrDict().eval(), input_size=(3, 32, 32))
+    scripted = export.to_torchscript(extractor)
+    x = torch.randn(2, 3, 48, 40)
+    assert all(torch.equal(a, b) for a, b in zip(scripted(x), _eager(extractor, x)))
+
+
 def test_exports_leave_the_extractor_as_it_was(tmp_path):
-    extractor = fxfeat.compile(torchvision.models.resnet18(), out_indices=(1,), input_size=(3, 64, 64)).train()
+    model = torchvision.models.resnet18().train()
+    model.layer1.eval()  # mixed flags, as a user's partly frozen model: each module's flag is restored
+    extractor = fxfeat.compile(model, out_indices=(1,), input_size=(3, 64, 64))
     export.to_torchscript(extractor)
     export.to_exported_program(extractor)
-    assert extractor.training
+    assert extractor.training and model.conv1.training and not model.layer1[0].bn1.training
 
 
 @torch.library.custom_op("fxfeat_test::scramble", mutates_args=())

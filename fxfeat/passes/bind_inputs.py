@@ -8,7 +8,8 @@ untyped argument, and ONNX exporters get no extra inputs. A required extra input
 
 Example:
     >>> import torch
-    >>> import torch.fx as fx
+    >>> import torch
+import torch.fx as fx
     >>> graph = fx.Graph()
     >>> x, flag = graph.placeholder("x"), graph.placeholder("scale", default_value=2.0)
     >>> _ = graph.output(graph.call_function(torch.mul, (x, flag)))
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 
+import torch
 import torch.fx as fx
 
 from fxfeat.plan import ExtractionPlan
@@ -40,8 +42,11 @@ def _value_when_omitted(node: fx.Node):
 
 
 def bind_optional_inputs(graph: fx.Graph, plan: ExtractionPlan | None = None) -> None:
-    """Replace every optional placeholder after the first (the image) by its default, and remove it."""
-    placeholders = [node for node in graph.nodes if node.op == "placeholder"][1:]
+    """Replace every optional placeholder after the first (the image) by its default, and remove it; annotate
+    the image as a tensor (a model taking ``x: Union[Tensor, Dict[str, Tensor]]`` gets an image here, and
+    TorchScript reads the annotation)."""
+    image, *placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    image.type = torch.Tensor
     for placeholder in placeholders:
         value = _value_when_omitted(placeholder)
         if value is inspect.Parameter.empty:
