@@ -11,8 +11,8 @@ A node matches when it is made by the same module call (its innermost ``nn_modul
 op and target, and its arguments match: the matched counterparts of the eval node's arguments, where a train
 argument may be computed from that counterpart by training-only nodes (``x * mask / keep`` for ``x``); the same
 constants, except that numbers, booleans and ``None`` may differ (training flags and rates:
-``F.dropout(x, p, self.training)``, ``dropout_p=p if self.training else 0.0``). Candidates are tried in graph order, so an insertion
-only training makes (an extra ``add`` in a block) does not shift the matches after it.
+``F.dropout(x, p, self.training)``, ``dropout_p=p if self.training else 0.0``). Candidates are tried in graph
+order, so an insertion only training makes (an extra ``add`` in a block) does not shift the matches after it.
 
 Example:
     >>> import torch
