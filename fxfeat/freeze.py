@@ -22,6 +22,7 @@ import torch.fx as fx
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
+from fxfeat.backbone import Backbone
 from fxfeat.errors import InvalidRequestError
 from fxfeat.module import _FROZEN_NORMS, FeatureGraphModule
 
@@ -80,7 +81,8 @@ def freeze(extractor: FeatureGraphModule, up_to: int, norm: str | None = "eval")
         InvalidRequestError: ``up_to`` is not a level index, ``norm`` is not one of the choices, or the level is
             not computed by the extractor.
     """
-    extractor = getattr(extractor, "body", extractor)
+    if isinstance(extractor, Backbone):
+        extractor = extractor.body
     if not isinstance(extractor, FeatureGraphModule):
         raise InvalidRequestError(
             f"fxfeat.freeze takes an extractor made by fxfeat.compile or fxfeat.backbone; got "

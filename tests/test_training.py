@@ -257,6 +257,25 @@ def test_freeze_keeps_norm_subclasses_of_other_libraries_in_eval_mode():
     assert extractor.get_submodule("blocks.1.0.bn1").training
 
 
+class _WithBody(nn.Module):
+    """A model with a submodule named ``body``, as fxfeat.backbone's wrapper has."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 16, 3, stride=2, padding=1))
+
+    def forward(self, x):
+        return self.body(x).mean((2, 3))
+
+
+def test_freeze_takes_an_extractor_with_a_submodule_named_body():
+    extractor = fxfeat.compile(_WithBody(), input_size=(3, 32, 32))
+    fxfeat.freeze(extractor, up_to=0)
+    assert not extractor.get_submodule("body.0").weight.requires_grad
+    assert extractor.get_submodule("body.3").weight.requires_grad
+
+
 def test_freeze_rejects_bad_requests():
     extractor = fxfeat.compile(torchvision_model("resnet18"), out_indices=(1, 2))
     assert fxfeat.freeze(extractor, up_to=-1) is extractor
