@@ -8,8 +8,7 @@ untyped argument, and ONNX exporters get no extra inputs. A required extra input
 
 Example:
     >>> import torch
-    >>> import torch
-import torch.fx as fx
+    >>> import torch.fx as fx
     >>> graph = fx.Graph()
     >>> x, flag = graph.placeholder("x"), graph.placeholder("scale", default_value=2.0)
     >>> _ = graph.output(graph.call_function(torch.mul, (x, flag)))
