@@ -98,16 +98,14 @@ def freeze(extractor: FeatureGraphModule, up_to: int, norm: str | None = "eval")
     if up_to == -1:
         return extractor
     level = extractor.feature_info[up_to]
-    calls, reads = set(), set()
-    for graph in extractor.mode_graphs.values():
-        ancestors = _ancestors(graph, level["node"])
-        if not ancestors:
-            raise InvalidRequestError(
-                f"level {up_to} ({level['module'] or level['node']}) is not computed by this extractor, which stops "
-                f"at level {max(extractor.feature_info.out_indices)}.",
-                hint="freeze a level the extractor computes, or compile with out_indices up to that level.")
-        calls.update(node.target for node in ancestors if node.op == "call_module")
-        reads.update(node.target for node in ancestors if node.op == "get_attr")
+    ancestors = [node for graph in extractor.mode_graphs.values() for node in _ancestors(graph, level["node"])]
+    if not ancestors:
+        raise InvalidRequestError(
+            f"level {up_to} ({level['module'] or level['node']}) is not computed by this extractor, which stops "
+            f"at level {max(extractor.feature_info.out_indices)}.",
+            hint="freeze a level the extractor computes, or compile with out_indices up to that level.")
+    calls = {node.target for node in ancestors if node.op == "call_module"}
+    reads = {node.target for node in ancestors if node.op == "get_attr"}
     for target in sorted(calls):
         extractor.get_submodule(target).requires_grad_(False)
     for target in reads:
