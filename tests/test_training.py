@@ -365,3 +365,30 @@ def test_training_mode_tracing_leaves_the_model_and_the_random_state_untouched()
     expected = _hooked_features(reference, extractor, x)
     torch.manual_seed(0)
     assert all(torch.equal(a, b) for a, b in zip(extractor(x), expected))
+
+
+class _ConstantPerMode(nn.Module):
+    """Training adds a tensor constant of its own before one both modes use: the two traces number their
+    ``_tensor_constant`` attributes differently."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.training:
+            x = x + torch.tensor(1.0)
+        x = self.conv2(x * torch.tensor(2.0))
+        return x.mean((2, 3))
+
+
+def test_tensor_constants_of_each_mode_keep_their_values():
+    model = _ConstantPerMode().train()
+    extractor = fxfeat.compile(model, input_size=(3, 32, 32), mode="unpooled")
+    assert extractor.mode_graphs["train"] is not extractor.mode_graphs["eval"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(extractor.train()(x), model.train().conv2((model.conv(x) + 1.0) * 2.0))
+        assert torch.equal(extractor.eval()(x), model.eval().conv2(model.conv(x) * 2.0))

@@ -158,7 +158,8 @@ def align_training_graph(
                 start[key] = position + 1
                 break
     names = {train: eval_node.name for eval_node, train in matcher.match.items()}
-    return _renamed(train_graph, names, set(names.values())), _targets(train_graph, train_targets, eval_targets)
+    targets = _targets(train_graph, train_targets, eval_targets)  # renames clashing constants: before the copy
+    return _renamed(train_graph, names, set(names.values())), targets
 
 
 def _targets(graph: fx.Graph, train_targets: dict[str, object], eval_targets: dict[str, object]) -> dict[str, object]:
