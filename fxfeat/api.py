@@ -113,8 +113,8 @@ _PASSES = (bind_optional_inputs, attach_classifier, dilate, expose_outputs, remo
 
 def _targets(graph_module: torch.fx.GraphModule, graph: torch.fx.Graph) -> dict[str, object]:
     """What the ``call_module``/``get_attr`` targets of ``graph`` name in ``graph_module``."""
-    return {node.target: graph_module.get_submodule(node.target) if node.op == "call_module" else
-            attrgetter(node.target)(graph_module) for node in graph.nodes if node.op in ("call_module", "get_attr")}
+    return {node.target: attrgetter(node.target)(graph_module)
+            for node in graph.nodes if node.op in ("call_module", "get_attr")}
 
 
 def _mode_graphs(traced: TracedModel, analysis: GraphAnalysis, plan) -> tuple[dict[str, torch.fx.Graph], dict]:

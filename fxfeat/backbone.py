@@ -28,7 +28,7 @@ from torch import nn
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyramidNetwork, LastLevelMaxPool
 
 from fxfeat.api import compile as compile_model
-from fxfeat.errors import InvalidRequestError
+from fxfeat.errors import InvalidRequestError, OutIndicesError
 from fxfeat.feature_info import FeatureInfo
 from fxfeat.module import FeatureGraphModule
 
@@ -107,13 +107,13 @@ def backbone(
                 "fxfeat.backbone got an extractor already compiled, with compile arguments.",
                 hint="pass the model with the arguments, or the extractor alone.")
         body = model
-    elif out_indices is not None:
-        body = compile_model(model, out_indices=out_indices, **compile_kwargs)
+    elif out_indices is not None or fpn_channels is None:
+        body = compile_model(model, out_indices=1 if out_indices is None else out_indices, **compile_kwargs)
     else:
-        body = compile_model(model, out_indices=1, **compile_kwargs)
-        if fpn_channels is not None and len(body.feature_info) > 1:
-            count = min(FPN_LEVELS, len(body.feature_info))
-            body = compile_model(model, out_indices=count, **compile_kwargs)
+        try:  # the last FPN_LEVELS levels, in one compile when the model has that many
+            body = compile_model(model, out_indices=tuple(range(-FPN_LEVELS, 0)), **compile_kwargs)
+        except OutIndicesError:
+            body = compile_model(model, out_indices=None, **compile_kwargs)
     if fpn_channels is None:
         return Backbone(body)
     channels = body.feature_info.channels()

@@ -35,6 +35,7 @@ from torch import nn
 from fxfeat.errors import ExportError, FxFeatWarning, InvalidRequestError, MissingDependencyError
 from fxfeat.feature_info import FeatureInfo
 from fxfeat.module import FeatureGraphModule
+from fxfeat.trace import evaluation_mode
 from fxfeat.trace.values import example_batch
 
 __all__ = [
@@ -142,15 +143,12 @@ def _flat(outputs: Any) -> list[torch.Tensor]:
 def _in_eval_mode(extractor: nn.Module) -> Iterator[None]:
     """Exports are inference graphs: the extractor is in eval mode for the duration, then every module's flag
     is as it was (the modules are the model's, whose flags may differ from one another)."""
-    flags = {module: module.training for module in extractor.modules()}
-    extractor.eval()
     try:
-        yield
+        with evaluation_mode(extractor):
+            yield
     finally:
-        for module, flag in flags.items():
-            module.training = flag
         if isinstance(extractor, FeatureGraphModule):
-            extractor._use_mode_graph()
+            extractor._use_mode_graph()  # flags were set back without train(): the graph follows
 
 
 @dataclass(frozen=True)

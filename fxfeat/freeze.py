@@ -25,10 +25,10 @@ from torchvision.ops import FrozenBatchNorm2d
 from fxfeat.backbone import Backbone
 from fxfeat.errors import InvalidRequestError
 from fxfeat.module import _FROZEN_NORMS, FeatureGraphModule
+from fxfeat.trace.tracer import NORM_LAYERS
 
 __all__ = ["freeze"]
 
-_NORMS = (nn.modules.batchnorm._NormBase,)  # the norms whose training flag matters: batch and instance norms
 _NORM_CHOICES = ("eval", "frozen", None)
 
 
@@ -127,7 +127,7 @@ def _freeze_norms(extractor: FeatureGraphModule, calls: list[str], convert: bool
             setattr(extractor.get_submodule(owner), name, _frozen_copy(module))
             continue
         for path, inner in module.named_modules(prefix=target):
-            if isinstance(inner, _NORMS):
+            if isinstance(inner, NORM_LAYERS):
                 kept.add(path)
                 inner.eval()
     extractor.meta[_FROZEN_NORMS] = sorted(kept)

@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import copy
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -144,7 +145,7 @@ class FeatureGraphModule(fx.GraphModule):
         for graph in {id(g): g for g in self.mode_graphs.values()}.values():
             for node in graph.nodes:
                 if node.op in ("call_module", "get_attr"):
-                    targets[node.target] = _get(self, node.target)
+                    targets[node.target] = attrgetter(node.target)(self)
         meta = {key: value for key, value in self.meta.items() if key != _GRAPHS}
         graphs = self.mode_graphs
         same = graphs["train"] is graphs["eval"]
@@ -162,12 +163,6 @@ class FeatureGraphModule(fx.GraphModule):
         result = _rebuild(copy.deepcopy(self._state(), memo))
         memo[id(self)] = result
         return result
-
-
-def _get(module: nn.Module, target: str) -> object:
-    for part in target.split("."):
-        module = getattr(module, part)
-    return module
 
 
 def _persistent_buffers(model: nn.Module) -> set[str]:
@@ -275,8 +270,5 @@ def _rebuild(state: dict[str, Any]) -> FeatureGraphModule:
     meta = dict(state["meta"])
     if graphs["train"] is not graphs["eval"]:
         meta[_GRAPHS] = graphs
-    module = _assemble(state["cls"], state["targets"], graphs["train" if state["training"] else "eval"],
-                       state["class_name"], meta, state["training"])
-    for path in meta.get(_FROZEN_NORMS, ()):
-        module.get_submodule(path).training = False
-    return module
+    return _assemble(state["cls"], state["targets"], graphs["train" if state["training"] else "eval"],
+                     state["class_name"], meta, state["training"])

@@ -37,8 +37,8 @@ from fxfeat.errors import FxFeatWarning, InvalidModelError, TraceFailedError
 from fxfeat.trace.values import ValueTracer, check_input_shape, example_batch
 
 __all__ = [
-    "ModuleCall", "TracedModel", "describe_node", "evaluation_mode", "model_state_kept", "trace_model",
-    "trace_training_graph",
+    "NORM_LAYERS", "ModuleCall", "TracedModel", "describe_node", "evaluation_mode", "model_state_kept",
+    "trace_model", "trace_training_graph",
 ]
 
 _CONTAINER_FORWARDS = {nn.Sequential.forward, nn.ModuleList.forward, nn.ModuleDict.forward}
@@ -162,7 +162,7 @@ def _library_notrace_hints() -> tuple[tuple[type, ...], tuple]:
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 # Batch and instance norms of any library: one op whose running statistics and training flag live in the module,
 # kept whole so that the module's own flag decides how it normalises (``fxfeat.freeze`` keeps them in eval mode).
-_NORMS = (nn.modules.batchnorm._NormBase,)
+NORM_LAYERS = (nn.modules.batchnorm._NormBase,)
 
 
 def _holds_layers(module: nn.Module) -> bool:
@@ -183,7 +183,7 @@ class _RecordingTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if type(m) in self.opaque_types:
             return True
-        if isinstance(m, (*self.leaf_types, *_NORMS)) and not _holds_layers(m):
+        if isinstance(m, (*self.leaf_types, *NORM_LAYERS)) and not _holds_layers(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -216,20 +216,28 @@ def describe_node(node: fx.Node) -> str:
 
 
 @contextlib.contextmanager
+def _flags_kept(model: nn.Module) -> Iterator[None]:
+    """Restore every submodule's own ``training`` flag on exit."""
+    flags = {module: module.training for module in model.modules()}
+    try:
+        yield
+    finally:
+        for module, flag in flags.items():
+            module.training = flag
+
+
+@contextlib.contextmanager
 def model_state_kept(model: nn.Module) -> Iterator[None]:
     """Restore, on exit, the model's training flags and buffer values and the random number generators (the
     CPU's and those of the model's GPUs). Tracing in train mode and probing run the model's layers: batch norms
     update their statistics and dropout draws masks. The model must not change, and a seeded training run must
     not depend on whether a model was compiled."""
-    flags = {module: module.training for module in model.modules()}
     buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
     devices = sorted({t.device.index or 0 for t in (*model.parameters(), *model.buffers()) if t.is_cuda})
     try:
-        with torch.random.fork_rng(devices=devices):
+        with _flags_kept(model), torch.random.fork_rng(devices=devices):
             yield
     finally:
-        for module, flag in flags.items():
-            module.training = flag
         with torch.no_grad():
             for buffer, saved in buffers:
                 buffer.copy_(saved)
@@ -238,13 +246,9 @@ def model_state_kept(model: nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[None]:
     """Put ``model`` in eval mode for the duration, then restore every submodule's own ``training`` flag."""
-    flags = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
+    with _flags_kept(model):
+        model.eval()
         yield
-    finally:
-        for module, flag in flags.items():
-            module.training = flag
 
 
 def trace_model(
