@@ -32,12 +32,15 @@ from fxfeat.errors import (
 from fxfeat.feature_info import FeatureInfo
 from fxfeat.freeze import freeze
 from fxfeat.module import FeatureGraphModule
+from fxfeat.optimize import InferenceGraphModule, optimize_for_inference
 
 __all__ = [
     "compile",
     "backbone",
     "Backbone",
     "freeze",
+    "optimize_for_inference",
+    "InferenceGraphModule",
     "export",
     "inspect",
     "Inspection",

@@ -1,16 +1,19 @@
 """Inference pass: fold each batch norm into the convolution or linear layer that feeds it.
 
 In eval mode ``bn(conv(x))`` is ``conv'(x)`` with ``w' = w * g / sqrt(v + eps)`` and
-``b' = (b - m) * g / sqrt(v + eps) + beta``: one op instead of two. A norm is folded when its only input is a
-``call_module`` convolution (or linear layer) that nothing else reads, and both modules are the plain torch
-classes (a subclass may compute something else), each called once. The folded layer is a new module with new
-parameters; the graph module given is changed and is for inference only (work on a copy: the model and the
-extractor must stay as they are). Part of issue 13's ``optimize_for_inference``, not wired in yet.
+``b' = (b - m) * g / sqrt(v + eps) + beta``: one op instead of two. A norm is a plain ``nn.BatchNorm1d/2d/3d``
+call in eval mode, or a ``F.batch_norm(..., training=False)`` call on tensors held by the module (what
+:func:`~fxfeat.passes.inline_norms.inline_norm_layers` leaves of a library's norm class). It is folded when its
+input is a ``call_module`` convolution (or linear layer) that nothing else reads, and the layer is the plain
+torch class (a subclass may compute something else), called once. The folded layer is a new module with new
+parameters; the graph module given is changed and is for inference only (the passes run on a copy: the model
+and the extractor stay as they are).
 
 Example:
-    >>> import copy, torch, torchvision, fxfeat
+    >>> import torch, torchvision, fxfeat
+    >>> from fxfeat.optimize import inference_copy
     >>> extractor = fxfeat.compile(torchvision.models.resnet18(), out_indices=(1,)).eval()
-    >>> folded = copy.deepcopy(extractor)
+    >>> folded = inference_copy(extractor)
     >>> fold_batch_norms(folded)     # the stem's and four in layer1
     5
     >>> x = torch.randn(1, 3, 64, 64)
@@ -20,27 +23,99 @@ Example:
 
 from __future__ import annotations
 
+import copy
+from typing import NamedTuple
+
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
 __all__ = ["fold_batch_norms"]
 
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_FUSERS = {nn.Conv1d: fuse_conv_bn_eval, nn.Conv2d: fuse_conv_bn_eval, nn.Conv3d: fuse_conv_bn_eval,
-           nn.Linear: fuse_linear_bn_eval}
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _plain(module: nn.Module, classes) -> bool:
-    return type(module) in classes
+class _Statistics(NamedTuple):
+    """What a batch norm in eval mode computes with."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    eps: float
 
 
-def _foldable(layer: nn.Module, norm: nn.Module) -> bool:
-    if not (_plain(layer, _FUSERS) and _plain(norm, _NORMS)) or norm.running_mean is None:
-        return False
-    if isinstance(layer, nn.Linear):
-        return norm.num_features == layer.out_features and isinstance(norm, nn.BatchNorm1d)
-    return norm.num_features == layer.out_channels and not getattr(layer, "transposed", False)
+def _tensor(module: fx.GraphModule, value) -> torch.Tensor | None:
+    """The tensor a ``get_attr`` node names (``None`` for ``None``); raises ``LookupError`` for anything else."""
+    if value is None:
+        return None
+    if isinstance(value, fx.Node) and value.op == "get_attr":
+        return _attribute(module, value.target)
+    raise LookupError(value)
+
+
+def _attribute(module: nn.Module, target: str) -> torch.Tensor:
+    owner, _, name = target.rpartition(".")
+    value = getattr(module.get_submodule(owner), name)
+    if not isinstance(value, torch.Tensor):
+        raise LookupError(target)
+    return value
+
+
+def _statistics(module: fx.GraphModule, node: fx.Node) -> _Statistics | None:
+    """The statistics of ``node`` if it is a batch norm in eval mode with running statistics, else ``None``."""
+    if node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
+        norm = module.get_submodule(node.target)
+        if type(norm) not in _NORMS or norm.training or norm.running_mean is None:
+            return None
+        return _Statistics(norm.running_mean, norm.running_var, norm.weight, norm.bias, norm.eps)
+    if node.op != "call_function" or node.target is not F.batch_norm:
+        return None
+    arguments = node.normalized_arguments(module, normalize_to_only_use_kwargs=True)
+    if arguments is None:
+        return None
+    kwargs = arguments.kwargs
+    if kwargs.get("training") is not False or not isinstance(kwargs.get("eps"), float):
+        return None
+    try:
+        statistics = _Statistics(*(_tensor(module, kwargs.get(key)) for key in
+                                   ("running_mean", "running_var", "weight", "bias")), kwargs["eps"])
+    except LookupError:
+        return None
+    return statistics if statistics.mean is not None and statistics.var is not None else None
+
+
+def _folded(layer: nn.Module, statistics: _Statistics) -> nn.Module | None:
+    """A copy of ``layer`` computing ``norm(layer(x))``, or ``None`` when the shapes do not fit."""
+    mean, var, weight, bias, eps = statistics
+    channels = mean.numel()
+    weight = weight if weight is not None else torch.ones_like(mean)
+    bias = bias if bias is not None else torch.zeros_like(mean)
+    if type(layer) in _CONVOLUTIONS and not layer.transposed and layer.out_channels == channels:
+        fused = copy.deepcopy(layer)
+        fused.weight, fused.bias = fuse_conv_bn_weights(layer.weight, layer.bias, mean, var, eps, weight, bias)
+        return fused
+    if type(layer) is nn.Linear and layer.out_features == channels:
+        fused = copy.deepcopy(layer)
+        fused.weight, fused.bias = fuse_linear_bn_weights(layer.weight, layer.bias, mean, var, eps, weight, bias)
+        return fused
+    return None
+
+
+_METADATA_ATTRIBUTES = {"ndim", "shape", "dtype", "device", "is_cuda"}
+_METADATA_METHODS = {"dim", "size", "numel"}
+
+
+def value_readers(node: fx.Node) -> list[fx.Node]:
+    """The nodes that read ``node``'s values, not only its shape, dtype or device (``x.ndim`` checks, which a
+    library's norm makes before normalising, stay true when the node is replaced by one of the same shape)."""
+    return [user for user in node.users if not (
+        (user.op == "call_function" and user.target is getattr and user.args[1:2] and
+         user.args[1] in _METADATA_ATTRIBUTES) or
+        (user.op == "call_method" and user.target in _METADATA_METHODS))]
 
 
 def fold_batch_norms(module: fx.GraphModule) -> int:
@@ -51,23 +126,35 @@ def fold_batch_norms(module: fx.GraphModule) -> int:
             calls[node.target] = calls.get(node.target, 0) + 1
     folded = 0
     for node in list(module.graph.nodes):
-        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+        statistics = _statistics(module, node)
+        source = node.args[0] if statistics is not None else None
+        if not isinstance(source, fx.Node) or source.op != "call_module" or value_readers(source) != [node]:
             continue
-        source = node.args[0]
-        if not isinstance(source, fx.Node) or source.op != "call_module" or len(source.users) != 1:
+        if calls[source.target] != 1:  # a layer called twice keeps its weights
             continue
-        if calls[source.target] != 1 or calls[node.target] != 1:  # a layer called twice keeps its weights
+        layer = module.get_submodule(source.target)
+        if layer.training or (isinstance(layer, nn.Linear) and _channels_dim_mismatch(node, module)):
             continue
-        norm, layer = module.get_submodule(node.target), module.get_submodule(source.target)
-        if not _foldable(layer, norm):
+        fused = _folded(layer, statistics)
+        if fused is None:
             continue
-        fused = _FUSERS[type(layer)](layer.eval(), norm.eval())
         owner, _, name = source.target.rpartition(".")
         setattr(module.get_submodule(owner), name, fused)
         node.replace_all_uses_with(source)
         module.graph.erase_node(node)
         folded += 1
     if folded:
+        for node in list(module.graph.nodes):  # the functional norms' statistics
+            if node.op == "get_attr" and not node.users:
+                module.graph.erase_node(node)
         module.graph.lint()
         module.recompile()
     return folded
+
+
+def _channels_dim_mismatch(norm: fx.Node, module: fx.GraphModule) -> bool:
+    """A batch norm normalises dimension 1; a linear layer writes the last one. They agree only on ``(N, C)``
+    inputs, which a ``BatchNorm1d`` module cannot tell from ``(N, C, L)``; the shapes ``ShapeProp`` recorded
+    can (no recorded shape: not folded)."""
+    meta = norm.meta.get("tensor_meta")
+    return getattr(meta, "shape", None) is None or len(meta.shape) != 2

@@ -1,0 +1,243 @@
+"""``fxfeat.optimize_for_inference``: an extractor rewritten for inference speed, on the CPU and the GPU.
+
+A compiled extractor runs exactly the work of the truncated model, as the model's own code does it. Owning the
+graph, fxfeat can do better for inference: on a copy of the eval-mode graph it
+
+1. traces into library norm classes (timm's ``BatchNormAct2d``): :mod:`fxfeat.passes.inline_norms`;
+2. removes no-ops (``nn.Identity``, dropout in eval mode): :mod:`fxfeat.passes.remove_no_ops`;
+3. folds batch norms into the convolution or linear layer before them: :mod:`fxfeat.passes.fold_batch_norm`;
+4. computes activations and residual sums in place where the data flow proves it safe:
+   :mod:`fxfeat.passes.in_place`;
+5. on the CPU in float32, runs each convolution/linear layer and its activation as one oneDNN call
+   (:mod:`fxfeat.passes.fuse_onednn`) and the other linear layers with weights packed for MKL
+   (:mod:`fxfeat.passes.pack_linear`);
+6. converts the weights (and each input) to channels-last and/or ``dtype``;
+7. optionally wraps the result with ``torch.compile`` (CUDA graphs on the GPU), warmed up once.
+
+The result is an :class:`InferenceGraphModule`: eval mode only, no autograd (its forward runs under
+``torch.no_grad()``, its parameters do not require gradients), the same ``feature_info``, its own copy of the
+weights (the model and the extractor are never changed).
+
+Example:
+    >>> import torch, torchvision, fxfeat
+    >>> extractor = fxfeat.compile(torchvision.models.resnet18(), out_indices=(1, 2)).eval()
+    >>> fast = fxfeat.optimize_for_inference(extractor)
+    >>> fast.optimizations["fold_batch_norms"], fast.optimizations["channels_last"]
+    (10, True)
+    >>> x = torch.randn(2, 3, 96, 128)
+    >>> all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(fast(x), extractor(x)))
+    True
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from fxfeat.errors import InvalidModelError, InvalidRequestError
+from fxfeat.module import _GRAPHS, FeatureGraphModule, _rebuild
+from fxfeat.passes.fold_batch_norm import fold_batch_norms
+from fxfeat.passes.fuse_onednn import conv2d_activation, fuse_activations, onednn_available
+from fxfeat.passes.in_place import restore_in_place
+from fxfeat.passes.inline_norms import inline_norm_layers
+from fxfeat.passes.pack_linear import mkl_available, pack_linear_weights
+from fxfeat.passes.remove_no_ops import remove_no_ops
+from fxfeat.trace.values import example_batch
+
+__all__ = ["InferenceGraphModule", "inference_copy", "optimize_for_inference"]
+
+_OPTIMIZATIONS = "fxfeat_optimizations"  # meta key: what optimize_for_inference did
+
+
+class InferenceGraphModule(FeatureGraphModule):
+    """An extractor for inference only: always in eval mode, its forward runs without autograd.
+
+    ``optimizations`` says what :func:`optimize_for_inference` did (passes and how many nodes each changed,
+    layout, dtype).
+    """
+
+    __jit_unused_properties__ = [*FeatureGraphModule.__jit_unused_properties__, "optimizations"]
+
+    @property
+    def optimizations(self) -> dict[str, Any]:
+        return dict(self.meta.get(_OPTIMIZATIONS, {}))
+
+    def train(self, mode: bool = True) -> InferenceGraphModule:
+        if mode:
+            raise InvalidRequestError(
+                "an extractor optimised for inference cannot train (its batch norms are folded into the layers "
+                "before them and its weights do not require gradients)",
+                hint="train the extractor fxfeat.compile returned, then call optimize_for_inference again",
+            )
+        return super().train(False)
+
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad():
+            return super().__call__(*args, **kwargs)
+
+
+def inference_copy(extractor: FeatureGraphModule) -> InferenceGraphModule:
+    """An :class:`InferenceGraphModule` running ``extractor``'s eval-mode graph with copies of its weights.
+
+    Example:
+        >>> import torchvision, fxfeat
+        >>> extractor = fxfeat.compile(torchvision.models.resnet18(), out_indices=(1,))
+        >>> copied = inference_copy(extractor)
+        >>> copied.training, copied.get_submodule("conv1") is extractor.get_submodule("conv1")
+        (False, False)
+    """
+    state = extractor._state()
+    graphs = state["graphs"]
+    records = graphs.get("eval", graphs.get("both"))
+    used = {target for op, _, target, *_ in records["nodes"] if op in ("call_module", "get_attr")}
+    state.update(
+        cls=InferenceGraphModule, training=False, graphs={"both": records},
+        targets={target: value for target, value in state["targets"].items() if target in used},
+        meta={key: value for key, value in state["meta"].items() if key != _GRAPHS},
+    )
+    module = _rebuild(copy.deepcopy(state))
+    module.requires_grad_(False)
+    for layer in module.modules():  # the model's own modules, copied with their flags
+        layer.training = False
+    return module
+
+
+def optimize_for_inference(
+    extractor: FeatureGraphModule,
+    *,
+    channels_last: bool | None = None,
+    dtype: torch.dtype | None = None,
+    compile: bool = False,
+) -> nn.Module:
+    """An inference-only copy of ``extractor`` rewritten to run faster (see the module docstring).
+
+    Args:
+        extractor: what :func:`fxfeat.compile` returned, on the device it will run on.
+        channels_last: compute in channels-last layout (weights converted, each input converted at the start).
+            ``None`` decides by the rule documented in docs/inference.md: channels-last when the graph's
+            convolutions are 2D and do most of the work (more 2D convolutions than linear layers applied to
+            tokens), on the CPU and the GPU.
+        dtype: run in this floating dtype (``torch.bfloat16``, ``torch.float16``): weights converted, each input
+            cast at the start, outputs in ``dtype``. ``None`` keeps the extractor's dtype.
+        compile: wrap the result with ``torch.compile`` (``mode="reduce-overhead"``: CUDA graphs, on the GPU),
+            with a dynamic batch dimension, and run it once so that the first call is not the compilation.
+
+    Returns:
+        An :class:`InferenceGraphModule`, or with ``compile=True`` the ``torch.compile`` wrapper of one (it
+        forwards ``feature_info`` and ``optimizations``). Outputs are in the extractor's ``output_fmt``; with
+        channels-last, NCHW maps are computed (and returned) in channels-last memory, as a channels-last model
+        returns them.
+
+    Raises:
+        InvalidModelError: ``extractor`` is not an extractor fxfeat compiled.
+        InvalidRequestError: ``dtype`` is not a floating dtype, or ``channels_last`` not ``None``/a bool.
+    """
+    _check_arguments(extractor, channels_last, dtype)
+    started = time.perf_counter()
+    module = inference_copy(extractor)
+    device = _device(module)
+    example = example_batch(module, module.input_size, batch=2, device=device)
+    ShapeProp(module).propagate(example)  # tensor shapes and dtypes, for the passes that need them
+    done: dict[str, Any] = {}
+    passes = [inline_norm_layers, remove_no_ops, fold_batch_norms, restore_in_place]
+    target_dtype = dtype or example.dtype
+    if device.type == "cpu" and target_dtype == torch.float32 and not compile:
+        passes += [fuse_activations] if onednn_available() else []
+        passes += [pack_linear_weights] if mkl_available() else []
+    for pass_ in passes:
+        done[pass_.__name__] = pass_(module)
+    if channels_last is None:
+        channels_last = _convolutions_dominate(module, example)
+    done.update(channels_last=channels_last, dtype=str(target_dtype).removeprefix("torch."))
+    _convert(module, channels_last, dtype)
+    done["build_s"] = round(time.perf_counter() - started, 3)
+    module.meta[_OPTIMIZATIONS] = done
+    if compile:
+        return _compiled(module, example.to(dtype=target_dtype))
+    return module
+
+
+def _check_arguments(extractor, channels_last, dtype) -> None:
+    if not isinstance(extractor, FeatureGraphModule):
+        hint = ("optimise the extractor itself: fxfeat.optimize_for_inference(backbone.body)" if
+                isinstance(getattr(extractor, "body", None), FeatureGraphModule) else
+                "compile the model first: fxfeat.optimize_for_inference(fxfeat.compile(model))")
+        raise InvalidModelError(f"optimize_for_inference takes an extractor fxfeat compiled, not "
+                                f"{type(extractor).__name__}", hint=hint)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise InvalidRequestError(f"dtype must be a floating torch.dtype or None, not {dtype!r}",
+                                  hint="e.g. dtype=torch.bfloat16")
+    if channels_last not in (None, True, False):
+        raise InvalidRequestError(f"channels_last must be True, False or None, not {channels_last!r}",
+                                  hint="None lets fxfeat decide (docs/inference.md)")
+
+
+def _device(module: nn.Module) -> torch.device:
+    tensor = next(iter(module.parameters()), None)
+    if tensor is None:
+        tensor = next(iter(module.buffers()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _convolutions_dominate(module: fx.GraphModule, example: torch.Tensor) -> bool:
+    """The layout rule: channels-last for 4D inputs when 2D convolutions outnumber the linear layers that run on
+    token sequences (3D inputs). A ConvNeXt's linear layers run on channels-last maps (4D) and count for it; a
+    ViT's run on tokens and count against it."""
+    if example.dim() != 4:
+        return False
+    convolutions = tokens = 0
+    for node in module.graph.nodes:
+        if node.op == "call_module":
+            layer = module.get_submodule(node.target)
+            convolutions += isinstance(layer, nn.Conv2d)
+            tokens += isinstance(layer, nn.Linear) and _rank(node.args[0]) == 3
+        elif node.op == "call_function" and node.target in (conv2d_activation, torch.nn.functional.conv2d):
+            convolutions += 1
+        elif node.op == "call_function" and getattr(node.target, "__name__", "") == "linear_activation":
+            tokens += _rank(node.args[0]) == 3
+    return convolutions > tokens
+
+
+def _rank(node) -> int | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return len(meta.shape) if hasattr(meta, "shape") else None
+
+
+@fx.wrap
+def prepare_input(x: torch.Tensor, dtype: torch.dtype | None, channels_last: bool) -> torch.Tensor:
+    """The input as the optimised graph computes: in ``dtype``, channels-last (4D inputs)."""
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x if dtype is None else x.to(dtype)
+
+
+def _convert(module: fx.GraphModule, channels_last: bool, dtype: torch.dtype | None) -> None:
+    """Convert the weights to ``dtype`` and/or channels-last, and each input at the start of the graph."""
+    if not channels_last and dtype is None:
+        return
+    if channels_last:
+        module.to(memory_format=torch.channels_last)
+    if dtype is not None:
+        module.to(dtype)
+    placeholder = next(node for node in module.graph.nodes if node.op == "placeholder")
+    with module.graph.inserting_after(placeholder):
+        prepared = module.graph.call_function(prepare_input, (placeholder, dtype, channels_last))
+    placeholder.replace_all_uses_with(prepared, delete_user_cb=lambda user: user is not prepared)
+    module.graph.lint()
+    module.recompile()
+
+
+def _compiled(module: InferenceGraphModule, example: torch.Tensor) -> nn.Module:
+    """``torch.compile`` of ``module`` (CUDA graphs on the GPU) with a dynamic batch, run once on ``example``."""
+    mode = "reduce-overhead" if example.device.type == "cuda" else None
+    compiled = torch.compile(module, mode=mode, dynamic=False)
+    torch._dynamo.mark_dynamic(example, 0)
+    for _ in range(2 if mode else 1):  # CUDA graphs: a warm-up run, then the recording
+        compiled(example)
+    return compiled
