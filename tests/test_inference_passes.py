@@ -1,15 +1,68 @@
-"""Inference passes, each on small graphs (issue 13)."""
+"""Inference passes (issue 13), each on small graphs: what it rewrites, what it must leave alone, and that the
+outputs stay those of the extractor."""
 
 from __future__ import annotations
 
 import copy
+import pickle
 
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 import fxfeat
+from fxfeat.optimize import inference_copy
 from fxfeat.passes.fold_batch_norm import fold_batch_norms
+from fxfeat.passes.fuse_onednn import FUSED_CONV_MIN_POSITIONS, conv2d_activation, fuse_activations, linear_activation
+from fxfeat.passes.in_place import add_in_place, restore_in_place
+from fxfeat.passes.inline_norms import inline_norm_layers
+from fxfeat.passes.pack_linear import PackedLinear, pack_linear_weights
+from fxfeat.passes.remove_no_ops import remove_no_ops
 
+
+def _randomise_statistics(model: nn.Module) -> None:
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=generator))
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.randn(module.num_features, generator=generator))
+            module.bias.data.copy_(torch.randn(module.num_features, generator=generator))
+
+
+def _prepared(model: nn.Module, input_size=(3, 16, 16), **compile_kwargs):
+    """The eval extractor of ``model`` and an inference copy with shapes recorded (as optimize_for_inference
+    prepares it)."""
+    model.eval()
+    _randomise_statistics(model)
+    extractor = fxfeat.compile(model, input_size=input_size, **compile_kwargs).eval()
+    module = inference_copy(extractor)
+    ShapeProp(module).propagate(torch.randn(2, *input_size))
+    return extractor, module
+
+
+def _traced(model: nn.Module, input_size=(3, 16, 16)):
+    """``model`` in eval mode and ``torch.fx.symbolic_trace`` of a copy of it, shapes recorded: the passes work
+    on any GraphModule."""
+    model.eval()
+    _randomise_statistics(model)
+    module = torch.fx.symbolic_trace(copy.deepcopy(model))
+    ShapeProp(module).propagate(torch.randn(2, *input_size))
+    return model, module
+
+
+def _assert_same_outputs(module, extractor, x, rtol=1e-4, atol=1e-5):
+    with torch.no_grad():
+        expected, actual = extractor(x), module(x)
+    expected = expected if isinstance(expected, (list, tuple)) else [expected]
+    actual = actual if isinstance(actual, (list, tuple)) else [actual]
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, rtol=rtol, atol=atol)
+
+
+# --- batch-norm folding ----------------------------------------------------------------------------------------
 
 class _ConvNormTwice(nn.Module):
     """A conv + norm folded; a shared conv called twice and a conv read by two nodes are not."""
@@ -31,24 +84,246 @@ class _ConvNormTwice(nn.Module):
         return (self.norm_c(y) + y).mean((2, 3))
 
 
-def _randomise_statistics(model: nn.Module) -> None:
-    generator = torch.Generator().manual_seed(0)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.copy_(torch.randn(module.num_features, generator=generator))
-            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-            module.weight.data.copy_(torch.randn(module.num_features, generator=generator))
-
-
 def test_fold_batch_norms_folds_only_single_use_layers_and_keeps_outputs():
-    model = _ConvNormTwice().eval()
-    _randomise_statistics(model)
-    extractor = fxfeat.compile(model, input_size=(3, 16, 16), mode="unpooled").eval()
-    folded = copy.deepcopy(extractor)
+    model = _ConvNormTwice()
+    extractor, folded = _prepared(model, mode="unpooled")
+    assert fold_batch_norms(inference_copy(extractor)) == 1  # without recorded shapes too
     assert fold_batch_norms(folded) == 1  # only conv + norm: `shared` is called twice, `head` read twice
     remaining = [node.target for node in folded.graph.nodes if node.op == "call_module"]
     assert "norm" not in remaining and {"norm_a", "norm_b", "norm_c"} <= set(remaining)
-    x = torch.randn(2, 3, 20, 24)
-    with torch.no_grad():
-        torch.testing.assert_close(folded(x), extractor(x), rtol=1e-4, atol=1e-5)
+    _assert_same_outputs(folded, extractor, torch.randn(2, 3, 20, 24))
     assert isinstance(model.norm, nn.BatchNorm2d) and extractor.get_submodule("norm") is model.norm  # untouched
+    assert extractor.get_submodule("conv") is model.conv and folded.get_submodule("conv") is not model.conv
+
+
+def test_folding_math_matches_the_formula():
+    model, folded = _traced(nn.Sequential(nn.Conv2d(2, 3, 1, bias=False), nn.BatchNorm2d(3)), (2, 8, 8))
+    conv, norm = model
+    assert fold_batch_norms(folded) == 1
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    layer = folded.get_submodule("0")
+    torch.testing.assert_close(layer.weight, conv.weight * scale.reshape(-1, 1, 1, 1))
+    torch.testing.assert_close(layer.bias, norm.bias - norm.running_mean * scale)
+
+
+class _LinearNorm(nn.Module):
+    def __init__(self, tokens: bool):
+        super().__init__()
+        self.tokens = tokens
+        self.stem = nn.Conv2d(3, 4, 3, stride=2)
+        self.fc = nn.Linear(4, 6) if not tokens else nn.Linear(5, 6)
+        self.norm = nn.BatchNorm1d(6 if not tokens else 4)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x.mean((2, 3)) if not self.tokens else x.flatten(2)[:, :, :5]
+        return self.norm(self.fc(x))
+
+
+def test_linear_batch_norm_folded_on_rows_only():
+    model, module = _traced(_LinearNorm(tokens=False), input_size=(3, 12, 12))
+    assert fold_batch_norms(module) == 1
+    _assert_same_outputs(module, model, torch.randn(3, 3, 12, 12))
+    # (N, C, L): the norm normalises C, the layer writes L; nothing to fold
+    _, module = _traced(_LinearNorm(tokens=True), input_size=(3, 12, 12))
+    assert fold_batch_norms(module) == 0
+
+
+def test_functional_batch_norm_of_a_library_norm_is_inlined_then_folded():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("mobilenetv3_small_050")  # timm's BatchNormAct2d: batch_norm -> drop -> act
+    extractor, module = _prepared(model, input_size=(3, 64, 64), out_indices=(0, 1))
+    norms = [n.target for n in module.graph.nodes if n.op == "call_module"
+             and isinstance(module.get_submodule(n.target), timm.layers.BatchNormAct2d)]
+    assert inline_norm_layers(module) == len(norms) > 0
+    assert sum(node.target is F.batch_norm for node in module.graph.nodes) == len(norms)
+    assert remove_no_ops(module) >= len(norms)  # each norm's `drop` (nn.Identity)
+    assert fold_batch_norms(module) == len(norms)  # despite each norm's own `x.ndim == 4` check reading the conv
+    assert not any(node.target is F.batch_norm for node in module.graph.nodes)
+    _assert_same_outputs(module, extractor, torch.randn(2, 3, 80, 72))
+    assert type(extractor.get_submodule(norms[0])) is timm.layers.BatchNormAct2d  # the extractor is untouched
+
+
+class _UntraceableNorm(nn.BatchNorm2d):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent: fx cannot trace it
+            return super().forward(x)
+        return super().forward(x) * 2
+
+
+def test_a_norm_whose_body_cannot_be_traced_stays_a_call():
+    block = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), _UntraceableNorm(4), nn.Conv2d(4, 4, 3, stride=2))
+    extractor, module = _prepared(block, levels=["1", "2"])
+    assert any(n.op == "call_module" and n.target == "1" for n in module.graph.nodes)  # kept whole by the tracer
+    assert inline_norm_layers(module) == 0
+    assert fold_batch_norms(module) == 0  # a subclass may compute something else
+    _assert_same_outputs(module, extractor, torch.randn(2, 3, 16, 16))
+
+
+# --- no-op removal -------------------------------------------------------------------------------------------------
+
+class _NoOps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.identity = nn.Identity()
+        self.dropout = nn.Dropout(0.5)
+        self.dropout2d = nn.Dropout2d(0.5)
+
+    def forward(self, x):
+        x = self.dropout2d(self.identity(self.conv(x)))
+        x = F.dropout(x, 0.3, training=self.training) + 1
+        x = F.dropout(x, 0.3, training=True)  # dropout on purpose, even in eval: kept
+        return self.dropout(x)
+
+
+def test_remove_no_ops_removes_identity_and_eval_dropouts_only():
+    extractor, module = _traced(_NoOps())
+    assert remove_no_ops(module) == 4
+    remaining = [node for node in module.graph.nodes if node.op in ("call_module", "call_function")]
+    assert [node.target for node in remaining if node.op == "call_module"] == ["conv"]
+    assert sum(node.target is F.dropout for node in remaining) == 1
+    torch.manual_seed(0)
+    expected = extractor(torch.ones(1, 3, 8, 8))
+    torch.manual_seed(0)
+    torch.testing.assert_close(module(torch.ones(1, 3, 8, 8)), expected)
+
+
+# --- in-place restoring --------------------------------------------------------------------------------------------
+
+class _Reads(nn.Module):
+    """Values read once (may be overwritten) and read twice (may not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.act = nn.SiLU()
+        self.scale = nn.Parameter(torch.randn(1, 4, 1, 1))
+
+    def forward(self, x):
+        a = self.conv(x)
+        b = F.relu(a)  # `a` is read again below: never overwritten
+        c = self.conv2(b) + a  # a sum whose first operand nobody reads later: written in place
+        d = torch.sigmoid(c)  # `c` read later: out of place
+        e = self.act(self.conv2(d)) + self.scale  # the SiLU's input is read once: in place
+        f = e + c  # `e` read once, `c` read once more (its last read)
+        g = x.relu()  # the input is never overwritten
+        return f, g.mean((1, 2, 3)), e[:, :1] * 1  # `e`: read after `f` is computed, so `f` writes into `c`
+
+
+def test_in_place_never_overwrites_a_value_read_later_the_input_or_a_parameter():
+    model, module = _traced(_Reads(), input_size=(3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    rewritten = restore_in_place(module)
+    nodes = {node.name: node for node in module.graph.nodes}
+    assert nodes["relu"].kwargs.get("inplace") is not True  # a is read by the sum
+    assert nodes["sigmoid"].target is torch.sigmoid  # c is read by the last sum
+    assert nodes["relu_1"].target == "relu"  # the input
+    assert module.act.inplace is True  # the SiLU's input (conv2_1) is read once
+    sums = {name: node.args for name, node in nodes.items() if node.target is add_in_place}
+    assert [arg.name for arg in sums["add"]] == ["conv2", "conv"]
+    assert [arg.name for arg in sums["add_1"]] == ["act", "scale"]  # into the SiLU's output, not the parameter
+    assert [arg.name for arg in sums["add_2"]] == ["add", "add_1"]  # into c, not into e (read later by e[:, :1])
+    assert rewritten == 4
+    with torch.no_grad():
+        for actual, expected in zip(module(x), model(x)):
+            torch.testing.assert_close(actual, expected)
+
+
+def test_add_in_place_writes_only_when_the_sum_has_the_first_operands_shape_and_dtype():
+    a, b = torch.randn(2, 3), torch.randn(2, 3)
+    expected = a + b
+    assert add_in_place(a, b) is a and torch.equal(a, expected)
+    small, big = torch.randn(1, 3), torch.randn(2, 3)
+    result = add_in_place(small, big)  # broadcasting grows the result: out of place
+    assert result.shape == (2, 3) and small.shape == (1, 3)
+    low, high = torch.randn(2, 3, dtype=torch.bfloat16), torch.randn(2, 3)
+    assert add_in_place(low, high).dtype == torch.float32 and low.dtype == torch.bfloat16
+
+
+def test_in_place_keeps_the_outputs_of_a_resnet():
+    torchvision = pytest.importorskip("torchvision")
+    extractor, module = _prepared(torchvision.models.resnet18(), input_size=(3, 64, 64), out_indices=(1, 2, 4))
+    assert restore_in_place(module) == 8  # the residual sum of each block (fx traced `out += identity` as a sum)
+    _assert_same_outputs(module, extractor, torch.randn(2, 3, 80, 64))
+
+
+# --- oneDNN fusion and MKL packing -------------------------------------------------------------------------------------
+
+onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch build has no oneDNN")
+
+
+class _ConvActivations(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.a1 = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6()
+        self.c2, self.a2 = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Hardswish()
+        self.c3 = nn.Conv2d(8, 8, 1)
+        self.c4 = nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False)
+        self.fc, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        x = self.a2(self.c2(self.a1(self.c1(x))))
+        y = self.c3(x)
+        x = F.gelu(y) + y  # read twice: not fused
+        x = F.leaky_relu(self.c4(x), 0.2)
+        tokens = x.flatten(2).transpose(1, 2)
+        return self.fc2(F.gelu(self.fc(tokens), approximate="tanh"))
+
+
+@onednn
+@pytest.mark.parametrize("size", [(40, 40), (8, 12)])  # fused kernels above FUSED_CONV_MIN_POSITIONS, PyTorch's below
+def test_fuse_activations_fuses_single_reader_pairs_and_keeps_outputs(size):
+    extractor, module = _traced(_ConvActivations(), input_size=(3, 32, 32))
+    assert fuse_activations(module) == 4  # c1+ReLU6, c2+Hardswish, c4+LeakyReLU, fc+GELU(tanh)
+    assert {node.target for node in module.graph.nodes if node.op == "call_module"} == {"c3", "fc2"}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        _assert_same_outputs(module, extractor, torch.randn(2, 3, *size).contiguous(memory_format=layout))
+    assert size[0] * size[1] >= FUSED_CONV_MIN_POSITIONS or size == (8, 12)
+
+
+@onednn
+def test_fused_calls_compute_the_plain_ops_off_the_fast_path():
+    x, weight, bias = torch.randn(1, 4, 30, 30), torch.randn(6, 4, 3, 3), torch.randn(6)
+    x = x.contiguous(memory_format=torch.channels_last)
+    expected = F.silu(F.conv2d(x, weight, bias, 1, 1))
+    with torch.no_grad():
+        fused = conv2d_activation(x, weight, bias, [1, 1], [1, 1], [1, 1], 1, "swish", [], "")
+        nchw = conv2d_activation(x.contiguous(), weight, bias, [1, 1], [1, 1], [1, 1], 1, "swish", [], "")
+    assert fused.is_contiguous(memory_format=torch.channels_last) and nchw.is_contiguous()  # layouts kept
+    plain = conv2d_activation(x, weight, bias, [1, 1], [1, 1], [1, 1], 1, "swish", [], "")  # autograd on
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(plain, expected)
+    low = conv2d_activation(x.double(), weight.double(), bias.double(), [1, 1], [1, 1], [1, 1], 1, "swish", [], "")
+    assert low.dtype == torch.float64
+    rows = torch.randn(5, 4)
+    torch.testing.assert_close(linear_activation(rows, weight[:, :, 0, 0], bias, "hardtanh", [0.0, 6.0], ""),
+                               F.relu6(F.linear(rows, weight[:, :, 0, 0], bias)))
+
+
+def test_packed_linear_matches_linear_at_any_row_count_and_keeps_no_cache_in_state():
+    torch.manual_seed(0)
+    layer = nn.Linear(24, 16)
+    packed = PackedLinear(layer)
+    with torch.no_grad():
+        for shape in [(1, 24), (7, 24), (2, 5, 24), (2, 3, 3, 24), (7, 24)]:
+            x = torch.randn(*shape)
+            torch.testing.assert_close(packed(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-6)
+    assert len(packed._packed) == 4 or not torch._C.has_mkl
+    assert set(packed.state_dict()) == {"weight", "bias"}
+    for twin in (copy.deepcopy(packed), pickle.loads(pickle.dumps(packed))):
+        assert twin._packed == {}
+        x = torch.randn(3, 24)
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-6)
+    x = torch.randn(3, 24, requires_grad=True)
+    packed(x).sum().backward()  # autograd on: the plain op
+    assert x.grad is not None
+
+
+def test_pack_linear_weights_replaces_plain_linears_sharing_their_parameters():
+    extractor, module = _traced(_ConvActivations(), input_size=(3, 32, 32))
+    assert pack_linear_weights(module) == 2
+    assert isinstance(module.fc, PackedLinear) and module.fc.weight is not extractor.fc.weight
+    _assert_same_outputs(module, extractor, torch.randn(2, 3, 24, 24))

@@ -65,8 +65,10 @@ FUSED_CONV_MIN_POSITIONS = 28 * 28
 @fx.wrap
 def conv2d_activation(x, weight, bias, stride, padding, dilation, groups, activation, scalars, algorithm):
     """``activation(F.conv2d(x, weight, bias, stride, padding, dilation, groups))``; one oneDNN call for float32
-    inference on the CPU when the output maps are large enough (``FUSED_CONV_MIN_POSITIONS``)."""
-    if _on_onednn(x) and (x.shape[-2] // stride[0]) * (x.shape[-1] // stride[1]) >= FUSED_CONV_MIN_POSITIONS:
+    inference on the CPU on channels-last maps large enough (``FUSED_CONV_MIN_POSITIONS``). (oneDNN returns
+    channels-last maps whatever the input's layout, and gains nothing on NCHW ones.)"""
+    if _on_onednn(x) and x.is_contiguous(memory_format=torch.channels_last) \
+            and (x.shape[-2] // stride[0]) * (x.shape[-1] // stride[1]) >= FUSED_CONV_MIN_POSITIONS:
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups,
                                                       activation, scalars, algorithm)
     return _ACTIVATIONS[activation](F.conv2d(x, weight, bias, stride, padding, dilation, groups), scalars, algorithm)
@@ -96,10 +98,10 @@ _FUNCTION_ACTIVATIONS = {
     F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu", F.silu: "swish", F.hardswish: "hardswish",
     F.hardsigmoid: "hardsigmoid", torch.sigmoid: "sigmoid", torch.sigmoid_: "sigmoid", F.sigmoid: "sigmoid",
     torch.tanh: "tanh", torch.tanh_: "tanh", F.tanh: "tanh", F.gelu: "gelu", F.relu6: "relu6",
+    F.leaky_relu: "leaky_relu", F.hardtanh: "hardtanh",
 }
 _METHOD_ACTIVATIONS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "sigmoid_": "sigmoid", "tanh": "tanh",
                        "tanh_": "tanh"}
-_FUNCTION_ARGUMENTS = {"inplace", "approximate"}
 
 
 def _activation(module: fx.GraphModule, node: fx.Node) -> tuple[str, list[float], str] | None:
@@ -108,21 +110,27 @@ def _activation(module: fx.GraphModule, node: fx.Node) -> tuple[str, list[float]
         layer = module.get_submodule(node.target)
         make = _MODULE_ACTIVATIONS.get(type(layer))
         return make(layer) if make is not None and len(node.args) == 1 and not node.kwargs else None
-    if len(node.args) != 1:
-        return None
     if node.op == "call_method":
         name = _METHOD_ACTIVATIONS.get(node.target)
-        return (name, [], "") if name is not None and not node.kwargs else None
+        return (name, [], "") if name is not None and len(node.args) == 1 and not node.kwargs else None
     if node.op != "call_function" or node.target not in _FUNCTION_ACTIVATIONS:
         return None
-    if set(node.kwargs) - _FUNCTION_ARGUMENTS:
+    arguments = node.normalized_arguments(module, normalize_to_only_use_kwargs=True)
+    if arguments is None:
         return None
+    kwargs = {key: value for key, value in arguments.kwargs.items() if key not in ("input", "self", "inplace")}
     name = _FUNCTION_ACTIVATIONS[node.target]
+    if any(isinstance(value, fx.Node) for value in kwargs.values()):
+        return None
     if name == "gelu":
-        approximate = node.kwargs.get("approximate", "none")
+        approximate = kwargs.get("approximate", "none")
         return ("gelu", [], approximate) if approximate in ("none", "tanh") else None
+    if name == "leaky_relu":
+        return "leaky_relu", [float(kwargs.get("negative_slope", 0.01))], ""
+    if name == "hardtanh":
+        return "hardtanh", [float(kwargs.get("min_val", -1.0)), float(kwargs.get("max_val", 1.0))], ""
     if name == "relu6":
-        return ("hardtanh", [0.0, 6.0], "")
+        return "hardtanh", [0.0, 6.0], ""
     return name, [], ""
 
 

@@ -6,21 +6,29 @@ graph allocates a new tensor where it could reuse one. The pass rewrites
 
 - an activation (``nn.ReLU``-style modules of ``torch.nn``, ``F.relu``-style functions with an ``inplace``
   argument, ``torch.relu``/``sigmoid``/``tanh`` and their methods) into its in-place form;
-- a sum of two tensors (``a + b``, ``torch.add``, ``a.add(b)``) into :func:`add_in_place`, which writes into
-  ``a`` when the sum has ``a``'s shape and dtype (checked at run time, so autocast or broadcasting can never
-  change the result) and adds out of place otherwise;
+- a sum or product of two tensors (``a + b``, ``torch.add``, ``a.add(b)``; ``a * b``...) into
+  :func:`add_in_place` / :func:`mul_in_place`, which write into ``a`` when the result has ``a``'s shape, dtype and
+  device (checked at run time, so autocast or broadcasting can never change the result) and compute out of
+  place otherwise (residual sums, layer scales);
 
 only where the data flow proves the overwrite safe (:mod:`fxfeat.analyse.aliases`): the overwritten tensor was
 created by an operation known to return a new tensor (not a parameter, the input, or a value a library function
 might return unchanged), and no node other than the rewritten one reads it, or any view of it, afterwards. A value
 read twice is never overwritten before its last read.
 
+The pass reads the tensors' shapes that ``torch.fx``'s ``ShapeProp`` records (a node without one is left alone).
+
 Example:
     >>> import torch, timm, fxfeat
+    >>> from torch.fx.passes.shape_prop import ShapeProp
     >>> from fxfeat.optimize import inference_copy
+    >>> from fxfeat.passes.remove_no_ops import remove_no_ops
     >>> module = inference_copy(fxfeat.compile(timm.create_model("convnext_atto"), out_indices=(0,)))
-    >>> restore_in_place(module)    # the two blocks' residual sums
-    2
+    >>> _ = ShapeProp(module).propagate(torch.randn(1, 3, 64, 64))
+    >>> remove_no_ops(module)      # drop paths and shortcuts: nn.Identity
+    11
+    >>> restore_in_place(module)   # the two blocks' layer scales and residual sums
+    4
 """
 
 from __future__ import annotations
@@ -35,15 +43,24 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from fxfeat.analyse.aliases import Aliases, annotate_aliases
 
-__all__ = ["add_in_place", "restore_in_place"]
+__all__ = ["add_in_place", "is_tensor", "mul_in_place", "restore_in_place"]
+
+
+def _fits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a op b`` has ``a``'s shape, dtype and device, so that writing it into ``a`` changes nothing."""
+    return a.dtype == b.dtype and a.device == b.device and a.shape == torch.broadcast_shapes(a.shape, b.shape)
 
 
 @fx.wrap
 def add_in_place(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a + b``, written into ``a`` when that gives the same tensor (``a`` has the sum's shape and dtype)."""
-    if a.dtype == b.dtype and a.device == b.device and a.shape == torch.broadcast_shapes(a.shape, b.shape):
-        return a.add_(b)
-    return a + b
+    return a.add_(b) if _fits(a, b) else a + b
+
+
+@fx.wrap
+def mul_in_place(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a * b``, written into ``a`` when that gives the same tensor (``a`` has the product's shape and dtype)."""
+    return a.mul_(b) if _fits(a, b) else a * b
 
 
 # torch.nn modules whose output is always a new tensor: layers, norms, poolings, activations (out of place).
@@ -55,7 +72,7 @@ _FRESH_MODULE_FILES = {
 _FRESH_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.matmul,
     torch.add, torch.sub, torch.mul, torch.div, torch.cat, torch.matmul, torch.bmm, torch.sigmoid, torch.tanh,
-    torch.relu, torch.softmax, add_in_place,
+    torch.relu, torch.softmax, add_in_place, mul_in_place,
     F.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.mish, F.leaky_relu, F.elu,
     F.layer_norm, F.batch_norm, F.group_norm, F.instance_norm, F.conv1d, F.conv2d, F.conv3d, F.linear,
     F.avg_pool2d, F.max_pool2d, F.adaptive_avg_pool2d, F.interpolate, F.softmax, F.scaled_dot_product_attention,
@@ -70,7 +87,10 @@ _IN_PLACE_FUNCTIONS = {F.relu, F.relu6, F.silu, F.hardswish, F.hardsigmoid, F.mi
                        F.selu, F.hardtanh}
 _IN_PLACE_TWINS = {torch.relu: torch.relu_, torch.sigmoid: torch.sigmoid_, torch.tanh: torch.tanh_}
 _IN_PLACE_METHODS = {"relu", "sigmoid", "tanh"}
-_SUMS = {operator.add, torch.add}
+# Element-wise products and sums of two tensors, and the function computing each into its first operand.
+_BINARY_FUNCTIONS = {operator.add: add_in_place, torch.add: add_in_place, operator.mul: mul_in_place,
+                     torch.mul: mul_in_place}
+_BINARY_METHODS = {"add": add_in_place, "mul": mul_in_place}
 
 
 def _fresh(node: fx.Node, module: fx.GraphModule) -> bool:
@@ -136,10 +156,10 @@ def restore_in_place(module: fx.GraphModule) -> int:
             if len(node.args) == 1 and not node.kwargs and readers.may_overwrite(node, first):
                 node.target = node.target + "_"
                 rewritten += 1
-        elif _is_sum(node):
+        elif _in_place_twin(node) is not None:
             for a, b in (node.args, node.args[::-1]):
                 if readers.may_overwrite(node, a):
-                    node.target, node.op, node.args = add_in_place, "call_function", (a, b)
+                    node.target, node.op, node.args = _in_place_twin(node), "call_function", (a, b)
                     rewritten += 1
                     break
     for target, ok in safe_calls.items():
@@ -157,11 +177,12 @@ def is_tensor(node: fx.Node) -> bool:
     return isinstance(node.meta.get("tensor_meta"), TensorMetadata)
 
 
-def _is_sum(node: fx.Node) -> bool:
-    """``a + b`` of two tensors, with no ``alpha`` or ``out``."""
+def _in_place_twin(node: fx.Node):
+    """For ``a + b`` or ``a * b`` of two tensors (no ``alpha``, no ``out``): the function computing it into its
+    first operand; else ``None``."""
     if len(node.args) != 2 or node.kwargs or not all(isinstance(arg, fx.Node) and is_tensor(arg) for arg in node.args):
-        return False
+        return None
     if node.op == "call_function":
-        return node.target in _SUMS
-    return node.op == "call_method" and node.target == "add"
+        return _BINARY_FUNCTIONS.get(node.target)
+    return _BINARY_METHODS.get(node.target) if node.op == "call_method" else None
 

@@ -8,10 +8,10 @@ seen by the passes after. A norm whose body cannot be traced stays a call.
 
 Example:
     >>> import timm, fxfeat
-    >>> from fxfeat.passes.inference import inference_copy
-    >>> module = inference_copy(fxfeat.compile(timm.create_model("resnet18"), out_indices=(0,)))
-    >>> inline_norm_layers(module)
-    1
+    >>> from fxfeat.optimize import inference_copy
+    >>> module = inference_copy(fxfeat.compile(timm.create_model("efficientnet_b0"), out_indices=(0,)))
+    >>> inline_norm_layers(module)     # the stem's and the first block's two BatchNormAct2d
+    3
     >>> [node.target.__name__ for node in module.graph.nodes if node.op == "call_function"][-1:]
     ['batch_norm']
 """
