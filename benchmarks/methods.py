@@ -6,7 +6,11 @@
 - ``timm``: timm's own answer for timm models (``features_only``, ``forward_features``, ``forward_head(...,
   pre_logits=True)``), with the same weights and ``output_stride``;
 - ``torchvision``: ``create_feature_extractor`` on the same nodes;
-- ``fxfeat`` and ``fxfeat+compile`` (``torch.compile`` of the extractor).
+- ``fxfeat`` and ``fxfeat+compile`` (``torch.compile`` of the extractor);
+- ``fxfeat+optimize``: ``fxfeat.optimize_for_inference`` of the extractor (in the run's dtype), and
+  ``fxfeat+optimize+compile`` (``compile=True``: CUDA graphs on the GPU);
+- ``timm+compile``: timm's model compiled as a user would (``mode="reduce-overhead"`` on the GPU), the best the
+  peers offer.
 """
 
 from __future__ import annotations
@@ -122,12 +126,15 @@ def _eager_model(spec: str, model: nn.Module, setting: Setting) -> nn.Module | N
 
 
 def build_methods(
-    spec: str, model: nn.Module, setting: Setting, prepare: Callable, use_compile: bool, output_fmt: str = "native"
+    spec: str, model: nn.Module, setting: Setting, prepare: Callable, use_compile: bool, output_fmt: str = "native",
+    dtype: torch.dtype = torch.float32, skip: frozenset[str] = frozenset(),
 ) -> list[Method]:
     """Every method for ``model`` (already on its device and memory format) and ``setting``.
 
     ``prepare(module)`` moves a newly built module to the run's device and memory format. fxfeat returns
     ``output_fmt`` ("native" by default, so channels-last maps compare with the other methods as computed).
+    ``dtype`` is the run's (the other methods run under autocast to it; ``optimize_for_inference`` converts).
+    The compiled methods named in ``skip`` are not built (compiling takes minutes on a GPU machine's clock).
     """
     methods: list[Method] = []
     with warnings.catch_warnings():
@@ -182,9 +189,30 @@ def build_methods(
         model.eval()
 
     methods.append(Method("fxfeat", extractor, build_s))
-    if use_compile:
+    def left_out(name: str) -> str | None:
+        """Why a compiled method is not built, or ``None``."""
+        if name in skip:
+            return "left out (--skip)"
+        return None if use_compile else "not requested (--compile)"
+
+    if left_out("fxfeat+compile") is None:
         compiled = torch.compile(extractor, dynamic=True)  # one compilation for every batch size
         methods.append(Method("fxfeat+compile", compiled, 0.0, extra={"compile_on_first_call": True}))
     else:
-        methods.append(Method("fxfeat+compile", None, skipped="not requested (--compile)"))
+        methods.append(Method("fxfeat+compile", None, skipped=left_out("fxfeat+compile")))
+    target = None if dtype == torch.float32 else dtype
+    optimized, optimize_s = _timed(lambda: fxfeat.optimize_for_inference(extractor, dtype=target))
+    methods.append(Method("fxfeat+optimize", optimized, optimize_s))
+    if left_out("fxfeat+optimize+compile") is None:  # built and warmed up (compiled) here: its build time
+        optimized, optimize_s = _timed(lambda: fxfeat.optimize_for_inference(extractor, dtype=target, compile=True))
+        methods.append(Method("fxfeat+optimize+compile", optimized, optimize_s))
+    else:
+        methods.append(Method("fxfeat+optimize+compile", None, skipped=left_out("fxfeat+optimize+compile")))
+    timm_method = next(method for method in methods if method.name == "timm")
+    if timm_method.fn is None or left_out("timm+compile") is not None:
+        methods.append(Method("timm+compile", None, skipped=timm_method.skipped or left_out("timm+compile")))
+    else:
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        compiled = torch.compile(timm_method.fn, mode="reduce-overhead" if on_gpu else None, dynamic=True)
+        methods.append(Method("timm+compile", compiled, 0.0, extra={"compile_on_first_call": True}))
     return methods

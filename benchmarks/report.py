@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-METHODS = ["eager", "limit", "timm", "torchvision", "fxfeat", "fxfeat+compile"]
+METHODS = ["eager", "limit", "timm", "torchvision", "fxfeat", "fxfeat+compile", "fxfeat+optimize",
+           "timm+compile", "fxfeat+optimize+compile"]
 COLORS = {"limit": "tab:grey", "timm": "tab:orange", "torchvision": "tab:blue", "fxfeat": "tab:green",
-          "fxfeat+compile": "tab:olive"}
+          "fxfeat+compile": "tab:olive", "fxfeat+optimize": "tab:red", "timm+compile": "tab:brown",
+          "fxfeat+optimize+compile": "tab:purple"}
+# Issue 13's targets: optimize_for_inference against timm's features_only (CPU: median speed-up >= 1.2, each
+# >= 1.1), and its compiled form against timm + torch.compile (GPU: >= 10% faster at batch 32 and 128).
+OPTIMIZE_MEDIAN, OPTIMIZE_EACH, COMPILED_BATCHES, COMPILED_SPEEDUP = 1.2, 1.1, (32, 128), 1.1
 
 
 def _groups(results: dict) -> dict:
@@ -41,7 +46,22 @@ def targets(results: dict) -> list[str]:
         if build_fx and build_tv:
             ratio = build_fx / build_tv
             parts.append(f"build no slower than torchvision: {ratio:.2f} ({'met' if ratio <= 1 else 'missed'})")
+        for method, baseline, bound in (("fxfeat+optimize", "timm", OPTIMIZE_EACH),
+                                        ("fxfeat+optimize+compile", "timm+compile", COMPILED_SPEEDUP)):
+            ratio = _ratio(rows, baseline, method)
+            if ratio is not None and (method == "fxfeat+optimize" or batch in COMPILED_BATCHES):
+                parts.append(f"{method} speed-up over {baseline}: {ratio:.2f}x "
+                             f"({'met' if ratio >= bound else 'missed'}, target {bound}x)")
         lines.append(f"- {model}, {setting}, batch {batch}: " + "; ".join(parts))
+    speedups = sorted(ratio for rows in _groups(results).values()
+                      if (ratio := _ratio(rows, "timm", "fxfeat+optimize")) is not None)
+    if speedups:
+        median = speedups[len(speedups) // 2] if len(speedups) % 2 else \
+            (speedups[len(speedups) // 2 - 1] + speedups[len(speedups) // 2]) / 2
+        lines.append(f"- fxfeat+optimize over timm, all {len(speedups)} configurations: median {median:.2f}x "
+                     f"({'met' if median >= OPTIMIZE_MEDIAN else 'missed'}, target {OPTIMIZE_MEDIAN}x), lowest "
+                     f"{speedups[0]:.2f}x ({'met' if speedups[0] >= OPTIMIZE_EACH else 'missed'}, target "
+                     f"{OPTIMIZE_EACH}x)")
     return lines
 
 

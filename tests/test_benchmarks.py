@@ -23,10 +23,11 @@ def test_harness_runs_and_writes_reports(tmp_path):
     results = json.loads(out.read_text())
     assert results["device"] == "cpu" and results["device_name"] and results["versions"]["torch"]
     rows = results["results"]
-    assert {row["method"] for row in rows} == {"eager", "limit", "timm", "torchvision", "fxfeat", "fxfeat+compile"}
+    assert {row["method"] for row in rows} == {"eager", "limit", "timm", "torchvision", "fxfeat", "fxfeat+compile",
+                                              "fxfeat+optimize", "fxfeat+optimize+compile", "timm+compile"}
     assert len({(row["setting"], row["batch"]) for row in rows}) == 4
     for row in rows:
-        if row["method"] in ("limit", "timm", "torchvision", "fxfeat"):
+        if row["method"] in ("limit", "timm", "torchvision", "fxfeat", "fxfeat+optimize"):
             assert row["correct"] and row["latency_ms"] > 0 and row["throughput"] > 0, row
             assert row["peak_memory_mb"] > 0
     fxfeat_rows = [row for row in rows if row["method"] == "fxfeat"]
@@ -41,6 +42,7 @@ def test_harness_runs_and_writes_reports(tmp_path):
     assert [row["skipped"] for row in rows if row["method"] == "fxfeat+compile"][0].startswith("not requested")
     text = markdown.read_text()
     assert "## timm:resnet10t" in text and "| fxfeat |" in text and "## Targets" in text and "r.png" in text
+    assert "fxfeat+optimize speed-up over timm" in text and "fxfeat+optimize over timm, all 4 configurations" in text
     assert plot.stat().st_size > 1000
 
 

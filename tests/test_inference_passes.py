@@ -249,7 +249,7 @@ def test_in_place_keeps_the_outputs_of_a_resnet():
     _assert_same_outputs(module, extractor, torch.randn(2, 3, 80, 64))
 
 
-# --- oneDNN fusion and MKL packing -------------------------------------------------------------------------------------
+# --- oneDNN fusion and MKL packing -----------------------------------------------------------------------------
 
 onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this PyTorch build has no oneDNN")
 
