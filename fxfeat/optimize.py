@@ -8,9 +8,8 @@ graph, fxfeat can do better for inference: on a copy of the eval-mode graph it
 3. folds batch norms into the convolution or linear layer before them: :mod:`fxfeat.passes.fold_batch_norm`;
 4. computes activations and residual sums in place where the data flow proves it safe:
    :mod:`fxfeat.passes.in_place`;
-5. on the CPU in float32, runs each convolution/linear layer and its activation as one oneDNN call
-   (:mod:`fxfeat.passes.fuse_onednn`) and the other linear layers with weights packed for MKL
-   (:mod:`fxfeat.passes.pack_linear`);
+5. on the CPU in float32, runs convolutions and linear layers with weights packed by oneDNN, each with the
+   activation after it in the same call: :mod:`fxfeat.passes.fuse_onednn`;
 6. converts the weights (and each input) to channels-last and/or ``dtype``;
 7. optionally wraps the result with ``torch.compile`` (CUDA graphs on the GPU), warmed up once.
 
@@ -43,10 +42,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fxfeat.errors import InvalidModelError, InvalidRequestError
 from fxfeat.module import _GRAPHS, FeatureGraphModule, _rebuild
 from fxfeat.passes.fold_batch_norm import fold_batch_norms
-from fxfeat.passes.fuse_onednn import conv2d_activation, fuse_activations, onednn_available
+from fxfeat.passes.fuse_onednn import onednn_available, use_onednn
 from fxfeat.passes.in_place import restore_in_place
 from fxfeat.passes.inline_norms import inline_norm_layers
-from fxfeat.passes.pack_linear import mkl_available, pack_linear_weights
 from fxfeat.passes.remove_no_ops import remove_no_ops
 from fxfeat.trace.values import example_batch
 
@@ -144,16 +142,15 @@ def optimize_for_inference(
     device = _device(module)
     example = example_batch(module, module.input_size, batch=2, device=device)
     ShapeProp(module).propagate(example)  # tensor shapes and dtypes, for the passes that need them
+    if channels_last is None:
+        channels_last = _convolutions_dominate(module, example)
     done: dict[str, Any] = {}
     passes = [inline_norm_layers, remove_no_ops, fold_batch_norms, restore_in_place]
     target_dtype = dtype or example.dtype
-    if device.type == "cpu" and target_dtype == torch.float32 and not compile:
-        passes += [fuse_activations] if onednn_available() else []
-        passes += [pack_linear_weights] if mkl_available() else []
+    if device.type == "cpu" and target_dtype == torch.float32 and not compile and onednn_available():
+        passes.append(use_onednn)
     for pass_ in passes:
         done[pass_.__name__] = pass_(module)
-    if channels_last is None:
-        channels_last = _convolutions_dominate(module, example)
     done.update(channels_last=channels_last, dtype=str(target_dtype).removeprefix("torch."))
     _convert(module, channels_last, dtype)
     done["build_s"] = round(time.perf_counter() - started, 3)
@@ -197,10 +194,8 @@ def _convolutions_dominate(module: fx.GraphModule, example: torch.Tensor) -> boo
             layer = module.get_submodule(node.target)
             convolutions += isinstance(layer, nn.Conv2d)
             tokens += isinstance(layer, nn.Linear) and _rank(node.args[0]) == 3
-        elif node.op == "call_function" and node.target in (conv2d_activation, torch.nn.functional.conv2d):
+        elif node.op == "call_function" and node.target is torch.nn.functional.conv2d:
             convolutions += 1
-        elif node.op == "call_function" and getattr(node.target, "__name__", "") == "linear_activation":
-            tokens += _rank(node.args[0]) == 3
     return convolutions > tokens
 
 

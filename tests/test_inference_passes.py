@@ -15,10 +15,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 import fxfeat
 from fxfeat.optimize import inference_copy
 from fxfeat.passes.fold_batch_norm import fold_batch_norms
-from fxfeat.passes.fuse_onednn import FUSED_CONV_MIN_POSITIONS, conv2d_activation, fuse_activations, linear_activation
+from fxfeat.passes.fuse_onednn import OneDNNConv2d, OneDNNLinear, use_onednn
 from fxfeat.passes.in_place import add_in_place, restore_in_place
 from fxfeat.passes.inline_norms import inline_norm_layers
-from fxfeat.passes.pack_linear import PackedLinear, pack_linear_weights
 from fxfeat.passes.remove_no_ops import remove_no_ops
 
 
@@ -273,57 +272,60 @@ class _ConvActivations(nn.Module):
 
 
 @onednn
-@pytest.mark.parametrize("size", [(40, 40), (8, 12)])  # fused kernels above FUSED_CONV_MIN_POSITIONS, PyTorch's below
-def test_fuse_activations_fuses_single_reader_pairs_and_keeps_outputs(size):
-    extractor, module = _traced(_ConvActivations(), input_size=(3, 32, 32))
-    assert fuse_activations(module) == 4  # c1+ReLU6, c2+Hardswish, c4+LeakyReLU, fc+GELU(tanh)
-    assert {node.target for node in module.graph.nodes if node.op == "call_module"} == {"c3", "fc2"}
+@pytest.mark.parametrize("size", [(64, 64), (8, 12)])  # oneDNN's packed kernels for the larger convolutions
+def test_use_onednn_converts_layers_fuses_single_reader_activations_and_keeps_outputs(size):
+    model, module = _traced(_ConvActivations(), input_size=(3, 32, 32))
+    assert use_onednn(module) == 6  # c1+ReLU6, c2+Hardswish, c3 (read twice), c4+LeakyReLU, fc+GELU(tanh), fc2
+    layers = {node.target: module.get_submodule(node.target) for node in module.graph.nodes if node.op == "call_module"}
+    assert set(layers) == {"c1", "c2", "c3", "c4", "fc", "fc2"}
+    assert [layers[name].activation for name in ("c1", "c2", "c3", "c4", "fc", "fc2")] == [
+        "hardtanh", "hardswish", "none", "leaky_relu", "gelu", "none"]
+    assert layers["fc"].algorithm == "tanh" and isinstance(layers["fc"], OneDNNLinear)
+    assert layers["c4"].scalars == [0.2] and layers["c1"].scalars == [0.0, 6.0]
     for layout in (torch.contiguous_format, torch.channels_last):
-        _assert_same_outputs(module, extractor, torch.randn(2, 3, *size).contiguous(memory_format=layout))
-    assert size[0] * size[1] >= FUSED_CONV_MIN_POSITIONS or size == (8, 12)
+        _assert_same_outputs(module, model, torch.randn(2, 3, *size).contiguous(memory_format=layout))
 
 
 @onednn
-def test_fused_calls_compute_the_plain_ops_off_the_fast_path():
-    x, weight, bias = torch.randn(1, 4, 30, 30), torch.randn(6, 4, 3, 3), torch.randn(6)
-    x = x.contiguous(memory_format=torch.channels_last)
-    expected = F.silu(F.conv2d(x, weight, bias, 1, 1))
-    with torch.no_grad():
-        fused = conv2d_activation(x, weight, bias, [1, 1], [1, 1], [1, 1], 1, "swish", [], "")
-        nchw = conv2d_activation(x.contiguous(), weight, bias, [1, 1], [1, 1], [1, 1], 1, "swish", [], "")
-    assert fused.is_contiguous(memory_format=torch.channels_last) and nchw.is_contiguous()  # layouts kept
-    plain = conv2d_activation(x, weight, bias, [1, 1], [1, 1], [1, 1], 1, "swish", [], "")  # autograd on
-    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
-    assert torch.equal(plain, expected)
-    low = conv2d_activation(x.double(), weight.double(), bias.double(), [1, 1], [1, 1], [1, 1], 1, "swish", [], "")
-    assert low.dtype == torch.float64
-    rows = torch.randn(5, 4)
-    torch.testing.assert_close(linear_activation(rows, weight[:, :, 0, 0], bias, "hardtanh", [0.0, 6.0], ""),
-                               F.relu6(F.linear(rows, weight[:, :, 0, 0], bias)))
-
-
-def test_packed_linear_matches_linear_at_any_row_count_and_keeps_no_cache_in_state():
+def test_onednn_conv_packs_per_shape_and_computes_the_plain_ops_off_the_fast_path():
     torch.manual_seed(0)
-    layer = nn.Linear(24, 16)
-    packed = PackedLinear(layer)
+    conv = nn.Conv2d(16, 32, 3, padding=1)
+    layer = OneDNNConv2d(conv, ("swish", [], ""))
+    x = torch.randn(2, 16, 40, 40).contiguous(memory_format=torch.channels_last)
+    expected = F.silu(conv(x))
     with torch.no_grad():
-        for shape in [(1, 24), (7, 24), (2, 5, 24), (2, 3, 3, 24), (7, 24)]:
-            x = torch.randn(*shape)
-            torch.testing.assert_close(packed(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-6)
-    assert len(packed._packed) == 4 or not torch._C.has_mkl
-    assert set(packed.state_dict()) == {"weight", "bias"}
-    for twin in (copy.deepcopy(packed), pickle.loads(pickle.dumps(packed))):
+        fused = layer(x)
+        nchw = layer(x.contiguous())
+        layer(torch.randn(1, 16, 30, 50).contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+    assert fused.is_contiguous(memory_format=torch.channels_last) and nchw.is_contiguous()  # layouts kept
+    assert len(layer._packed) == 2  # one packing per input shape (the NCHW call runs F.conv2d)
+    assert torch.equal(layer(x), expected)  # autograd on: the plain ops
+    assert layer.double()(x.double()).dtype == torch.float64 and layer._packed == {}
+    layer.float()
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert twin._packed == {}
-        x = torch.randn(3, 24)
         with torch.no_grad():
-            torch.testing.assert_close(twin(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-6)
-    x = torch.randn(3, 24, requires_grad=True)
-    packed(x).sum().backward()  # autograd on: the plain op
+            torch.testing.assert_close(twin(x), expected, rtol=1e-5, atol=1e-5)
+
+
+@onednn
+def test_onednn_linear_packs_per_row_count_and_keeps_no_cache_in_state():
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 384)
+    layer = OneDNNLinear(linear, ("hardtanh", [0.0, 6.0], ""))
+    with torch.no_grad():
+        for shape in [(1, 96), (2, 56, 96), (2, 7, 7, 96), (3000, 96), (2, 56, 96)]:
+            x = torch.randn(*shape)
+            torch.testing.assert_close(layer(x), F.relu6(linear(x)), rtol=1e-5, atol=1e-5)
+    assert len(layer._packed) == 3  # one per shape large enough for oneDNN (not the single row)
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    x = torch.randn(4, 96)
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert twin._packed == {}
+        with torch.no_grad():
+            torch.testing.assert_close(twin(x), F.relu6(linear(x)), rtol=1e-5, atol=1e-5)
+    x.requires_grad_(True)
+    layer(x).sum().backward()  # autograd on: the plain ops
     assert x.grad is not None
-
-
-def test_pack_linear_weights_replaces_plain_linears_sharing_their_parameters():
-    extractor, module = _traced(_ConvActivations(), input_size=(3, 32, 32))
-    assert pack_linear_weights(module) == 2
-    assert isinstance(module.fc, PackedLinear) and module.fc.weight is not extractor.fc.weight
-    _assert_same_outputs(module, extractor, torch.randn(2, 3, 24, 24))

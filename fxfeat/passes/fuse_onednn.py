@@ -1,26 +1,37 @@
-"""Inference pass (CPU): run each convolution or linear layer and the activation after it as one oneDNN call.
+"""Inference pass (CPU): oneDNN convolutions and linear layers with packed weights and fused activations.
 
-On the CPU, PyTorch runs convolutions and linear layers with oneDNN, which can apply an activation to each
-output while it is still in cache (a *post-op*): ``gelu(linear(x))`` as one call instead of a matrix product,
-a pass that copies the bias into the output, and a pass over the whole output for the activation. The pass
-rewrites a plain ``nn.Conv2d`` (numeric padding, zeros padding mode) or ``nn.Linear`` call whose only reader is
-an activation oneDNN applies (ReLU, ReLU6/Hardtanh, LeakyReLU, SiLU, GELU, Hardswish, Hardsigmoid, Sigmoid,
-Tanh; module, function or method, in place or not) into :func:`conv2d_activation` or
-:func:`linear_activation`. Those call PyTorch's oneDNN operators for float32 tensors on the CPU and the plain
-ops everywhere else, so a module moved to another device still computes the same thing.
+On the CPU, PyTorch runs convolutions and linear layers with oneDNN, which computes fastest with the weight
+reordered ("packed") for the input's shape, and can apply an activation to each output while it is still in
+cache (a *post-op*). PyTorch's ``F.conv2d`` packs the weight again on every call, which costs as much as the
+convolution itself for a large weight on a small map (ResNet-50's last stage at batch 1: 0.9 ms unpacked, 0.4 ms
+packed), and ``F.gelu(F.linear(x, w, b))`` makes three passes over the output (bias, product, activation) where
+one suffices (ConvNeXt-T's ``fc1`` at batch 1, 3136 x 96 -> 384: 1.09 ms, 0.89 ms packed and fused; measured
+on a 2-core Xeon).
+
+The pass replaces every plain ``nn.Conv2d`` (numeric padding, zeros padding mode) and ``nn.Linear`` call by a
+:class:`OneDNNConv2d` / :class:`OneDNNLinear`, which packs the weight once per input shape and, where the
+layer is called once and its only reader is an activation oneDNN applies (ReLU, ReLU6/Hardtanh, LeakyReLU, SiLU,
+GELU, Hardswish, Hardsigmoid, Sigmoid, Tanh; module, function or method, in place or not), applies that too.
+They run oneDNN for float32 inference on CPU tensors (channels-last maps for convolutions) and the plain ops
+everywhere else (another device or dtype, autograd on, a layer too small to repay a call to oneDNN), so the
+module computes the same thing wherever it is moved.
 
 The pass is for float32 inference on the CPU; ``optimize_for_inference`` runs it there only.
 
 Example:
     >>> import torch, torchvision, fxfeat
     >>> from fxfeat.optimize import inference_copy
-    >>> extractor = fxfeat.compile(torchvision.models.resnet18(), out_indices=(0,)).eval()
+    >>> extractor = fxfeat.compile(torchvision.models.resnet18(), out_indices=(1,)).eval()
     >>> module = inference_copy(extractor)
-    >>> fuse_activations(module)   # the stem's conv (its batch norm is not folded here: fused with nothing)
-    0
+    >>> use_onednn(module)   # five convolutions; batch norms not folded here, so no activation fused
+    5
+    >>> module.get_submodule("layer1.0.conv1")
+    OneDNNConv2d(64, 64, kernel_size=(3, 3), stride=[1, 1], padding=[1, 1], activation=none)
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.fx as fx
@@ -29,7 +40,7 @@ from torch import nn
 
 from fxfeat.passes.fold_batch_norm import value_readers
 
-__all__ = ["FUSED_CONV_MIN_POSITIONS", "conv2d_activation", "fuse_activations", "linear_activation", "onednn_available"]
+__all__ = ["OneDNNConv2d", "OneDNNLinear", "onednn_available", "use_onednn"]
 
 # oneDNN post-op name -> the same activation in PyTorch, given the post-op's scalars and algorithm.
 _ACTIVATIONS = {
@@ -42,44 +53,122 @@ _ACTIVATIONS = {
     "hardsigmoid": lambda x, scalars, algorithm: F.hardsigmoid(x),
     "sigmoid": lambda x, scalars, algorithm: torch.sigmoid(x),
     "tanh": lambda x, scalars, algorithm: torch.tanh(x),
+    "none": lambda x, scalars, algorithm: x,
 }
 
 
 def onednn_available() -> bool:
     """Whether this PyTorch build has the oneDNN operators the pass calls."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise") \
-        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return torch.backends.mkldnn.is_available() and all(
+        hasattr(torch.ops.mkldnn, name) for name in ("_convolution_pointwise", "_linear_pointwise",
+                                                     "_reorder_linear_weight"))
 
 
-def _on_onednn(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+class _PackedLayer(nn.Module):
+    """A layer + activation run by oneDNN with its weight packed per input shape (see the subclasses).
+
+    The packings (one per input shape, at most ``CACHE_SIZE``) are a cache: not in the state dict, not pickled
+    or copied, made again when needed. A call doing fewer than ``MIN_MACS`` multiply-adds runs the plain ops:
+    oneDNN's operators cost some 25 us per call more than PyTorch's (measured on a 2-core Xeon: a 1x1
+    convolution of 96 channels on a 7x7 map takes 14 us in PyTorch, 35 us packed; a depthwise 5x5 of 672
+    channels on 14x14, 3.3 M multiply-adds, 110 us and 79 us).
+    """
+
+    CACHE_SIZE = 4
+    MIN_MACS = 2**20
+
+    def __init__(self, layer: nn.Module, activation: tuple[str, list[float], str]):
+        super().__init__()
+        self.weight, self.bias = layer.weight, layer.bias
+        self.activation, self.scalars, self.algorithm = activation
+        self._packed: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def _fast(self, x: torch.Tensor) -> bool:
+        raise NotImplementedError
+
+    def _pack(self, shape: tuple[int, ...]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
+        key = tuple(x.shape)
+        packed = self._packed.get(key)
+        if packed is None:
+            if len(self._packed) >= self.CACHE_SIZE:
+                self._packed.pop(next(iter(self._packed)))
+            packed = self._packed[key] = self._pack(key)
+        return packed
+
+    def _on_onednn(self, x: torch.Tensor, macs: int) -> bool:
+        return x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32 \
+            and not torch.is_grad_enabled() and macs >= self.MIN_MACS
+
+    def _activate(self, y: torch.Tensor) -> torch.Tensor:
+        return _ACTIVATIONS[self.activation](y, self.scalars, self.algorithm)
+
+    def _apply(self, fn, recurse=True):
+        self._packed = {}  # .to(), .half(): the packings describe the old weight
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_packed": {}}
+
+    def __deepcopy__(self, memo):
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy(self.__getstate__(), memo))
+        return copied
 
 
-# oneDNN's fused convolution costs some 30-50 us per call more than PyTorch's (it prepares the weights each
-# time): below this many output positions per map (28 x 28) that costs more than the fusion saves (measured on a
-# 2-core Xeon: a 1x1 convolution on a 7x7 map runs 180 us in PyTorch, 300 us fused; a depthwise 3x3 on 56x56,
-# 260 us and 215 us). The decision is made at run time, from the input's size.
-FUSED_CONV_MIN_POSITIONS = 28 * 28
+class OneDNNConv2d(_PackedLayer):
+    """``activation(F.conv2d(x, weight, bias, ...))``, by oneDNN on channels-last CPU maps (see the module
+    docstring)."""
+
+    def __init__(self, conv: nn.Conv2d, activation: tuple[str, list[float], str] = ("none", [], "")):
+        super().__init__(conv, activation)
+        self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
+        self.stride, self.padding = list(conv.stride), list(conv.padding)
+        self.dilation, self.groups = list(conv.dilation), conv.groups
+
+    def _pack(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(self.weight.to_mkldnn(), self.padding, self.stride,
+                                                         self.dilation, self.groups, list(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            positions = (x.shape[-2] // self.stride[0]) * (x.shape[-1] // self.stride[1])
+            if self._on_onednn(x, x.shape[0] * positions * self.weight.numel()):
+                return torch.ops.mkldnn._convolution_pointwise(
+                    x, self._packed_weight(x), self.bias, self.padding, self.stride, self.dilation, self.groups,
+                    self.activation, self.scalars, self.algorithm)
+        return self._activate(F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                                       self.groups))
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, activation={self.activation}")
 
 
-@fx.wrap
-def conv2d_activation(x, weight, bias, stride, padding, dilation, groups, activation, scalars, algorithm):
-    """``activation(F.conv2d(x, weight, bias, stride, padding, dilation, groups))``; one oneDNN call for float32
-    inference on the CPU on channels-last maps large enough (``FUSED_CONV_MIN_POSITIONS``). (oneDNN returns
-    channels-last maps whatever the input's layout, and gains nothing on NCHW ones.)"""
-    if _on_onednn(x) and x.is_contiguous(memory_format=torch.channels_last) \
-            and (x.shape[-2] // stride[0]) * (x.shape[-1] // stride[1]) >= FUSED_CONV_MIN_POSITIONS:
-        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups,
-                                                      activation, scalars, algorithm)
-    return _ACTIVATIONS[activation](F.conv2d(x, weight, bias, stride, padding, dilation, groups), scalars, algorithm)
+class OneDNNLinear(_PackedLayer):
+    """``activation(F.linear(x, weight, bias))``, by oneDNN on CPU tensors (see the module docstring)."""
 
+    def __init__(self, linear: nn.Linear, activation: tuple[str, list[float], str] = ("none", [], "")):
+        super().__init__(linear, activation)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
 
-@fx.wrap
-def linear_activation(x, weight, bias, activation, scalars, algorithm):
-    """``activation(F.linear(x, weight, bias))``; one oneDNN call for float32 inference on the CPU."""
-    if _on_onednn(x) and x.dim() >= 2:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, scalars, algorithm)
-    return _ACTIVATIONS[activation](F.linear(x, weight, bias), scalars, algorithm)
+    def _pack(self, shape: tuple[int, ...]) -> torch.Tensor:
+        rows = 1
+        for size in shape[:-1]:
+            rows *= size
+        return torch.ops.mkldnn._reorder_linear_weight(self.weight, rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() >= 2 and self._on_onednn(x, x.numel() // x.shape[-1] * self.weight.numel()):
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(x), self.bias, self.activation,
+                                                      self.scalars, self.algorithm)
+        return self._activate(F.linear(x, self.weight, self.bias))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, activation={self.activation}"
 
 
 _MODULE_ACTIVATIONS = {
@@ -134,47 +223,49 @@ def _activation(module: fx.GraphModule, node: fx.Node) -> tuple[str, list[float]
     return name, [], ""
 
 
-def _layer(module: fx.GraphModule, node: fx.Node) -> nn.Module | None:
-    """The plain ``nn.Conv2d`` or ``nn.Linear`` ``node`` calls on one tensor, if it is one oneDNN can run."""
-    if node.op != "call_module" or len(node.args) != 1 or node.kwargs or len(value_readers(node)) != 1:
-        return None
-    layer = module.get_submodule(node.target)
+def _convertible(layer: nn.Module) -> bool:
+    """A plain ``nn.Linear``, or a plain ``nn.Conv2d`` oneDNN runs (numeric padding, zeros padding)."""
     if type(layer) is nn.Linear:
-        return layer
-    if type(layer) is nn.Conv2d and layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
-        return layer
-    return None
+        return True
+    return type(layer) is nn.Conv2d and layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
 
 
-def fuse_activations(module: fx.GraphModule) -> int:
-    """Fuse every convolution/linear layer + activation pair of ``module``'s graph (changed in place) into one
-    call; returns how many pairs were fused."""
-    fused = 0
+def _fused_activation(module: fx.GraphModule, node: fx.Node, calls: dict[str, int]):
+    """The activation node reading ``node``'s layer and its post-op, if the two can run as one call."""
+    if len(node.args) != 1 or node.kwargs or calls[node.target] != 1:
+        return None, None
+    readers = value_readers(node)
+    if len(readers) != 1 or readers[0].args[0] is not node:
+        return None, None
+    activation = _activation(module, readers[0])
+    return (readers[0], activation) if activation is not None else (None, None)
+
+
+def use_onednn(module: fx.GraphModule) -> int:
+    """Replace the plain convolutions and linear layers of ``module``'s graph by :class:`OneDNNConv2d` /
+    :class:`OneDNNLinear`, each with the activation after it where it can take it (``module`` is changed in
+    place); returns how many layers were replaced."""
+    calls: dict[str, int] = {}
+    for node in module.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    replaced = 0
     for node in list(module.graph.nodes):
-        layer = _layer(module, node)
-        if layer is None:
+        if node.op != "call_module" or node.target not in calls:
             continue
-        activation_node = value_readers(node)[0]
-        if activation_node.args[0] is not node:
+        layer = module.get_submodule(node.target)
+        if not _convertible(layer):
             continue
-        activation = _activation(module, activation_node)
-        if activation is None:
-            continue
-        with module.graph.inserting_before(node.next):  # before the shape checks reading the layer's output
-            weight = module.graph.get_attr(node.target + ".weight")
-            bias = module.graph.get_attr(node.target + ".bias") if layer.bias is not None else None
-            if isinstance(layer, nn.Linear):
-                call = module.graph.call_function(linear_activation, (node.args[0], weight, bias, *activation))
-            else:
-                call = module.graph.call_function(conv2d_activation, (
-                    node.args[0], weight, bias, list(layer.stride), list(layer.padding), list(layer.dilation),
-                    layer.groups, *activation))
-        activation_node.replace_all_uses_with(call)
-        module.graph.erase_node(activation_node)
-        node.replace_all_uses_with(call)  # the shape checks: the same shape
-        module.graph.erase_node(node)
-        fused += 1
-    if fused:
+        activation_node, activation = _fused_activation(module, node, calls)
+        onednn = OneDNNConv2d if isinstance(layer, nn.Conv2d) else OneDNNLinear
+        owner, _, name = node.target.rpartition(".")
+        setattr(module.get_submodule(owner), name, onednn(layer, activation or ("none", [], "")))
+        calls.pop(node.target)  # converted once for all its calls
+        if activation_node is not None:
+            activation_node.replace_all_uses_with(node)
+            module.graph.erase_node(activation_node)
+        replaced += 1
+    if replaced:
         module.graph.lint()
         module.recompile()
-    return fused
+    return replaced
