@@ -7,7 +7,8 @@
   pre_logits=True)``), with the same weights and ``output_stride``;
 - ``torchvision``: ``create_feature_extractor`` on the same nodes;
 - ``fxfeat`` and ``fxfeat+compile`` (``torch.compile`` of the extractor);
-- ``fxfeat+optimize``: ``fxfeat.optimize_for_inference`` of the extractor (in the run's dtype), and
+- ``fxfeat+optimize``: ``fxfeat.optimize_for_inference`` of the extractor (in the run's dtype),
+  ``fxfeat+optimize-nchw`` the same with ``channels_last=False`` (what the layout rule is measured by), and
   ``fxfeat+optimize+compile`` (``compile=True``: CUDA graphs on the GPU);
 - ``timm+compile``: timm's model compiled as a user would (``mode="reduce-overhead"`` on the GPU), the best the
   peers offer.
@@ -134,7 +135,7 @@ def build_methods(
     ``prepare(module)`` moves a newly built module to the run's device and memory format. fxfeat returns
     ``output_fmt`` ("native" by default, so channels-last maps compare with the other methods as computed).
     ``dtype`` is the run's (the other methods run under autocast to it; ``optimize_for_inference`` converts).
-    The compiled methods named in ``skip`` are not built (compiling takes minutes on a GPU machine's clock).
+    The methods named in ``skip`` are not built (compiling takes minutes on a GPU machine's clock).
     """
     methods: list[Method] = []
     with warnings.catch_warnings():
@@ -203,6 +204,12 @@ def build_methods(
     target = None if dtype == torch.float32 else dtype
     optimized, optimize_s = _timed(lambda: fxfeat.optimize_for_inference(extractor, dtype=target))
     methods.append(Method("fxfeat+optimize", optimized, optimize_s))
+    if "fxfeat+optimize-nchw" in skip:  # the layout rule's check: the same passes, NCHW
+        methods.append(Method("fxfeat+optimize-nchw", None, skipped="left out (--skip)"))
+    else:
+        optimized, optimize_s = _timed(lambda: fxfeat.optimize_for_inference(extractor, dtype=target,
+                                                                             channels_last=False))
+        methods.append(Method("fxfeat+optimize-nchw", optimized, optimize_s))
     if left_out("fxfeat+optimize+compile") is None:  # built and warmed up (compiled) here: its build time
         optimized, optimize_s = _timed(lambda: fxfeat.optimize_for_inference(extractor, dtype=target, compile=True))
         methods.append(Method("fxfeat+optimize+compile", optimized, optimize_s))

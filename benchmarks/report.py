@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections import defaultdict
 
 METHODS = ["eager", "limit", "timm", "torchvision", "fxfeat", "fxfeat+compile", "fxfeat+optimize",
-           "timm+compile", "fxfeat+optimize+compile"]
+           "fxfeat+optimize-nchw", "timm+compile", "fxfeat+optimize+compile"]
 COLORS = {"limit": "tab:grey", "timm": "tab:orange", "torchvision": "tab:blue", "fxfeat": "tab:green",
           "fxfeat+compile": "tab:olive", "fxfeat+optimize": "tab:red", "timm+compile": "tab:brown",
-          "fxfeat+optimize+compile": "tab:purple"}
+          "fxfeat+optimize-nchw": "tab:pink", "fxfeat+optimize+compile": "tab:purple"}
 # Issue 13's targets: optimize_for_inference against timm's features_only (CPU: median speed-up >= 1.2, each
 # >= 1.1), and its compiled form against timm + torch.compile (GPU: >= 10% faster at batch 32 and 128).
 OPTIMIZE_MEDIAN, OPTIMIZE_EACH, COMPILED_BATCHES, COMPILED_SPEEDUP = 1.2, 1.1, (32, 128), 1.1
@@ -82,7 +82,8 @@ def write_markdown(results: dict, path: str | None, plot: str | None) -> str:
         "of the eager model stopped right after the last requested feature. Every method's features were checked "
         "against the eager model's (allclose) before it was timed; peak memory is the extra memory of one "
         "forward; GFLOP counts the convolutions and matrix products one forward runs (CPU profiler), the work "
-        "done, free of timing noise. `eager` is the whole classifier.",
+        "done, free of timing noise (oneDNN's fused operators, which `fxfeat+optimize` calls on the CPU, are not "
+        "counted: its GFLOP column is not its work). `eager` is the whole classifier.",
         "",
     ]
     if plot:
@@ -155,18 +156,36 @@ def write_plot(results: dict, path: str) -> None:
     plt.close(figure)
 
 
+def merged(runs: list[dict]) -> dict:
+    """One report of several runs with the same settings but different models (``benchmarks/gpu.sh`` runs each
+    model in its own process): the first run's header, every run's rows, the models in run order."""
+    results = dict(runs[0])
+    results["results"] = [row for run in runs for row in run["results"]]
+    results["settings"] = dict(results["settings"], models=[m for run in runs for m in run["settings"]["models"]])
+    results["command"] = "; ".join(run["command"] for run in runs)
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Re-render the reports of a saved run: ``python -m benchmarks.report results.json --markdown M --plot P``."""
+    """Re-render the reports of saved runs, merged when several are given:
+    ``python -m benchmarks.report a.json [b.json ...] [--out merged.json] --markdown M --plot P``."""
     import argparse
     import json
 
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("results")
+    parser.add_argument("results", nargs="+")
+    parser.add_argument("--out", help="the merged results as JSON")
     parser.add_argument("--markdown")
     parser.add_argument("--plot")
     args = parser.parse_args(argv)
-    with open(args.results) as handle:
-        results = json.load(handle)
+    runs = []
+    for path in args.results:
+        with open(path) as handle:
+            runs.append(json.load(handle))
+    results = merged(runs)
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(results, handle, indent=2)
     if args.plot:
         write_plot(results, args.plot)
     print(write_markdown(results, args.markdown, plot=args.plot))

@@ -1,7 +1,8 @@
 """Benchmark harness: fxfeat vs timm ``features_only`` vs torchvision ``create_feature_extractor`` vs the limit.
 
 For every model, setting and batch size, in one process: build time, a correctness check against the eager
-model's own features (a fast wrong answer cannot win), peak memory of a forward, latency (median and IQR,
+model's own features (a fast wrong answer cannot win), peak memory of a forward (after a first call at that
+shape, which compiles or packs weights), latency (median and IQR,
 ``torch.utils.benchmark``, CUDA-synchronised) and throughput of each method (see ``benchmarks.methods``). The
 methods of one configuration are timed in interleaved rounds, so drifting machine load hits them alike; each
 keeps its best round.
@@ -111,9 +112,11 @@ def run(args: argparse.Namespace) -> dict:
                     if method.fn is None:
                         continue
                     fn = with_autocast(method.fn, device, dtype)
-                    if method.extra.get("compile_on_first_call") and not method.build_s:
-                        with torch.no_grad():  # torch.compile compiles on the first call: its build time
-                            method.build_s = row["build_s"] = check(fn, x, None, dtype).seconds
+                    with torch.no_grad():  # the first call at a shape compiles, or packs oneDNN's weights
+                        if method.extra.get("compile_on_first_call") and not method.build_s:
+                            method.build_s = row["build_s"] = check(fn, x, None, dtype).seconds  # its build time
+                        else:
+                            fn(x)
                     result = check(fn, x, None if method.name == "eager" else reference, dtype)
                     row.update(correct=result.correct, max_error=result.max_error,
                                peak_memory_mb=result.peak_memory_mb, gflops=result.gflops)
@@ -131,7 +134,14 @@ def run(args: argparse.Namespace) -> dict:
                                    runs=measured.runs, throughput=batch / measured.median)
                 rows.extend(group)
                 progress.update(1)
+                if args.out:  # so far: a run stopped by a time limit keeps what it measured
+                    _write_json(_results(args, device, settings, rows), args.out)
     progress.close()
+    return _results(args, device, settings, rows)
+
+
+def _results(args: argparse.Namespace, device: torch.device, settings: list[Setting], rows: list[dict]) -> dict:
+    """The run's JSON: device, versions, settings, every measurement so far."""
     return dict(
         date=datetime.datetime.now().isoformat(timespec="seconds"),
         device=args.device,
@@ -160,6 +170,11 @@ def _progress(total: int, quiet: bool):
         return _Silent()
 
 
+def _write_json(results: dict, path: str) -> None:
+    with open(path, "w") as handle:
+        json.dump(results, handle, indent=2)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -175,8 +190,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile of fxfeat, of optimize_for_inference and of timm")
     parser.add_argument("--skip", nargs="*", default=[], choices=["fxfeat+compile", "fxfeat+optimize+compile",
-                                                                   "timm+compile"],
-                        help="compiled methods not to build (each compilation takes a while)")
+                                                                   "timm+compile", "fxfeat+optimize-nchw"],
+                        help="methods not to build (each compilation takes a while)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best one counts")
     parser.add_argument("--out", help="JSON results")
@@ -197,8 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
         warnings.simplefilter("ignore")
         results = run(args)
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(results, handle, indent=2)
+        _write_json(results, args.out)
     if args.plot:
         write_plot(results, args.plot)
     if args.markdown:

@@ -24,10 +24,11 @@ def test_harness_runs_and_writes_reports(tmp_path):
     assert results["device"] == "cpu" and results["device_name"] and results["versions"]["torch"]
     rows = results["results"]
     assert {row["method"] for row in rows} == {"eager", "limit", "timm", "torchvision", "fxfeat", "fxfeat+compile",
-                                              "fxfeat+optimize", "fxfeat+optimize+compile", "timm+compile"}
+                                              "fxfeat+optimize", "fxfeat+optimize-nchw", "fxfeat+optimize+compile",
+                                              "timm+compile"}
     assert len({(row["setting"], row["batch"]) for row in rows}) == 4
     for row in rows:
-        if row["method"] in ("limit", "timm", "torchvision", "fxfeat", "fxfeat+optimize"):
+        if row["method"] in ("limit", "timm", "torchvision", "fxfeat", "fxfeat+optimize", "fxfeat+optimize-nchw"):
             assert row["correct"] and row["latency_ms"] > 0 and row["throughput"] > 0, row
             assert row["peak_memory_mb"] > 0
     fxfeat_rows = [row for row in rows if row["method"] == "fxfeat"]
@@ -90,3 +91,20 @@ def test_harness_penultimate_mode(tmp_path):
     rows = {row["method"]: row for row in results["results"]}
     for method in ("limit", "timm", "torchvision", "fxfeat"):
         assert rows[method]["correct"] and rows[method]["latency_ms"] > 0, rows[method]
+
+
+def test_report_merges_runs_of_different_models(tmp_path):
+    from benchmarks.report import main as report
+
+    paths = []
+    for model in ("timm:resnet10t", "torchvision:resnet18"):
+        paths.append(tmp_path / f"{model.replace(':', '-')}.json")
+        harness.main(["--models", model, "--batch-sizes", "1", "--input-size", "3", "64", "64", "--out-indices",
+                      "0,1", "--rounds", "1", "--quiet", "--out", str(paths[-1]), "--markdown", str(tmp_path / "x.md")])
+    out, markdown = tmp_path / "merged.json", tmp_path / "merged.md"
+    report([str(path) for path in paths] + ["--out", str(out), "--markdown", str(markdown)])
+    merged = json.loads(out.read_text())
+    assert merged["settings"]["models"] == ["timm:resnet10t", "torchvision:resnet18"]
+    assert {row["model"] for row in merged["results"]} == {"timm:resnet10t", "torchvision:resnet18"}
+    text = markdown.read_text()
+    assert "## timm:resnet10t" in text and "## torchvision:resnet18" in text

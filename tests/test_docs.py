@@ -19,3 +19,8 @@ def _blocks(name: str) -> list[str]:
 def test_training_guide_code_runs(index, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the guide saves a detector to the working directory
     exec(compile(_blocks("training.md")[index], f"docs/training.md block {index}", "exec"), {})
+
+
+@pytest.mark.parametrize("index", range(len(_blocks("inference.md"))))
+def test_inference_guide_code_runs(index):
+    exec(compile(_blocks("inference.md")[index], f"docs/inference.md block {index}", "exec"), {})
