@@ -220,6 +220,6 @@ def build_methods(
         methods.append(Method("timm+compile", None, skipped=timm_method.skipped or left_out("timm+compile")))
     else:
         on_gpu = next(model.parameters()).device.type == "cuda"
-        compiled = torch.compile(timm_method.fn, mode="reduce-overhead" if on_gpu else None, dynamic=True)
+        compiled = torch.compile(timm_method.fn, mode="reduce-overhead" if on_gpu else None)  # as users call it
         methods.append(Method("timm+compile", compiled, 0.0, extra={"compile_on_first_call": True}))
     return methods

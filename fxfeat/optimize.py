@@ -141,11 +141,11 @@ def optimize_for_inference(
     module = inference_copy(extractor)
     device = _device(module)
     example = example_batch(module, module.input_size, batch=2, device=device)
+    done: dict[str, Any] = {"inline_norm_layers": inline_norm_layers(module)}
     ShapeProp(module).propagate(example)  # tensor shapes and dtypes, for the passes that need them
     if channels_last is None:
         channels_last = _convolutions_dominate(module, example)
-    done: dict[str, Any] = {}
-    passes = [inline_norm_layers, remove_no_ops, fold_batch_norms, restore_in_place]
+    passes = [remove_no_ops, fold_batch_norms, restore_in_place]
     target_dtype = dtype or example.dtype
     if device.type == "cpu" and target_dtype == torch.float32 and not compile and onednn_available():
         passes.append(use_onednn)
@@ -231,8 +231,8 @@ def _convert(module: fx.GraphModule, channels_last: bool, dtype: torch.dtype | N
 def _compiled(module: InferenceGraphModule, example: torch.Tensor) -> nn.Module:
     """``torch.compile`` of ``module`` (CUDA graphs on the GPU) with a dynamic batch, run once on ``example``."""
     mode = "reduce-overhead" if example.device.type == "cuda" else None
-    compiled = torch.compile(module, mode=mode, dynamic=False)
-    torch._dynamo.mark_dynamic(example, 0)
+    compiled = torch.compile(module, mode=mode)
+    torch._dynamo.maybe_mark_dynamic(example, 0)  # one graph for every batch above 1 (dynamo specialises 1)
     for _ in range(2 if mode else 1):  # CUDA graphs: a warm-up run, then the recording
         compiled(example)
     return compiled
