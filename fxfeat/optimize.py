@@ -151,6 +151,7 @@ def optimize_for_inference(
         passes.append(use_onednn)
     for pass_ in passes:
         done[pass_.__name__] = pass_(module)
+    module.delete_all_unused_submodules()  # the folded norms, the removed no-ops: their memory
     done.update(channels_last=channels_last, dtype=str(target_dtype).removeprefix("torch."))
     _convert(module, channels_last, dtype)
     done["build_s"] = round(time.perf_counter() - started, 3)

@@ -108,3 +108,12 @@ def test_report_merges_runs_of_different_models(tmp_path):
     assert {row["model"] for row in merged["results"]} == {"timm:resnet10t", "torchvision:resnet18"}
     text = markdown.read_text()
     assert "## timm:resnet10t" in text and "## torchvision:resnet18" in text
+
+
+def test_optimize_zoo_checks_a_model_against_its_extractor():
+    from benchmarks.optimize_zoo import check_model
+
+    record = check_model("timm:resnet10t")
+    assert record["status"] == "allclose" and record["max_relative_error"] < 1e-4, record
+    assert record["optimizations"]["fold_batch_norms"] > 0
+    assert check_model("timm:crossvit_tiny_240")["status"] == "does not compile"

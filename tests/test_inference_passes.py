@@ -105,6 +105,12 @@ def test_folding_math_matches_the_formula():
     torch.testing.assert_close(layer.bias, norm.bias - norm.running_mean * scale)
 
 
+def test_sync_batch_norm_folds_in_eval():
+    model, module = _traced(nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4)))
+    assert fold_batch_norms(module) == 1
+    _assert_same_outputs(module, model, torch.randn(2, 3, 12, 12))
+
+
 class _LinearNorm(nn.Module):
     def __init__(self, tokens: bool):
         super().__init__()
