@@ -8,15 +8,23 @@
 # compilation costs the configurations left, not the run; the per-model results are then merged into one report.
 # Run from the repository root:  PYTHONPATH=. bash benchmarks/gpu.sh   (results land in $OUT, default docs/)
 # Sized for one 10-minute call: PER_MODEL seconds per model (default 130), four models.
+# DEVICE, DTYPE, MODELS, BATCHES and INPUT override the settings (a smoke run on a CPU:
+# DEVICE=cpu DTYPE=fp32 MODELS=resnet10t BATCHES="2 1" INPUT="3 64 64" OUT=/tmp bash benchmarks/gpu.sh).
 set -uo pipefail
 OUT=${OUT:-docs}
 PER_MODEL=${PER_MODEL:-130}
+DEVICE=${DEVICE:-cuda}
+DTYPE=${DTYPE:-bf16}
+MODELS=${MODELS:-resnet50 efficientnet_b0 convnext_tiny regnety_032}
+BATCHES=${BATCHES:-32 128 1}
+INPUT=${INPUT:-3 224 224}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-for model in resnet50 efficientnet_b0 convnext_tiny regnety_032; do
+for model in $MODELS; do
     start=$(date +%s)
-    timeout "$PER_MODEL" python3 -m benchmarks.run --device cuda --dtype bf16 --channels-last \
-        --batch-sizes 32 128 1 --out-indices all --compile --skip fxfeat+compile --rounds 2 --quiet \
-        --models "timm:$model" --out "$OUT/gpu-$model.json" --markdown /dev/null \
+    # shellcheck disable=SC2086  # BATCHES and INPUT are lists
+    timeout "$PER_MODEL" python3 -m benchmarks.run --device "$DEVICE" --dtype "$DTYPE" --channels-last \
+        --batch-sizes $BATCHES --input-size $INPUT --out-indices all --compile --skip fxfeat+compile --rounds 2 \
+        --quiet --models "timm:$model" --out "$OUT/gpu-$model.json" --markdown /dev/null \
         || echo "timm:$model stopped (exit $?): the merged report has the configurations it finished"
     echo "timm:$model: $(( $(date +%s) - start )) s"
 done

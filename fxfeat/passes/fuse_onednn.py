@@ -68,10 +68,9 @@ class _PackedLayer(nn.Module):
     """A layer + activation run by oneDNN with its weight packed per input shape (see the subclasses).
 
     The packings (one per input shape, at most ``CACHE_SIZE``) are a cache: not in the state dict, not pickled
-    or copied, made again when needed. A call doing fewer than ``MIN_MACS`` multiply-adds runs the plain ops:
-    oneDNN's operators cost some 25 us per call more than PyTorch's (measured on a 2-core Xeon: a 1x1
-    convolution of 96 channels on a 7x7 map takes 14 us in PyTorch, 35 us packed; a depthwise 5x5 of 672
-    channels on 14x14, 3.3 M multiply-adds, 110 us and 79 us).
+    or copied, made again when needed. A call doing fewer than ``min_macs`` multiply-adds runs the plain ops:
+    oneDNN's operators cost some 25-50 us per call more than PyTorch's, which a small layer does not repay (see
+    the subclasses).
     """
 
     CACHE_SIZE = 4
@@ -98,11 +97,17 @@ class _PackedLayer(nn.Module):
             packed = self._packed[key] = self._pack(key)
         return packed
 
+    @property
+    def min_macs(self) -> int:
+        return self.MIN_MACS
+
     def _on_onednn(self, x: torch.Tensor, macs: int) -> bool:
-        return x.device.type == "cpu" and x.dtype == torch.float32 and self.weight.dtype == torch.float32 \
-            and not torch.is_grad_enabled() and macs >= self.MIN_MACS
+        return macs >= self.min_macs and x.dtype is torch.float32 and not torch.is_grad_enabled() \
+            and x.device.type == "cpu" and self.weight.dtype is torch.float32
 
     def _activate(self, y: torch.Tensor) -> torch.Tensor:
+        if self.activation == "none":
+            return y
         return _ACTIVATIONS[self.activation](y, self.scalars, self.algorithm)
 
     def _apply(self, fn, recurse=True):
@@ -121,22 +126,37 @@ class _PackedLayer(nn.Module):
 
 class OneDNNConv2d(_PackedLayer):
     """``activation(F.conv2d(x, weight, bias, ...))``, by oneDNN on channels-last CPU maps (see the module
-    docstring)."""
+    docstring).
+
+    Grouped and depthwise convolutions always run on oneDNN: PyTorch's channels-last kernels for them are slower
+    at every size measured (a depthwise 3x3 of 96 channels on 7x7: 57 us, packed 48 us; groups of 24 channels,
+    576 on 7x7: 207 us and 130 us). A dense convolution does below ``MIN_MACS`` (2^23) multiply-adds per call
+    runs ``F.conv2d``: a 1x1 convolution 320 -> 1280 on a 2x2 map (1.6 M) takes 46 us in PyTorch, 71 us packed;
+    on 7x7 (20 M), 213 us and 201 us; 2048 -> 512 on 7x7 (51 M), 908 us and 381 us (a 2-core Xeon, batch 1).
+    """
+
+    MIN_MACS = 2**23
+
+    @property
+    def min_macs(self) -> int:
+        return 0 if self.groups > 1 else self.MIN_MACS
 
     def __init__(self, conv: nn.Conv2d, activation: tuple[str, list[float], str] = ("none", [], "")):
         super().__init__(conv, activation)
         self.in_channels, self.out_channels, self.kernel_size = conv.in_channels, conv.out_channels, conv.kernel_size
         self.stride, self.padding = list(conv.stride), list(conv.padding)
         self.dilation, self.groups = list(conv.dilation), conv.groups
+        self._weight_numel = conv.weight.numel()
 
     def _pack(self, shape: tuple[int, ...]) -> torch.Tensor:
         return torch._C._nn.mkldnn_reorder_conv2d_weight(self.weight.to_mkldnn(), self.padding, self.stride,
                                                          self.dilation, self.groups, list(shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            positions = (x.shape[-2] // self.stride[0]) * (x.shape[-1] // self.stride[1])
-            if self._on_onednn(x, x.shape[0] * positions * self.weight.numel()):
+        if x.dim() == 4:
+            shape = x.shape
+            macs = shape[0] * (shape[2] // self.stride[0]) * (shape[3] // self.stride[1]) * self._weight_numel
+            if self._on_onednn(x, macs) and x.is_contiguous(memory_format=torch.channels_last):
                 return torch.ops.mkldnn._convolution_pointwise(
                     x, self._packed_weight(x), self.bias, self.padding, self.stride, self.dilation, self.groups,
                     self.activation, self.scalars, self.algorithm)
@@ -149,7 +169,8 @@ class OneDNNConv2d(_PackedLayer):
 
 
 class OneDNNLinear(_PackedLayer):
-    """``activation(F.linear(x, weight, bias))``, by oneDNN on CPU tensors (see the module docstring)."""
+    """``activation(F.linear(x, weight, bias))``, by oneDNN on CPU tensors (see the module docstring); below
+    ``MIN_MACS`` (2^20) multiply-adds per call, ``F.linear`` (oneDNN costs some 6 us more per call)."""
 
     def __init__(self, linear: nn.Linear, activation: tuple[str, list[float], str] = ("none", [], "")):
         super().__init__(linear, activation)

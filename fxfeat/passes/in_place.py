@@ -47,8 +47,11 @@ __all__ = ["add_in_place", "is_tensor", "mul_in_place", "restore_in_place"]
 
 
 def _fits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``a op b`` has ``a``'s shape, dtype and device, so that writing it into ``a`` changes nothing."""
-    return a.dtype == b.dtype and a.device == b.device and a.shape == torch.broadcast_shapes(a.shape, b.shape)
+    """Whether ``a op b`` has ``a``'s shape, dtype and device, so that writing it into ``a`` changes nothing.
+    (Broadcasting by hand: ``torch.broadcast_shapes`` costs more than a small addition.)"""
+    if a.dtype != b.dtype or a.device != b.device or b.dim() > a.dim():
+        return False
+    return a.shape == b.shape or all(m == 1 or m == n for m, n in zip(reversed(b.shape), reversed(a.shape)))
 
 
 @fx.wrap
