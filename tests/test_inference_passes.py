@@ -302,7 +302,7 @@ def test_onednn_conv_packs_per_shape_and_computes_the_plain_ops_off_the_fast_pat
     with torch.no_grad():
         fused = layer(x)
         nchw = layer(x.contiguous())
-        layer(torch.randn(1, 16, 30, 50).contiguous(memory_format=torch.channels_last))
+        layer(torch.randn(1, 16, 50, 60).contiguous(memory_format=torch.channels_last))  # 13.8 M multiply-adds
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
     assert fused.is_contiguous(memory_format=torch.channels_last) and nchw.is_contiguous()  # layouts kept
     assert len(layer._packed) == 2  # one packing per input shape (the NCHW call runs F.conv2d)
@@ -310,6 +310,14 @@ def test_onednn_conv_packs_per_shape_and_computes_the_plain_ops_off_the_fast_pat
     assert layer.double()(x.double()).dtype == torch.float64 and layer._packed == {}
     layer.float()
     assert set(layer.state_dict()) == {"weight", "bias"}
+    small = torch.randn(1, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    depthwise, dense = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 8, 1)
+    with torch.no_grad():
+        for plain in (depthwise, dense):
+            onednn = OneDNNConv2d(plain)
+            torch.testing.assert_close(onednn(small), plain(small), rtol=1e-5, atol=1e-6)
+            # grouped convolutions always run on oneDNN, small dense ones on PyTorch's kernels
+            assert len(onednn._packed) == (1 if plain is depthwise else 0)
     for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert twin._packed == {}
         with torch.no_grad():
