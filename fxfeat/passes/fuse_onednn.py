@@ -128,11 +128,12 @@ class OneDNNConv2d(_PackedLayer):
     """``activation(F.conv2d(x, weight, bias, ...))``, by oneDNN on channels-last CPU maps (see the module
     docstring).
 
-    Grouped and depthwise convolutions always run on oneDNN: PyTorch's channels-last kernels for them are slower
-    at every size measured (a depthwise 3x3 of 96 channels on 7x7: 57 us, packed 48 us; groups of 24 channels,
-    576 on 7x7: 207 us and 130 us). A dense convolution does below ``MIN_MACS`` (2^23) multiply-adds per call
-    runs ``F.conv2d``: a 1x1 convolution 320 -> 1280 on a 2x2 map (1.6 M) takes 46 us in PyTorch, 71 us packed;
-    on 7x7 (20 M), 213 us and 201 us; 2048 -> 512 on 7x7 (51 M), 908 us and 381 us (a 2-core Xeon, batch 1).
+    Grouped and depthwise convolutions always run on oneDNN: PyTorch's channels-last kernels for them were slower
+    at all but the largest sizes measured (a depthwise 3x3 of 96 channels on 7x7: 57 us, packed 48 us; groups of
+    24 channels, 576 on 7x7: 207 us and 130 us; but groups of 24, 216 channels, batch 8 on 28x28: 2.8 ms and
+    4.3 ms). A dense convolution doing fewer than ``MIN_MACS`` (2^23) multiply-adds per call runs ``F.conv2d``: a
+    1x1 convolution 320 -> 1280 on a 2x2 map (1.6 M) takes 46 us in PyTorch, 71 us packed; on 7x7 (20 M), 213 us
+    and 201 us; 2048 -> 512 on 7x7 (51 M), 908 us and 381 us (a 2-core Xeon, batch 1 unless said).
     """
 
     MIN_MACS = 2**23
