@@ -269,6 +269,18 @@ def _compare(extractor: nn.Module, run, inputs: tuple[torch.Tensor, ...], what: 
     return tuple(checks)
 
 
+def _refuse_optimized(extractor: nn.Module, what: str) -> None:
+    """An extractor ``optimize_for_inference`` rewrote holds CPU kernels (oneDNN layers with weight caches) that
+    TorchScript and ONNX cannot express; the extractor itself exports, and the runtimes optimise on their own."""
+    if isinstance(getattr(extractor, "optimizations", None), dict):
+        raise ExportError(
+            f"{what} cannot export a module optimize_for_inference returned: its oneDNN layers and in-place "
+            "helpers are CPU kernels and Python caches, not TorchScript or ONNX operators",
+            hint="export the extractor fxfeat.compile returned; ONNX Runtime and TorchScript's own "
+                 "optimize_for_inference fold and fuse it for their runtime",
+        )
+
+
 def _export_error(extractor: nn.Module, what: str, error: Exception, doing: str = "exporting") -> ExportError:
     """An ``ExportError`` naming the extractor's node whose name or op the exporter's message mentions."""
     message = str(error).strip()
@@ -300,8 +312,9 @@ def to_torchscript(extractor: FeatureGraphModule, method: str = "script", *, pat
     """
     if method not in ("script", "trace"):
         raise InvalidRequestError(f"method must be 'script' or 'trace'; got {method!r}.", hint="method='script'.")
-    inputs = _inputs(extractor, input_size, dynamic=True)
     what = f"TorchScript ({method})"
+    _refuse_optimized(extractor, what)
+    inputs = _inputs(extractor, input_size, dynamic=True)
     with _in_eval_mode(extractor), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
         try:
@@ -435,6 +448,7 @@ def to_onnx(extractor: FeatureGraphModule, path: str | Path, *, input_size: tupl
     if exporter not in (None, "dynamo", "torchscript"):
         raise InvalidRequestError(f"exporter must be 'dynamo', 'torchscript' or None; got {exporter!r}.",
                                   hint="leave it None to try both.")
+    _refuse_optimized(extractor, "ONNX")
     inputs = _inputs(extractor, input_size, dynamic)
     names, path = output_names(extractor), Path(path)
     failures: list[str] = []

@@ -157,6 +157,15 @@ def test_compile_wraps_with_a_dynamic_batch():
         _assert_allclose(compiled(x), extractor(x))
 
 
+def test_exports_name_the_optimized_module_and_point_to_the_extractor(tmp_path):
+    extractor = fxfeat.compile(torchvision_model("resnet18"), out_indices=(1,)).eval()
+    fast = fxfeat.optimize_for_inference(extractor)
+    for export in (lambda: fxfeat.export.to_torchscript(fast), lambda: fxfeat.export.to_onnx(fast, tmp_path / "m")):
+        with pytest.raises(fxfeat.ExportError, match="optimize_for_inference") as raised:
+            export()
+        assert "export the extractor" in str(raised.value)
+
+
 def test_bad_requests_are_named():
     extractor = fxfeat.compile(torchvision_model("resnet18"), out_indices=(1,))
     with pytest.raises(fxfeat.InvalidModelError, match="extractor fxfeat compiled"):
