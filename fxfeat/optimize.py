@@ -139,15 +139,14 @@ def optimize_for_inference(
     _check_arguments(extractor, channels_last, dtype)
     started = time.perf_counter()
     module = inference_copy(extractor)
-    device = _device(module)
-    example = example_batch(module, module.input_size, batch=2, device=device)
+    example = example_batch(module, module.input_size, batch=2)  # on the parameters' device, in their dtype
     done: dict[str, Any] = {"inline_norm_layers": inline_norm_layers(module)}
     ShapeProp(module).propagate(example)  # tensor shapes and dtypes, for the passes that need them
     if channels_last is None:
         channels_last = _convolutions_dominate(module, example)
     passes = [remove_no_ops, fold_batch_norms, restore_in_place]
     target_dtype = dtype or example.dtype
-    if device.type == "cpu" and target_dtype == torch.float32 and not compile and onednn_available():
+    if example.device.type == "cpu" and target_dtype == torch.float32 and not compile and onednn_available():
         passes.append(use_onednn)
     for pass_ in passes:
         done[pass_.__name__] = pass_(module)
@@ -174,13 +173,6 @@ def _check_arguments(extractor, channels_last, dtype) -> None:
     if channels_last not in (None, True, False):
         raise InvalidRequestError(f"channels_last must be True, False or None, not {channels_last!r}",
                                   hint="None lets fxfeat decide (docs/inference.md)")
-
-
-def _device(module: nn.Module) -> torch.device:
-    tensor = next(iter(module.parameters()), None)
-    if tensor is None:
-        tensor = next(iter(module.buffers()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
 
 
 def _convolutions_dominate(module: fx.GraphModule, example: torch.Tensor) -> bool:

@@ -1,7 +1,7 @@
 """Stage 4 of the pipeline: rewrite passes over a copy of the traced graph, run by one driver.
 
 The inference passes beside them (``inline_norms``, ``remove_no_ops``, ``fold_batch_norm``, ``in_place``,
-``fuse_onednn``) take a built GraphModule instead (they need its modules) and are run by
+``fuse_onednn``, with helpers in ``graph_edits``) take a built GraphModule instead (they need its modules) and are run by
 :func:`fxfeat.optimize_for_inference`.
 """
 

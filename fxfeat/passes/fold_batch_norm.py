@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import copy
+from operator import attrgetter
 from typing import NamedTuple
 
 import torch
@@ -31,6 +32,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
+
+from fxfeat.passes.graph_edits import call_counts, finished, value_readers
 
 __all__ = ["fold_batch_norms"]
 
@@ -53,16 +56,10 @@ def _tensor(module: fx.GraphModule, value) -> torch.Tensor | None:
     if value is None:
         return None
     if isinstance(value, fx.Node) and value.op == "get_attr":
-        return _attribute(module, value.target)
+        tensor = attrgetter(value.target)(module)
+        if isinstance(tensor, torch.Tensor):
+            return tensor
     raise LookupError(value)
-
-
-def _attribute(module: nn.Module, target: str) -> torch.Tensor:
-    owner, _, name = target.rpartition(".")
-    value = getattr(module.get_submodule(owner), name)
-    if not isinstance(value, torch.Tensor):
-        raise LookupError(target)
-    return value
 
 
 def _statistics(module: fx.GraphModule, node: fx.Node) -> _Statistics | None:
@@ -105,25 +102,9 @@ def _folded(layer: nn.Module, statistics: _Statistics) -> nn.Module | None:
     return None
 
 
-_METADATA_ATTRIBUTES = {"ndim", "shape", "dtype", "device", "is_cuda"}
-_METADATA_METHODS = {"dim", "size", "numel"}
-
-
-def value_readers(node: fx.Node) -> list[fx.Node]:
-    """The nodes that read ``node``'s values, not only its shape, dtype or device (``x.ndim`` checks, which a
-    library's norm makes before normalising, stay true when the node is replaced by one of the same shape)."""
-    return [user for user in node.users if not (
-        (user.op == "call_function" and user.target is getattr and user.args[1:2] and
-         user.args[1] in _METADATA_ATTRIBUTES) or
-        (user.op == "call_method" and user.target in _METADATA_METHODS))]
-
-
 def fold_batch_norms(module: fx.GraphModule) -> int:
     """Fold every foldable batch norm of ``module``'s graph into its layer; returns how many were folded."""
-    calls: dict[str, int] = {}
-    for node in module.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = call_counts(module.graph)
     folded = 0
     for node in list(module.graph.nodes):
         statistics = _statistics(module, node)
@@ -138,18 +119,14 @@ def fold_batch_norms(module: fx.GraphModule) -> int:
         fused = _folded(layer, statistics)
         if fused is None:
             continue
-        owner, _, name = source.target.rpartition(".")
-        setattr(module.get_submodule(owner), name, fused)
+        module.set_submodule(source.target, fused)
         node.replace_all_uses_with(source)
         module.graph.erase_node(node)
         folded += 1
-    if folded:
-        for node in list(module.graph.nodes):  # the functional norms' statistics
-            if node.op == "get_attr" and not node.users:
-                module.graph.erase_node(node)
-        module.graph.lint()
-        module.recompile()
-    return folded
+    for node in list(module.graph.nodes):  # the functional norms' statistics
+        if node.op == "get_attr" and not node.users:
+            module.graph.erase_node(node)
+    return finished(module, folded)
 
 
 def _channels_dim_mismatch(norm: fx.Node, module: fx.GraphModule) -> bool:

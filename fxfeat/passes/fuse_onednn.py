@@ -32,13 +32,14 @@ Example:
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxfeat.passes.fold_batch_norm import value_readers
+from fxfeat.passes.graph_edits import call_counts, finished, value_readers
 
 __all__ = ["OneDNNConv2d", "OneDNNLinear", "onednn_available", "use_onednn"]
 
@@ -81,9 +82,6 @@ class _PackedLayer(nn.Module):
         self.weight, self.bias = layer.weight, layer.bias
         self.activation, self.scalars, self.algorithm = activation
         self._packed: dict[tuple[int, ...], torch.Tensor] = {}
-
-    def _fast(self, x: torch.Tensor) -> bool:
-        raise NotImplementedError
 
     def _pack(self, shape: tuple[int, ...]) -> torch.Tensor:
         raise NotImplementedError
@@ -178,10 +176,7 @@ class OneDNNLinear(_PackedLayer):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def _pack(self, shape: tuple[int, ...]) -> torch.Tensor:
-        rows = 1
-        for size in shape[:-1]:
-            rows *= size
-        return torch.ops.mkldnn._reorder_linear_weight(self.weight, rows)
+        return torch.ops.mkldnn._reorder_linear_weight(self.weight, math.prod(shape[:-1]))  # rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() >= 2 and self._on_onednn(x, x.numel() // x.shape[-1] * self.weight.numel()):
@@ -267,10 +262,7 @@ def use_onednn(module: fx.GraphModule) -> int:
     """Replace the plain convolutions and linear layers of ``module``'s graph by :class:`OneDNNConv2d` /
     :class:`OneDNNLinear`, each with the activation after it where it can take it (``module`` is changed in
     place); returns how many layers were replaced."""
-    calls: dict[str, int] = {}
-    for node in module.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+    calls = call_counts(module.graph)
     replaced = 0
     for node in list(module.graph.nodes):
         if node.op != "call_module" or node.target not in calls:
@@ -280,14 +272,10 @@ def use_onednn(module: fx.GraphModule) -> int:
             continue
         activation_node, activation = _fused_activation(module, node, calls)
         onednn = OneDNNConv2d if isinstance(layer, nn.Conv2d) else OneDNNLinear
-        owner, _, name = node.target.rpartition(".")
-        setattr(module.get_submodule(owner), name, onednn(layer, activation or ("none", [], "")))
+        module.set_submodule(node.target, onednn(layer, activation or ("none", [], "")))
         calls.pop(node.target)  # converted once for all its calls
         if activation_node is not None:
             activation_node.replace_all_uses_with(node)
             module.graph.erase_node(activation_node)
         replaced += 1
-    if replaced:
-        module.graph.lint()
-        module.recompile()
-    return replaced
+    return finished(module, replaced)

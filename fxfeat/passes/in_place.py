@@ -42,6 +42,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from fxfeat.analyse.aliases import Aliases, annotate_aliases
+from fxfeat.passes.graph_edits import call_counts, finished
 
 __all__ = ["add_in_place", "is_tensor", "mul_in_place", "restore_in_place"]
 
@@ -165,14 +166,12 @@ def restore_in_place(module: fx.GraphModule) -> int:
                     node.target, node.op, node.args = _in_place_twin(node), "call_function", (a, b)
                     rewritten += 1
                     break
+    calls = call_counts(module.graph)
     for target, ok in safe_calls.items():
         if ok:
             module.get_submodule(target).inplace = True
-            rewritten += sum(1 for n in module.graph.nodes if n.op == "call_module" and n.target == target)
-    if rewritten:
-        module.graph.lint()
-        module.recompile()
-    return rewritten
+            rewritten += calls[target]
+    return finished(module, rewritten)
 
 
 def is_tensor(node: fx.Node) -> bool:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
+from fxfeat.passes.graph_edits import finished
+
 __all__ = ["inline_norm_layers"]
 
 
@@ -69,7 +71,4 @@ def inline_norm_layers(module: fx.GraphModule) -> int:
             continue
         _inline(module, node, body)
         inlined += 1
-    if inlined:
-        module.graph.lint()
-        module.recompile()
-    return inlined
+    return finished(module, inlined)

@@ -18,6 +18,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxfeat.passes.graph_edits import finished
+
 __all__ = ["remove_no_ops"]
 
 _NO_OP_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
@@ -47,7 +49,4 @@ def remove_no_ops(module: fx.GraphModule) -> int:
             node.replace_all_uses_with(node.args[0])
             module.graph.erase_node(node)
             removed += 1
-    if removed:
-        module.graph.lint()
-        module.recompile()
-    return removed
+    return finished(module, removed)
