@@ -1,8 +1,8 @@
 """Stage 4 of the pipeline: rewrite passes over a copy of the traced graph, run by one driver.
 
 The inference passes beside them (``inline_norms``, ``remove_no_ops``, ``fold_batch_norm``, ``in_place``,
-``fuse_onednn``, with helpers in ``graph_edits``) take a built GraphModule instead (they need its modules) and are run by
-:func:`fxfeat.optimize_for_inference`.
+``fuse_onednn``, with helpers in ``graph_edits``) take a built GraphModule instead (they need its modules) and
+are run by :func:`fxfeat.optimize_for_inference`.
 """
 
 from fxfeat.passes.attach_classifier import attach_classifier
