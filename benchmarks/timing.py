@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -42,3 +44,25 @@ def interleaved_latencies(methods: dict, x: torch.Tensor, rounds: int = 5, min_r
                 if label not in best or latency.median < best[label].median:
                     best[label] = latency
     return best
+
+
+def paired_latency_ratio(fn, reference, x: torch.Tensor, pairs: int = 40) -> float:
+    """Median over ``pairs`` back-to-back calls of ``fn(x)`` time / ``reference(x)`` time, under ``torch.no_grad()``
+    (CPU callables: nothing synchronises CUDA).
+
+    Each pair runs the two calls next to each other (alternating which goes first), so a slow spell of a shared
+    machine hits both calls of a pair alike; the median ignores the pairs it split. Steadier than comparing two
+    separately timed blocks when the question is "is ``fn`` slower than ``reference``", as in a test.
+    """
+    ratios = []
+    with torch.no_grad():
+        fn(x), reference(x)  # warm-up
+        for index in range(pairs):
+            order = (fn, reference) if index % 2 == 0 else (reference, fn)
+            seconds = {}
+            for call in order:
+                start = time.perf_counter()
+                call(x)
+                seconds[call] = time.perf_counter() - start
+            ratios.append(seconds[fn] / seconds[reference])
+    return statistics.median(ratios)
