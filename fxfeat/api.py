@@ -29,7 +29,14 @@ from fxfeat.passes import (
 from fxfeat.plan import make_plan, make_request
 from fxfeat.plan.output_stride import check_output_stride, edited_module
 from fxfeat.plan.plan import NEW_CLASSIFIER, format_table
-from fxfeat.trace import TracedModel, evaluation_mode, model_state_kept, trace_model, trace_training_graph
+from fxfeat.trace import (
+    TracedModel,
+    eager_model,
+    evaluation_mode,
+    model_state_kept,
+    trace_model,
+    trace_training_graph,
+)
 from fxfeat.trace.align import AlignmentError, align_training_graph
 
 __all__ = ["compile", "inspect", "Inspection"]
@@ -86,6 +93,7 @@ def compile(
         >>> [tuple(f.shape) for f in extractor.eval()(torch.randn(1, 3, 224, 224))][-1]
         (1, 2048, 7, 7)
     """
+    model = eager_model(model)
     request = make_request(
         model, mode=mode, out_indices=out_indices, output_stride=output_stride, levels=levels,
         input_size=input_size, output_fmt=output_fmt, return_dict=return_dict, num_classes=num_classes,
@@ -278,6 +286,7 @@ def inspect(
         >>> report.head.global_pool, report.head.classifier
         ('avgpool', 'fc')
     """
+    model = eager_model(model)
     request = make_request(model, levels=levels, input_size=input_size)
     with model_state_kept(model), evaluation_mode(model):
         traced = trace_model(model, example_size=request.input_size)

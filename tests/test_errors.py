@@ -27,6 +27,30 @@ def test_not_a_module():
     assert "str" in text
 
 
+def test_torchscript_and_exported_modules_are_refused_with_the_way_out():
+    model = torchvision_model("resnet18")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated
+        scripted = torch.jit.script(model)
+    for entry in (fxfeat.compile, fxfeat.inspect):
+        assert "TorchScript" in _raises(fxfeat.InvalidModelError, entry, scripted)
+    # torch.export's module refuses .eval(): it used to leak torch's NotImplementedError.
+    exported = torch.export.export(model, (torch.randn(1, 3, 64, 64),)).module()
+    assert "to_exported_program" in _raises(fxfeat.InvalidModelError, fxfeat.compile, exported)
+
+
+@pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel], ids=["torch.compile", "DataParallel"])
+def test_torch_wrappers_compile_the_module_they_hold(wrap):
+    # torch.compile's wrapper failed to trace (no Python forward of its own); DataParallel's traced into a wrong
+    # graph. Both now compile the wrapped module, sharing its parameters, with a warning that says so.
+    model = torchvision_model("resnet18")
+    with pytest.warns(fxfeat.FxFeatWarning, match=r"model\.(_orig_mod|module)"):
+        extractor = fxfeat.compile(wrap(model), out_indices=(1, 3)).eval()
+    assert extractor.feature_info.module_name() == ["layer1", "layer3"]
+    assert next(extractor.parameters()).data_ptr() == next(model.parameters()).data_ptr()
+    assert_bit_equal_to_eager(model, extractor, torch.randn(2, 3, 64, 64))
+
+
 def test_out_indices_out_of_range_lists_the_levels():
     model = torchvision_model("resnet18")
     text = _raises(fxfeat.OutIndicesError, fxfeat.compile, model, out_indices=(0, 5))

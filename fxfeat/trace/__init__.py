@@ -4,6 +4,7 @@ from fxfeat.trace.tracer import (
     ModuleCall,
     TracedModel,
     describe_node,
+    eager_model,
     evaluation_mode,
     model_state_kept,
     trace_model,
@@ -11,6 +12,6 @@ from fxfeat.trace.tracer import (
 )
 
 __all__ = [
-    "ModuleCall", "TracedModel", "describe_node", "evaluation_mode", "model_state_kept", "trace_model",
+    "ModuleCall", "TracedModel", "describe_node", "eager_model", "evaluation_mode", "model_state_kept", "trace_model",
     "trace_training_graph",
 ]

@@ -28,6 +28,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -37,8 +38,8 @@ from fxfeat.errors import FxFeatWarning, InvalidModelError, TraceFailedError
 from fxfeat.trace.values import ValueTracer, check_input_shape, example_batch
 
 __all__ = [
-    "NORM_LAYERS", "ModuleCall", "TracedModel", "describe_node", "evaluation_mode", "model_state_kept",
-    "trace_model", "trace_training_graph",
+    "NORM_LAYERS", "ModuleCall", "TracedModel", "describe_node", "eager_model", "evaluation_mode",
+    "model_state_kept", "trace_model", "trace_training_graph",
 ]
 
 _CONTAINER_FORWARDS = {nn.Sequential.forward, nn.ModuleList.forward, nn.ModuleDict.forward}
@@ -245,10 +246,71 @@ def model_state_kept(model: nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode for the duration, then restore every submodule's own ``training`` flag."""
+    """Put ``model`` in eval mode for the duration, then restore every submodule's own ``training`` flag.
+
+    Raises:
+        InvalidModelError: the module refuses to change mode (``torch.export``'s ``ExportedProgram.module()``).
+    """
     with _flags_kept(model):
-        model.eval()
+        try:
+            model.eval()
+        except NotImplementedError as error:
+            raise InvalidModelError(
+                f"{type(model).__name__} cannot be put in eval mode ({error}); fxfeat traces a model's eval and "
+                "train modes.",
+                hint="compile the eager model it was made from (for torch.export: the module you exported), then "
+                "export the extractor: fxfeat.export.to_exported_program(extractor).",
+            ) from error
         yield
+
+
+def eager_model(model: Any) -> Any:
+    """The eager module to trace for ``model``: ``model`` itself, or the module a torch wrapper holds.
+
+    ``torch.compile``'s wrapper has no Python forward of its own and ``nn.DataParallel`` /
+    ``DistributedDataParallel`` split batches across devices; fxfeat compiles the module inside (sharing its
+    parameters), with an ``FxFeatWarning`` saying so. Anything else is returned as it is.
+
+    Raises:
+        InvalidModelError: ``model`` is a TorchScript module (its Python forward is gone).
+
+    Example:
+        >>> import warnings, torch, torchvision
+        >>> model = torchvision.models.resnet18()
+        >>> with warnings.catch_warnings(record=True):
+        ...     eager_model(torch.nn.DataParallel(model)) is model
+        True
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise InvalidModelError(
+            f"{type(model).__name__} is a TorchScript module: torch.fx traces Python forward code, which a "
+            "scripted or traced module no longer has.",
+            hint="compile the eager model, then script the extractor if you need TorchScript: "
+            "fxfeat.export.to_torchscript(extractor).",
+        )
+    wrapped = _wrapped_module(model)
+    if wrapped is None:
+        return model
+    attribute, runs = wrapped
+    warnings.warn(
+        f"compiling the module {type(model).__name__} wraps (model.{attribute}), which shares its parameters; the "
+        f"extractor {runs}.",
+        FxFeatWarning,
+        stacklevel=3,
+    )
+    return eager_model(getattr(model, attribute))
+
+
+def _wrapped_module(model: Any) -> tuple[str, str] | None:
+    """(attribute holding the wrapped module, what the extractor does not do that the wrapper did), for torch's
+    own wrappers."""
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # loaded whenever torch.compile made a wrapper
+    if dynamo is not None and isinstance(model, dynamo.OptimizedModule):
+        return "_orig_mod", ("runs eagerly: torch.compile it, or use fxfeat.optimize_for_inference(extractor, "
+                             "compile=True)")
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return "module", f"runs on one device: wrap it in {type(model).__name__} again to split batches"
+    return None
 
 
 def trace_model(
