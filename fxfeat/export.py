@@ -35,6 +35,7 @@ from torch import nn
 from fxfeat.errors import ExportError, FxFeatWarning, InvalidRequestError, MissingDependencyError
 from fxfeat.feature_info import FeatureInfo
 from fxfeat.module import FeatureGraphModule
+from fxfeat.optimize import InferenceGraphModule
 from fxfeat.trace import evaluation_mode
 from fxfeat.trace.values import example_batch
 
@@ -272,7 +273,7 @@ def _compare(extractor: nn.Module, run, inputs: tuple[torch.Tensor, ...], what: 
 def _refuse_optimized(extractor: nn.Module, what: str) -> None:
     """An extractor ``optimize_for_inference`` rewrote holds CPU kernels (oneDNN layers with weight caches) that
     TorchScript and ONNX cannot express; the extractor itself exports, and the runtimes optimise on their own."""
-    if isinstance(getattr(extractor, "optimizations", None), dict):
+    if isinstance(extractor, InferenceGraphModule):
         raise ExportError(
             f"{what} cannot export a module optimize_for_inference returned: its oneDNN layers and in-place "
             "helpers are CPU kernels and Python caches, not TorchScript or ONNX operators",

@@ -123,9 +123,10 @@ def fold_batch_norms(module: fx.GraphModule) -> int:
         node.replace_all_uses_with(source)
         module.graph.erase_node(node)
         folded += 1
-    for node in list(module.graph.nodes):  # the functional norms' statistics
-        if node.op == "get_attr" and not node.users:
-            module.graph.erase_node(node)
+    if folded:  # the functional norms' statistics, read by nothing now
+        for node in list(module.graph.nodes):
+            if node.op == "get_attr" and not node.users:
+                module.graph.erase_node(node)
     return finished(module, folded)
 
 
