@@ -105,9 +105,9 @@ def _markdown(results: dict) -> str:
                                                                 if k != "does not compile") + ".",
         f"Median max relative error {errors[len(errors) // 2]:.1e}, largest {errors[-1]:.1e}." if errors else "",
         "",
-        "| model | status | max relative error | optimize s | folded | in place | oneDNN layers | channels-last "
-        "| note |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | status | max relative error | optimize s | folded | in place | fused sums | oneDNN layers "
+        "| channels-last | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in compiled:
         done = row.get("optimizations", {})
@@ -115,7 +115,8 @@ def _markdown(results: dict) -> str:
         lines.append(
             f"| {row['model']} | {row['status']} | {'-' if error is None else f'{error:.1e}'} | "
             f"{row.get('optimize_s', '-')} | {done.get('fold_batch_norms', '-')} | {done.get('restore_in_place', '-')} "
-            f"| {done.get('use_onednn', '-')} | {done.get('channels_last', '-')} | {_note(row)} |")
+            f"| {done.get('fuse_residual_sums', '-')} | {done.get('use_onednn', '-')} "
+            f"| {done.get('channels_last', '-')} | {_note(row)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,8 @@ graph, fxfeat can do better for inference: on a copy of the eval-mode graph it
 4. computes activations and residual sums in place where the data flow proves it safe:
    :mod:`fxfeat.passes.in_place`;
 5. on the CPU in float32, runs convolutions and linear layers with weights packed by oneDNN, each with the
-   activation after it in the same call: :mod:`fxfeat.passes.fuse_onednn`;
+   activation after it in the same call, and a convolution's residual sum (and the ReLU after it) too:
+   :mod:`fxfeat.passes.fuse_onednn`;
 6. converts the weights (and each input) to channels-last and/or ``dtype``;
 7. optionally wraps the result with ``torch.compile`` (CUDA graphs on the GPU), warmed up once.
 
@@ -42,7 +43,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fxfeat.errors import InvalidModelError, InvalidRequestError
 from fxfeat.module import _GRAPHS, FeatureGraphModule, _rebuild
 from fxfeat.passes.fold_batch_norm import fold_batch_norms
-from fxfeat.passes.fuse_onednn import onednn_available, use_onednn
+from fxfeat.passes.fuse_onednn import fuse_residual_sums, onednn_available, use_onednn
 from fxfeat.passes.in_place import restore_in_place
 from fxfeat.passes.inline_norms import inline_norm_layers
 from fxfeat.passes.remove_no_ops import remove_no_ops
@@ -147,7 +148,7 @@ def optimize_for_inference(
     passes = [remove_no_ops, fold_batch_norms, restore_in_place]
     target_dtype = dtype or example.dtype
     if example.device.type == "cpu" and target_dtype == torch.float32 and not compile and onednn_available():
-        passes.append(use_onednn)
+        passes += [fuse_residual_sums, use_onednn]
     for pass_ in passes:
         done[pass_.__name__] = pass_(module)
     module.delete_all_unused_submodules()  # the folded norms, the removed no-ops: their memory

@@ -15,7 +15,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 import fxfeat
 from fxfeat.optimize import inference_copy
 from fxfeat.passes.fold_batch_norm import fold_batch_norms
-from fxfeat.passes.fuse_onednn import OneDNNConv2d, OneDNNLinear, use_onednn
+from fxfeat.passes.fuse_onednn import OneDNNConv2d, OneDNNConv2dAdd, OneDNNLinear, fuse_residual_sums, use_onednn
 from fxfeat.passes.in_place import add_in_place, restore_in_place
 from fxfeat.passes.inline_norms import inline_norm_layers
 from fxfeat.passes.remove_no_ops import remove_no_ops
@@ -343,3 +343,89 @@ def test_onednn_linear_packs_per_row_count_and_keeps_no_cache_in_state():
     x.requires_grad_(True)
     layer(x).sum().backward()  # autograd on: the plain ops
     assert x.grad is not None
+
+
+class _Residuals(nn.Module):
+    """Convolutions followed by sums: which fuse, and which shortcuts the fused call may overwrite."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a, self.b, self.g, self.c, self.e, self.f = (nn.Conv2d(16, 16, 3, padding=1) for _ in range(7))
+
+    def forward(self, x):
+        s = self.stem(x.repeat(1, 16 // x.shape[1], 1, 1))
+        y = F.relu(self.a(s) + s)  # fused with its ReLU; the shortcut is the convolution's input: not overwritten
+        z = self.b(y) + s  # fused; s is never read again: the sum goes into it
+        u = self.g(z) + z  # fused; z is not read again but is the convolution's input: a new tensor
+        w = torch.relu(y + self.c(u))  # fused with its ReLU; y is read again below: a new tensor
+        v = self.e(w) + w.mean((2, 3), keepdim=True)  # a broadcasting sum: not fused
+        p = self.f(v)
+        v.mul_(2)  # the convolution's input is written before the sum: not fused (the sum would read it later)
+        return p + v, y
+
+
+@onednn
+def test_fuse_residual_sums_overwrites_only_shortcuts_nothing_reads_afterwards():
+    model, module = _traced(_Residuals(), input_size=(1, 64, 64))
+    assert fuse_residual_sums(module) == 4
+    fused = {node.target: node for node in module.graph.nodes
+             if node.op == "call_module" and isinstance(module.get_submodule(node.target), OneDNNConv2dAdd)}
+    layers = {name: module.get_submodule(name) for name in fused}
+    assert {name: (layer.activation, layer.overwrite_other) for name, layer in layers.items()} == {
+        "a": ("relu", False), "b": ("none", True), "g": ("none", False), "c": ("relu", False)}
+    assert [arg.name for arg in fused["b"].args] == ["add", "stem"]  # (input: the fused call of `a`, shortcut)
+    assert not any(node.target in (F.relu, torch.relu) for node in module.graph.nodes)
+    assert type(module.e) is nn.Conv2d and type(module.f) is nn.Conv2d
+    for layout in (torch.channels_last, torch.contiguous_format):  # oneDNN, then the plain ops
+        x = torch.randn(2, 1, 64, 64)
+        with torch.no_grad():
+            expected, actual = model(x), module(x.contiguous(memory_format=layout))
+        for a, e in zip(actual, expected):
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4)
+
+
+class _CheckedSum(nn.Module):
+    """A library norm's ``x.ndim`` check reads the convolution's output before the sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.shortcut = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        torch._assert(y.dim() == 4, "expected a 4D map")
+        return F.relu(y + self.shortcut(x))
+
+
+@onednn
+def test_fuse_residual_sums_moves_shape_checks_after_the_fused_call():
+    model, module = _traced(_CheckedSum(), input_size=(8, 48, 48))
+    assert fuse_residual_sums(module) == 1
+    order = [node.name for node in module.graph.nodes]
+    assert order.index("add") < order.index("dim") < order.index("_assert")  # the sum node is now the fused call
+    assert module.conv.overwrite_other and module.conv.activation == "relu"
+    x = torch.randn(2, 8, 48, 48).contiguous(memory_format=torch.channels_last)
+    _assert_same_outputs(module, model, x)
+
+
+@onednn
+def test_onednn_conv_add_writes_into_the_shortcut_only_when_allowed():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+    x = torch.randn(2, 16, 63, 63).contiguous(memory_format=torch.channels_last)
+    shortcut = torch.randn(2, 32, 32, 32).contiguous(memory_format=torch.channels_last)
+    expected = F.relu(conv(x) + shortcut).detach()
+    with torch.no_grad():
+        for overwrite in (False, True):
+            other = shortcut.clone()
+            result = OneDNNConv2dAdd(conv, ("relu", [], ""), overwrite_other=overwrite)(x, other)
+            torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+            assert (result.data_ptr() == other.data_ptr()) is overwrite
+            assert torch.equal(other, result if overwrite else shortcut)
+        layer = OneDNNConv2dAdd(conv, overwrite_other=True)
+        for other in (shortcut.contiguous(), shortcut[:1, :, :1, :1].clone()):  # another layout, broadcasting
+            kept = other.clone()
+            torch.testing.assert_close(layer(x, other), conv(x) + other, rtol=1e-5, atol=1e-5)
+            assert torch.equal(other, kept)  # the plain ops write into the convolution's output, if anywhere
+    with pytest.raises(ValueError, match="only ReLU"):
+        OneDNNConv2dAdd(conv, ("gelu", [], "none"))

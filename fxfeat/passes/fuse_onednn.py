@@ -16,7 +16,12 @@ They run oneDNN for float32 inference on CPU tensors (channels-last maps for con
 everywhere else (another device or dtype, autograd on, a layer too small to repay a call to oneDNN), so the
 module computes the same thing wherever it is moved.
 
-The pass is for float32 inference on the CPU; ``optimize_for_inference`` runs it there only.
+A first pass, :func:`fuse_residual_sums`, takes a convolution's residual sum too: ``relu(conv(x) + shortcut)``
+(ResNet's bottleneck, after its batch norm is folded) becomes one :class:`OneDNNConv2dAdd` call (oneDNN's *binary*
+post-op) that writes the result into ``shortcut`` where the data flow proves nothing reads it afterwards, so the
+output is never written, then read back and written again by the sum and the ReLU.
+
+The passes are for float32 inference on the CPU; ``optimize_for_inference`` runs them there only.
 
 Example:
     >>> import torch, torchvision, fxfeat
@@ -27,21 +32,27 @@ Example:
     5
     >>> module.get_submodule("layer1.0.conv1")
     OneDNNConv2d(64, 64, kernel_size=(3, 3), stride=[1, 1], padding=[1, 1], activation=none)
+    >>> fast = fxfeat.optimize_for_inference(extractor)   # batch norms folded, then the sums fused
+    >>> fast.optimizations["fuse_residual_sums"], fast.get_submodule("layer1.0.conv2").overwrite_other
+    (2, True)
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import operator
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from fxfeat.analyse.aliases import annotate_aliases
 from fxfeat.passes.graph_edits import call_counts, finished, value_readers
+from fxfeat.passes.in_place import Overwrites, add_in_place, is_tensor
 
-__all__ = ["OneDNNConv2d", "OneDNNLinear", "onednn_available", "use_onednn"]
+__all__ = ["OneDNNConv2d", "OneDNNConv2dAdd", "OneDNNLinear", "fuse_residual_sums", "onednn_available", "use_onednn"]
 
 # oneDNN post-op name -> the same activation in PyTorch, given the post-op's scalars and algorithm.
 _ACTIVATIONS = {
@@ -151,20 +162,64 @@ class OneDNNConv2d(_PackedLayer):
         return torch._C._nn.mkldnn_reorder_conv2d_weight(self.weight.to_mkldnn(), self.padding, self.stride,
                                                          self.dilation, self.groups, list(shape))
 
+    def _runs_onednn(self, x: torch.Tensor) -> bool:
+        if x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last):
+            return False
+        shape = x.shape
+        return self._on_onednn(x, shape[0] * (shape[2] // self.stride[0]) * (shape[3] // self.stride[1])
+                               * self._weight_numel)
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4:
-            shape = x.shape
-            macs = shape[0] * (shape[2] // self.stride[0]) * (shape[3] // self.stride[1]) * self._weight_numel
-            if self._on_onednn(x, macs) and x.is_contiguous(memory_format=torch.channels_last):
-                return torch.ops.mkldnn._convolution_pointwise(
-                    x, self._packed_weight(x), self.bias, self.padding, self.stride, self.dilation, self.groups,
-                    self.activation, self.scalars, self.algorithm)
-        return self._activate(F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                                       self.groups))
+        if self._runs_onednn(x):
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, self._packed_weight(x), self.bias, self.padding, self.stride, self.dilation, self.groups,
+                self.activation, self.scalars, self.algorithm)
+        return self._activate(self._conv(x))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, activation={self.activation}")
+
+
+class OneDNNConv2dAdd(OneDNNConv2d):
+    """``activation(F.conv2d(x, weight, bias, ...) + other)``, ``activation`` ReLU or none: a convolution, the
+    residual sum after it and the ReLU after that in one oneDNN call (a *binary* post-op), written into ``other``
+    when ``overwrite_other`` (the pass proved that nothing reads ``other`` afterwards) and the sum has its
+    shape, dtype and layout. Measured on a 2-core Xeon, batch 1, channels-last (ResNet-50's ``conv3`` of
+    ``layer1``, 64 -> 256 on 56x56): convolution, then ``add_`` and ``relu_``, 830 us; fused into a new tensor,
+    560 us; fused into ``other``, 429 us (7x7, 512 -> 2048: 498, 465 and 441 us). Off oneDNN's path (see
+    :class:`OneDNNConv2d`), the plain ops.
+    """
+
+    def __init__(self, conv: nn.Conv2d, activation: tuple[str, list[float], str] = ("none", [], ""),
+                 overwrite_other: bool = False):
+        if activation[0] not in ("relu", "none"):
+            raise ValueError(f"oneDNN fuses only ReLU after a convolution's sum, not {activation[0]}")
+        super().__init__(conv, activation)
+        self.overwrite_other = overwrite_other
+
+    def _output_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        spatial = ((size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1 for size, padding, dilation,
+                   kernel, stride in zip(x.shape[2:], self.padding, self.dilation, self.kernel_size, self.stride))
+        return (x.shape[0], self.out_channels, *spatial)
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        if self._runs_onednn(x) and other.dtype == x.dtype and other.device == x.device \
+                and other.is_contiguous(memory_format=torch.channels_last) and other.shape == self._output_shape(x):
+            unary = "relu" if self.activation == "relu" else None
+            arguments = (self._packed_weight(x), self.bias, self.padding, self.stride, self.dilation, self.groups,
+                         "add", None, unary, [], None)
+            if self.overwrite_other:
+                return torch.ops.mkldnn._convolution_pointwise_.binary(other, x, *arguments)
+            return torch.ops.mkldnn._convolution_pointwise.binary(x, other, *arguments)
+        total = add_in_place(self._conv(x), other)  # into the convolution's new output when the shapes allow
+        return total.relu_() if self.activation == "relu" else total
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, overwrite_other={self.overwrite_other}"
 
 
 class OneDNNLinear(_PackedLayer):
@@ -279,3 +334,95 @@ def use_onednn(module: fx.GraphModule) -> int:
             module.graph.erase_node(activation_node)
         replaced += 1
     return finished(module, replaced)
+
+
+_SUM_FUNCTIONS = {operator.add, torch.add, add_in_place}
+
+
+def _sum_operand(node: fx.Node, summand: fx.Node) -> fx.Node | None:
+    """If ``node`` is ``summand + other`` or ``other + summand`` of two tensors of one shape and dtype (no
+    broadcasting, no ``alpha``), ``other``; else ``None``."""
+    is_sum = (node.op == "call_function" and node.target in _SUM_FUNCTIONS) or \
+        (node.op == "call_method" and node.target == "add")
+    if not is_sum or len(node.args) != 2 or node.kwargs or not all(isinstance(arg, fx.Node) for arg in node.args):
+        return None
+    other = node.args[1] if node.args[0] is summand else node.args[0]
+    if other is summand or not is_tensor(other) or not is_tensor(summand):
+        return None
+    mine, theirs = summand.meta["tensor_meta"], other.meta["tensor_meta"]
+    return other if (mine.shape, mine.dtype) == (theirs.shape, theirs.dtype) else None
+
+
+def fuse_residual_sums(module: fx.GraphModule) -> int:
+    """Replace each plain ``nn.Conv2d`` called once whose only reader is a sum with another tensor of its shape
+    (``conv(x) + shortcut``), and the ReLU reading that sum if it is the sum's only reader, by one
+    :class:`OneDNNConv2dAdd` call where the sum was (``module`` is changed in place; the pass needs the shapes
+    ``ShapeProp`` records). The sum is written into the shortcut when the data flow proves nothing reads it
+    afterwards and it does not share the convolution input's storage. A convolution whose input is written
+    between the convolution and the sum stays apart (the fused call reads the input where the sum was).
+    Returns how many sums were fused.
+    """
+    fused = 0
+    for conv, total, relu, overwrite in _residual_sums(module):
+        shape_reads = _shape_reads_before(module.graph, conv, total)
+        if shape_reads is None:
+            continue
+        x, shortcut = conv.args[0], total.args[1] if total.args[0] is conv else total.args[0]
+        layer = module.get_submodule(conv.target)
+        module.set_submodule(conv.target, OneDNNConv2dAdd(layer, ("relu", [], "") if relu else ("none", [], ""),
+                                                          overwrite_other=overwrite))
+        total.op, total.target, total.args, total.kwargs = "call_module", conv.target, (x, shortcut), {}
+        for read in reversed(shape_reads):  # `x.ndim` checks of the convolution's output read the sum's
+            total.append(read)
+            read.replace_input_with(conv, total)
+        module.graph.erase_node(conv)
+        if relu is not None:
+            relu.replace_all_uses_with(total)
+            module.graph.erase_node(relu)
+        fused += 1
+    return finished(module, fused)
+
+
+def _residual_sums(module: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Node | None, bool]]:
+    """``(convolution, sum, ReLU or None, whether the sum may overwrite the shortcut)`` for each fusion
+    :func:`fuse_residual_sums` makes, decided on the graph before any of them (a fused call is not a module the
+    data-flow analysis knows)."""
+    annotate_aliases(module.graph, module, tensors=None)
+    overwrites = Overwrites(module)
+    aliases, order = overwrites.aliases, overwrites.aliases.order
+    calls = call_counts(module.graph)
+    fusions, sums = [], set()
+    for conv in module.graph.nodes:
+        if conv.op != "call_module" or calls[conv.target] != 1 or len(conv.args) != 1 or conv.kwargs \
+                or not isinstance(conv.args[0], fx.Node) or len(value_readers(conv)) != 1:
+            continue
+        layer = module.get_submodule(conv.target)
+        total, x = value_readers(conv)[0], conv.args[0]
+        shortcut = _sum_operand(total, conv)
+        if type(layer) is not nn.Conv2d or not _convertible(layer) or shortcut is None or total in sums:
+            continue
+        if any(order[conv.name] < order[write] < order[total.name] for write in aliases.writes_to(x.name)):
+            continue
+        readers = value_readers(total)
+        relu = readers[0] if len(readers) == 1 and readers[0].args[:1] == (total,) and \
+            _activation(module, readers[0]) == ("relu", [], "") else None
+        overwrite = overwrites.may_overwrite(total, shortcut) and aliases.base(shortcut.name) != aliases.base(x.name)
+        fusions.append((conv, total, relu, overwrite))
+        sums.add(total)
+    return fusions
+
+
+def _shape_reads_before(graph: fx.Graph, conv: fx.Node, total: fx.Node) -> list[fx.Node] | None:
+    """The nodes before ``total`` computed from ``conv``'s shape, dtype or device (a library norm's ``x.ndim``
+    check), in graph order, to run after the fused call instead (the sum has the convolution's shape); ``None`` if
+    ``total`` itself needs one of them."""
+    position = {node: index for index, node in enumerate(graph.nodes)}
+    reads, pending = set(), [user for user in conv.users if user is not total]
+    while pending:
+        node = pending.pop()
+        if node is total:
+            return None
+        if node not in reads and position[node] < position[total]:
+            reads.add(node)
+            pending.extend(node.users)
+    return sorted(reads, key=position.__getitem__)

@@ -44,7 +44,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from fxfeat.analyse.aliases import Aliases, annotate_aliases
 from fxfeat.passes.graph_edits import call_counts, finished
 
-__all__ = ["add_in_place", "is_tensor", "mul_in_place", "restore_in_place"]
+__all__ = ["Overwrites", "add_in_place", "is_tensor", "mul_in_place", "restore_in_place"]
 
 
 def _fits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -107,8 +107,9 @@ def _fresh(node: fx.Node, module: fx.GraphModule) -> bool:
     return node.op == "call_method" and node.target in _FRESH_METHODS
 
 
-class _Readers:
-    """Who reads each storage, to decide whether a node may overwrite one of its inputs."""
+class Overwrites:
+    """Who reads each storage, to decide whether a node may overwrite one of its inputs (the graph's aliases must
+    be annotated: :func:`fxfeat.analyse.aliases.annotate_aliases`)."""
 
     def __init__(self, module: fx.GraphModule):
         self.module = module
@@ -137,7 +138,7 @@ def restore_in_place(module: fx.GraphModule) -> int:
     """Rewrite the activations and sums of ``module``'s graph that may run in place (see the module docstring);
     ``module`` is changed in place. Returns how many nodes were rewritten."""
     annotate_aliases(module.graph, module, tensors=None)
-    readers = _Readers(module)
+    readers = Overwrites(module)
     rewritten = 0
     safe_calls: dict[str, bool] = {}
     for node in module.graph.nodes:
