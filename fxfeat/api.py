@@ -6,7 +6,7 @@ trace -> analyse -> plan -> rewrite -> build.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from operator import attrgetter
 
 import torch
@@ -14,7 +14,7 @@ from torch import nn
 
 from fxfeat.analyse import GraphAnalysis, Head, analyse
 from fxfeat.analyse.aliases import annotate_aliases
-from fxfeat.errors import FxFeatWarning
+from fxfeat.errors import FxFeatWarning, ShapePropagationError
 from fxfeat.feature_info import FeatureInfo
 from fxfeat.module import FeatureGraphModule
 from fxfeat.passes import (
@@ -26,7 +26,7 @@ from fxfeat.passes import (
     run_passes,
     snapshot_outputs,
 )
-from fxfeat.plan import make_plan, make_request
+from fxfeat.plan import Request, make_plan, make_request
 from fxfeat.plan.output_stride import check_output_stride, edited_module
 from fxfeat.plan.plan import NEW_CLASSIFIER, format_table
 from fxfeat.trace import (
@@ -73,7 +73,9 @@ def compile(
             ones (``DeclaredLevelError`` if one cannot be placed); a list of module paths or fx node
             names picks them.
         input_size: ``(C, H, W)`` of the probe input; default from the model's ``pretrained_cfg`` or
-            ``default_cfg``, else ``(3, 224, 224)``. The extractor works at any size the model accepts.
+            ``default_cfg``, else ``(3, 224, 224)``, with the channels of the graph's first convolution where it
+            takes another number (timm's ``in_chans=1`` models keep a 3-channel config). The extractor works at
+            any size the model accepts.
         output_fmt: ``"NCHW"`` permutes channels-last maps to NCHW; ``"native"`` returns them as computed.
         return_dict: return a dict keyed by level name instead of a list.
         num_classes: with ``mode="pooled"``, put a new ``nn.Linear(C, num_classes)`` head on the pooled features
@@ -100,8 +102,7 @@ def compile(
     )
     with model_state_kept(model):  # its flags, buffers and the random state are as they were after compiling
         with evaluation_mode(model):
-            traced = trace_model(model, example_size=request.input_size)
-            analysis = analyse(traced, request.input_size)
+            request, traced, analysis = _traced_and_analysed(model, request, size_given=input_size is not None)
         plan = make_plan(analysis, request)
         graphs, targets = _mode_graphs(traced, analysis, plan)
         targets.update(_new_modules(plan, traced.root))
@@ -113,6 +114,23 @@ def compile(
         if plan.op_edits:  # probes the extractor, whose layers are the model's
             extractor.feature_info = _checked_output_stride_info(extractor, plan, request.input_size)
     return extractor
+
+
+def _traced_and_analysed(model: nn.Module, request: Request, size_given: bool,
+                         ) -> tuple[Request, TracedModel, GraphAnalysis]:
+    """The model traced and analysed at the request's input size, and the request. Where the size is the one the
+    model declares (or the default) and the probe fails at the graph's first convolution because that takes
+    another number of channels (timm's ``in_chans=1`` models keep a 3-channel ``pretrained_cfg``), the
+    convolution's number is used instead: the request's ``input_size`` says which."""
+    traced = trace_model(model, example_size=request.input_size)
+    try:
+        return request, traced, analyse(traced, request.input_size)
+    except ShapePropagationError as error:
+        if size_given or error.input_channels is None:
+            raise
+        request = replace(request, input_size=(error.input_channels, *request.input_size[1:]))
+    traced = trace_model(model, example_size=request.input_size)
+    return request, traced, analyse(traced, request.input_size)
 
 
 _PASSES = (bind_optional_inputs, attach_classifier, dilate, expose_outputs, remove_dead_code, snapshot_outputs,
@@ -289,8 +307,7 @@ def inspect(
     model = eager_model(model)
     request = make_request(model, levels=levels, input_size=input_size)
     with model_state_kept(model), evaluation_mode(model):
-        traced = trace_model(model, example_size=request.input_size)
-        analysis = analyse(traced, request.input_size)
+        request, traced, analysis = _traced_and_analysed(model, request, size_given=input_size is not None)
     plan = make_plan(analysis, request)
     reports = tuple(
         LevelReport(

@@ -86,10 +86,13 @@ class ShapePropagationError(FxFeatError, RuntimeError):
     Attributes:
         node: the fx node that failed (``None`` if unknown).
         cause: the op's own error.
+        input_channels: where the probe failed at the graph's first convolution and it takes another number of
+            input channels than the probe had, that number (``None`` otherwise).
     """
 
     node = None
     cause = None
+    input_channels = None
 
 
 class NoFeatureMapsError(FxFeatError, ValueError):

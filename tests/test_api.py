@@ -115,6 +115,19 @@ def test_input_size_defaults_to_the_model_config():
     assert fxfeat.compile(model).feature_info.get("shape")[-1] == (2048, 5, 5)
 
 
+@pytest.mark.parametrize("name, size", [("resnet18", (97, 131)), ("vit_tiny_patch16_224", (224, 224))])
+def test_a_model_built_for_other_input_channels_is_probed_with_them(name, size):
+    model = timm_model(name, in_chans=1)
+    assert model.pretrained_cfg["input_size"] == (3, 224, 224)  # timm keeps the 3-channel config
+    extractor = fxfeat.compile(model, out_indices=(-1,))
+    assert extractor.input_size == (1, 224, 224) and fxfeat.inspect(model).input_size == (1, 224, 224)
+    assert_bit_equal_to_eager(model, extractor, torch.randn(2, 1, *size))
+    with pytest.raises(fxfeat.ShapePropagationError, match=r"takes 1 input channels: pass input_size=\(1, 224, 224\)"
+                       ) as raised:
+        fxfeat.compile(model, input_size=(3, 224, 224))  # a size the user gives is used as given
+    assert raised.value.input_channels == 1
+
+
 def test_extractor_is_a_graph_module_that_survives_deepcopy(resnet18):
     import copy
 

@@ -96,3 +96,16 @@ def test_transformers_zoo(name):
 
 def test_at_least_ten_classes():
     assert len(set(CI + ZOO)) >= 10
+
+
+def test_a_model_configured_for_one_channel_is_probed_with_one():
+    """The embeddings, kept whole, check the channel count before their convolution: the probe takes the number
+    that convolution takes."""
+    torch.manual_seed(0)
+    model = T.ResNetModel(T.ResNetConfig(num_channels=1, embedding_size=16, **STAGES)).eval()
+    extractor = fxfeat.compile(model).eval()
+    assert extractor.input_size == (1, 224, 224)
+    x = torch.randn(2, 1, 96, 128)
+    with torch.no_grad():
+        hidden = model(x, output_hidden_states=True).hidden_states
+        assert _equal(hidden[-1], list(extractor(x))[-1])

@@ -215,13 +215,33 @@ def _probe(graph_module, input_shape, what: str) -> dict[str, tuple[int, ...]]:
         node = error.node if isinstance(error, _NodeFailed) else None
         cause = error.__cause__ if node is not None else error
         where = f" at {describe_node(node)}" if node else ""
+        channels = first_convolution_channels(graph_module, node)
+        channels = None if channels == input_shape[0] else channels
+        hint = "pass input_size=(C, H, W) with a size the model accepts."
+        if channels is not None:
+            hint = (f"the model's first convolution ({node.target}) takes {channels} input channels: pass "
+                    f"input_size=({channels}, {input_shape[1]}, {input_shape[2]}).")
         failure = ShapePropagationError(
             f"Running the traced model on a {what} probe input of shape {(PROBE_BATCH, *input_shape)} failed"
-            f"{where}: {type(cause).__name__}: {cause}".strip(),
-            hint="pass input_size=(C, H, W) with a size the model accepts.",
-        )
-        failure.node, failure.cause = node, cause
+            f"{where}: {type(cause).__name__}: {cause}".strip(), hint=hint)
+        failure.node, failure.cause, failure.input_channels = node, cause, channels
         raise failure from cause
+
+
+def first_convolution_channels(graph_module: fx.GraphModule, node: fx.Node | None) -> int | None:
+    """The input channels of the graph's first convolution if ``node`` calls it (the convolution, or a module
+    kept whole that holds it: Hugging Face's embeddings check the channels first), else ``None``.
+
+    A probe failing there most likely had the wrong number of channels: a model built for another number than
+    it declares (timm's ``in_chans=1`` keeps the 3-channel ``input_size`` of its ``pretrained_cfg``).
+    """
+    for candidate in graph_module.graph.nodes:
+        if candidate.op == "call_module":
+            convolution = next((layer for layer in graph_module.get_submodule(candidate.target).modules()
+                                if isinstance(layer, nn.modules.conv._ConvNd)), None)
+            if convolution is not None:
+                return convolution.in_channels if candidate is node else None
+    return None
 
 
 def propagate_shapes(graph_module: fx.GraphModule, input_size: tuple[int, int, int]) -> dict[str, NodeShape]:
