@@ -73,7 +73,8 @@ def compile(
             ones (``DeclaredLevelError`` if one cannot be placed); a list of module paths or fx node
             names picks them.
         input_size: ``(C, H, W)`` of the probe input; default from the model's ``pretrained_cfg`` or
-            ``default_cfg``, else ``(3, 224, 224)``, with the channels of the graph's first convolution where it
+            ``default_cfg`` (timm), or its ``config``'s ``num_channels`` and ``image_size`` (Hugging Face),
+            else ``(3, 224, 224)``; with the channels of the graph's first convolution where it
             takes another number (timm's ``in_chans=1`` models keep a 3-channel config). The extractor works at
             any size the model accepts.
         output_fmt: ``"NCHW"`` permutes channels-last maps to NCHW; ``"native"`` returns them as computed.

@@ -109,3 +109,16 @@ def test_a_model_configured_for_one_channel_is_probed_with_one():
     with torch.no_grad():
         hidden = model(x, output_hidden_states=True).hidden_states
         assert _equal(hidden[-1], list(extractor(x))[-1])
+
+
+def test_the_probe_size_comes_from_the_config():
+    """A ViT built for 64x64 one-channel images (its position embeddings fix the size) compiles with no input_size:
+    ``config.image_size`` and ``config.num_channels`` declare it, as timm's ``pretrained_cfg`` does."""
+    torch.manual_seed(0)
+    model = T.ViTModel(T.ViTConfig(**VIT, image_size=64, num_channels=1)).eval()
+    extractor = fxfeat.compile(model).eval()
+    assert extractor.input_size == (1, 64, 64) and extractor.feature_info.reduction() == [16, 16, 16]
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        hidden = model(x, output_hidden_states=True).hidden_states
+        assert torch.equal(hidden[-1][:, 1:].transpose(1, 2).reshape(2, 64, 4, 4), list(extractor(x))[-1])

@@ -41,13 +41,24 @@ class Request:
 
 
 def _model_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """The input size a model declares (timm's ``pretrained_cfg``/``default_cfg``), else 3x224x224."""
+    """The input size a model declares (timm's ``pretrained_cfg``/``default_cfg``, or the ``image_size`` and
+    ``num_channels`` of a Hugging Face model's ``config``), else 3x224x224."""
     for attribute in ("pretrained_cfg", "default_cfg"):
         config = getattr(model, attribute, None)
         size = config.get("input_size") if isinstance(config, dict) else None
-        if isinstance(size, Sequence) and len(size) == 3 and all(isinstance(d, int) for d in size):
+        if _ints(size, 3):
             return tuple(size)
-    return DEFAULT_INPUT_SIZE
+    config = getattr(model, "config", None)
+    channels, size = getattr(config, "num_channels", None), getattr(config, "image_size", None)
+    channels = channels if _ints([channels], 1) else DEFAULT_INPUT_SIZE[0]
+    size = [size, size] if _ints([size], 1) else size
+    return (channels, *size) if _ints(size, 2) else (channels, *DEFAULT_INPUT_SIZE[1:])
+
+
+def _ints(values: Any, length: int) -> bool:
+    """Whether ``values`` is a sequence of ``length`` positive ints."""
+    return isinstance(values, Sequence) and len(values) == length and all(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0 for value in values)
 
 
 def _check_input_size(input_size: Any) -> tuple[int, int, int]:
