@@ -394,10 +394,13 @@ def _residual_sums(module: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.No
     fusions, sums = [], set()
     for conv in module.graph.nodes:
         if conv.op != "call_module" or calls[conv.target] != 1 or len(conv.args) != 1 or conv.kwargs \
-                or not isinstance(conv.args[0], fx.Node) or len(value_readers(conv)) != 1:
+                or not isinstance(conv.args[0], fx.Node):
+            continue
+        conv_readers = value_readers(conv)
+        if len(conv_readers) != 1:
             continue
         layer = module.get_submodule(conv.target)
-        total, x = value_readers(conv)[0], conv.args[0]
+        total, x = conv_readers[0], conv.args[0]
         shortcut = _sum_operand(total, conv)
         if type(layer) is not nn.Conv2d or not _convertible(layer) or shortcut is None or total in sums:
             continue

@@ -50,15 +50,18 @@ def _model_input_size(model: nn.Module) -> tuple[int, int, int]:
             return tuple(size)
     config = getattr(model, "config", None)
     channels, size = getattr(config, "num_channels", None), getattr(config, "image_size", None)
-    channels = channels if _ints([channels], 1) else DEFAULT_INPUT_SIZE[0]
-    size = [size, size] if _ints([size], 1) else size
+    channels = channels if _positive_int(channels) else DEFAULT_INPUT_SIZE[0]
+    size = (size, size) if _positive_int(size) else size
     return (channels, *size) if _ints(size, 2) else (channels, *DEFAULT_INPUT_SIZE[1:])
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _ints(values: Any, length: int) -> bool:
     """Whether ``values`` is a sequence of ``length`` positive ints."""
-    return isinstance(values, Sequence) and len(values) == length and all(
-        isinstance(value, int) and not isinstance(value, bool) and value > 0 for value in values)
+    return isinstance(values, Sequence) and len(values) == length and all(_positive_int(value) for value in values)
 
 
 def _check_input_size(input_size: Any) -> tuple[int, int, int]:
