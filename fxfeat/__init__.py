@@ -11,8 +11,10 @@ from fxfeat import export
 from fxfeat.api import Inspection, compile, inspect
 from fxfeat.backbone import Backbone, backbone
 from fxfeat.errors import (
+    DataSourceError,
     DeclaredLevelError,
     ExportError,
+    ExtractError,
     FxFeatError,
     FxFeatWarning,
     HeadNotFoundError,
@@ -22,13 +24,16 @@ from fxfeat.errors import (
     MissingDependencyError,
     NoFeatureMapsError,
     OutIndicesError,
+    OutputDirectoryError,
     OutputStrideError,
     ProbeTooSmallError,
     RewriteError,
     ShapePropagationError,
     TraceFailedError,
     UnknownLevelError,
+    WeightsUnavailableError,
 )
+from fxfeat.extract import ExtractSummary, Preprocessing, extract, load_features
 from fxfeat.feature_info import FeatureInfo
 from fxfeat.freeze import freeze
 from fxfeat.module import FeatureGraphModule
@@ -41,13 +46,19 @@ __all__ = [
     "freeze",
     "optimize_for_inference",
     "InferenceGraphModule",
+    "extract",
+    "load_features",
+    "ExtractSummary",
+    "Preprocessing",
     "export",
     "inspect",
     "Inspection",
     "FeatureInfo",
     "FeatureGraphModule",
+    "DataSourceError",
     "DeclaredLevelError",
     "ExportError",
+    "ExtractError",
     "FxFeatError",
     "FxFeatWarning",
     "HeadNotFoundError",
@@ -57,12 +68,14 @@ __all__ = [
     "MissingDependencyError",
     "NoFeatureMapsError",
     "OutIndicesError",
+    "OutputDirectoryError",
     "OutputStrideError",
     "ProbeTooSmallError",
     "RewriteError",
     "ShapePropagationError",
     "TraceFailedError",
     "UnknownLevelError",
+    "WeightsUnavailableError",
 ]
 
 __version__ = "0.1.0"

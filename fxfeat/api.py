@@ -232,6 +232,8 @@ class Inspection:
         opaque_modules: submodules torch.fx could not trace through, with the reason.
         head: the global pooling and classifier found, with the unpooled and pooled nodes (``None``: none).
         decoder: for an encoder-decoder net, the calls after the encoder that raise the resolution again.
+        out_indices: the levels ``compile`` returns for the ``out_indices`` given to ``inspect`` (``None``: by
+            default: all, or an isotropic model's last three blocks).
     """
 
     model_name: str
@@ -242,6 +244,7 @@ class Inspection:
     opaque_modules: dict[str, str]
     head: Head
     decoder: tuple[str, ...] = ()
+    out_indices: tuple[int, ...] = ()
 
     def __str__(self) -> str:
         origin = {"declared": "declared by the model", "discovered": "discovered from the graph",
@@ -291,9 +294,11 @@ def _parameters_needed(analysis: GraphAnalysis, node: str) -> int:
 
 
 def inspect(
-    model: nn.Module, *, levels: str | list[str] | None = None, input_size: tuple[int, int, int] | None = None
+    model: nn.Module, *, levels: str | list[str] | None = None, input_size: tuple[int, int, int] | None = None,
+    out_indices: int | tuple[int, ...] | None = None,
 ) -> Inspection:
-    """Show every level fxfeat finds (or the given ``levels``) with candidates, shapes and parameters kept.
+    """Show every level fxfeat finds (or the given ``levels``) with candidates, shapes and parameters kept, and
+    which of them ``compile`` returns for ``out_indices`` (``Inspection.out_indices``).
 
     Example:
         >>> import torchvision, fxfeat
@@ -304,9 +309,11 @@ def inspect(
         ResNet: 5 levels (discovered from the graph) at input size (3, 224, 224); 11.69M parameters in the model
         >>> report.head.global_pool, report.head.classifier
         ('avgpool', 'fc')
+        >>> fxfeat.inspect(torchvision.models.resnet18(), out_indices=2).out_indices
+        (3, 4)
     """
     model = eager_model(model)
-    request = make_request(model, levels=levels, input_size=input_size)
+    request = make_request(model, levels=levels, input_size=input_size, out_indices=out_indices)
     with model_state_kept(model), evaluation_mode(model):
         request, traced, analysis = _traced_and_analysed(model, request, size_given=input_size is not None)
     plan = make_plan(analysis, request)
@@ -326,4 +333,5 @@ def inspect(
         opaque_modules=dict(traced.opaque_modules),
         head=analysis.head,
         decoder=analysis.decoder,
+        out_indices=plan.out_indices,
     )

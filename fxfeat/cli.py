@@ -7,46 +7,14 @@ Models are named ``torchvision:NAME`` or ``timm:NAME`` and built with random wei
 from __future__ import annotations
 
 import argparse
-import difflib
 import sys
 
 import torch
-from torch import nn
 
-from fxfeat.errors import FxFeatError, InvalidModelError
+from fxfeat.errors import FxFeatError
+from fxfeat.models import build_model
 
 __all__ = ["build_model", "main"]
-
-
-def build_model(spec: str, seed: int = 0) -> nn.Module:
-    """Build ``torchvision:NAME`` or ``timm:NAME`` with random weights, in eval mode.
-
-    Example:
-        >>> build_model("torchvision:resnet18").training  # random weights, eval mode
-        False
-    """
-    library, _, name = spec.partition(":")
-    if not name:
-        library, name = "torchvision", library
-    if library not in ("torchvision", "timm"):
-        raise InvalidModelError(f"Unknown model library {library!r} in {spec!r}.",
-                                hint="write torchvision:NAME or timm:NAME.")
-    if library == "torchvision":
-        import torchvision
-
-        known, build = torchvision.models.list_models(), lambda: torchvision.models.get_model(name, weights=None)
-    else:
-        import timm
-
-        known, build = timm.list_models(), lambda: timm.create_model(name, pretrained=False)
-    if name not in known:
-        close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
-        raise InvalidModelError(
-            f"{library} has no model named {name!r}." + (f" Close names: {', '.join(close)}." if close else ""),
-            hint=f"list the names with {library}.{'list_models' if library == 'timm' else 'models.list_models'}().",
-        )
-    torch.manual_seed(seed)
-    return build().eval()
 
 
 def _inspect(args: argparse.Namespace) -> None:

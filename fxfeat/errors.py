@@ -31,6 +31,10 @@ __all__ = [
     "InputShapeError",
     "ExportError",
     "MissingDependencyError",
+    "WeightsUnavailableError",
+    "DataSourceError",
+    "OutputDirectoryError",
+    "ExtractError",
 ]
 
 
@@ -122,6 +126,24 @@ class ExportError(FxFeatError, RuntimeError):
 
 class MissingDependencyError(FxFeatError, ImportError):
     """An optional package a feature needs (``onnx``, ``onnxruntime``) is not installed."""
+
+
+class WeightsUnavailableError(FxFeatError, RuntimeError):
+    """A model's pretrained weights cannot be downloaded, or a checkpoint does not fit the model."""
+
+
+class DataSourceError(InvalidRequestError):
+    """``fxfeat.extract``'s data is missing, empty, or not a source it reads (folder, list, tar shards,
+    dataset)."""
+
+
+class OutputDirectoryError(FxFeatError, RuntimeError):
+    """``fxfeat.extract``'s output directory holds other files, or features of another configuration; or
+    ``fxfeat.load_features`` finds it incomplete or damaged."""
+
+
+class ExtractError(FxFeatError, RuntimeError):
+    """An image could not be read during ``fxfeat.extract(on_error="raise")``; the message names the file."""
 
 
 class FxFeatWarning(UserWarning):

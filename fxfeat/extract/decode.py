@@ -1,0 +1,114 @@
+"""Images to uint8 ``(C, H, W)`` tensors with the model's number of channels.
+
+Encoded files are decoded by ``torchvision.io`` (JPEG, PNG, WebP, GIF; CMYK JPEGs and 16-bit PNGs included), with
+PIL for what it does not read (BMP, TIFF...). Grayscale images are repeated to three channels, colour images
+converted to one channel with PIL's luma weights for a one-channel model, alpha dropped (as PIL's
+``convert("RGB")``), 16-bit values scaled to 8 bits. Dataset items may be PIL images, numpy arrays or tensors,
+``(C, H, W)`` or ``(H, W, C)``.
+
+Example:
+    >>> import io, torch
+    >>> from PIL import Image
+    >>> buffer = io.BytesIO()
+    >>> Image.new("L", (5, 4), color=200).save(buffer, "PNG")
+    >>> image = decode(torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8), channels=3)
+    >>> image.dtype, tuple(image.shape), image[:, 0, 0].tolist()
+    (torch.uint8, (3, 4, 5), [200, 200, 200])
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_image
+
+__all__ = ["decode", "image_tensor", "pil_image", "to_channels"]
+
+# torchvision 0.29 deprecates its image decoders for TorchCodec's; they are the ones the field runs today.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                        category=DeprecationWarning)
+
+_MODES = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB, 4: ImageReadMode.RGB_ALPHA}
+_PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def decode(encoded: torch.Tensor, channels: int = 3) -> torch.Tensor:
+    """Decode an image file's bytes (a uint8 tensor) into a uint8 ``(channels, H, W)`` tensor.
+
+    Raises:
+        ValueError: the bytes are not an image either decoder reads (the message says why).
+    """
+    try:
+        image = decode_image(encoded, mode=_MODES.get(channels, ImageReadMode.UNCHANGED))
+    except RuntimeError:  # a format torchvision.io does not decode, or a damaged file: PIL decides
+        return image_tensor(pil_image(encoded), channels)
+    return to_channels(image, channels)
+
+
+def pil_image(encoded: torch.Tensor):
+    """The PIL image of an image file's bytes, fully loaded (a damaged file fails here, not later)."""
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(encoded.numpy().tobytes()))
+        image.load()
+    except Exception as error:
+        raise ValueError(f"not a readable image ({type(error).__name__}: {error})") from None
+    return image
+
+
+def image_tensor(image: Any, channels: int = 3) -> torch.Tensor:
+    """A PIL image, numpy array or tensor as a uint8 ``(channels, H, W)`` tensor. Arrays and tensors are
+    ``(H, W)``, ``(C, H, W)`` or ``(H, W, C)`` with 1, 2, 3 or 4 channels; floating ones hold values in [0, 1]."""
+    if hasattr(image, "getbands"):  # PIL
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            array = np.asarray(image, dtype=np.float64) / 65535.0
+            return to_channels(torch.from_numpy(_to_uint8(array)).unsqueeze(0), channels)
+        mode = _PIL_MODES.get(channels, "RGB")
+        if image.mode not in ("L", "RGB", "RGBA"):
+            image = image.convert("RGBA" if "A" in image.mode or "transparency" in image.info else "RGB")
+        image = image if channels in (1, 3) and image.mode == mode else image.convert(mode)
+        return torch.from_numpy(np.array(image)).reshape(image.height, image.width, -1).permute(2, 0, 1).contiguous()
+    tensor = torch.as_tensor(np.asarray(image)) if not isinstance(image, torch.Tensor) else image
+    if tensor.dim() == 2:
+        tensor = tensor.unsqueeze(0)
+    if tensor.dim() != 3:
+        raise ValueError(f"an image array has 2 or 3 dimensions, not shape {tuple(tensor.shape)}")
+    if tensor.shape[0] not in (1, 2, 3, 4) and tensor.shape[-1] in (1, 2, 3, 4):
+        tensor = tensor.permute(2, 0, 1)  # (H, W, C)
+    if tensor.shape[0] not in (1, 2, 3, 4):
+        raise ValueError(f"an image array has 1 to 4 channels first or last, not shape {tuple(tensor.shape)}")
+    if tensor.dtype == torch.uint16 or (tensor.dtype in (torch.int32, torch.int64) and tensor.max() > 255):
+        tensor = torch.from_numpy(_to_uint8(tensor.double().numpy() / 65535.0))
+    elif tensor.is_floating_point():
+        tensor = torch.from_numpy(_to_uint8(tensor.double().numpy()))
+    return to_channels(tensor.to(torch.uint8).contiguous(), channels)
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(array * 255.0), 0, 255).astype(np.uint8)
+
+
+def to_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
+    """A ``(C, H, W)`` image with ``channels`` channels: gray repeated, alpha dropped, colour to luma, and 16-bit
+    values scaled to 8 bits."""
+    if image.dtype == torch.uint16:
+        image = (image.to(torch.int32) * 255 + 32767).div(65535, rounding_mode="floor").to(torch.uint8)
+    if image.shape[0] in (2, 4) and channels != image.shape[0]:
+        image = image[:-1]  # alpha
+    count = image.shape[0]
+    if count == channels:
+        return image
+    if count == 1:
+        return image.expand(channels, -1, -1).contiguous()
+    if channels == 1 and count == 3:  # PIL's "L": L = R * 299/1000 + G * 587/1000 + B * 114/1000
+        weights = torch.tensor([19595, 38470, 7471], dtype=torch.int32).view(3, 1, 1)
+        return ((image.to(torch.int32) * weights).sum(0, keepdim=True) + 32768).div(
+            65536, rounding_mode="floor").to(torch.uint8)
+    if channels == 4 and count == 3:
+        return torch.cat([image, torch.full_like(image[:1], 255)])
+    raise ValueError(f"cannot convert a {count}-channel image to the model's {channels} channels")

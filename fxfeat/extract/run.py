@@ -1,0 +1,312 @@
+"""``fxfeat.extract``: a dataset through one compiled extractor into parts on disk, on one process or many.
+
+The steps: build the model (a name) and one extractor for every requested feature; resolve the model's
+preprocessing; list the data; check the output directory against this configuration (rank 0) and find the parts
+still to do (each rank verifies its share of the records); split those among the ranks; run the loop; merge the
+records into the manifest (rank 0, after every rank is done).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fxfeat.errors import InvalidModelError, InvalidRequestError
+from fxfeat.extract.distributed import Ranks
+from fxfeat.extract.features import FeatureSpec, build_extractor, extractor_features
+from fxfeat.extract.loop import run_parts
+from fxfeat.extract.manifest import OutputDirectory
+from fxfeat.extract.preprocess import Preprocessing, resolve_preprocessing
+from fxfeat.extract.sources import open_source
+from fxfeat.models import build_model
+from fxfeat.module import FeatureGraphModule
+from fxfeat.optimize import inference_copy, optimize_for_inference
+
+__all__ = ["ExtractSummary", "extract"]
+
+_STORED = {torch.float16: torch.float16, torch.float32: torch.float32, torch.bfloat16: torch.float32}
+
+
+@dataclass(frozen=True)
+class ExtractSummary:
+    """What one ``fxfeat.extract`` call did (every rank's work, on every rank).
+
+    Attributes:
+        path: the output directory.
+        images: images written by this call.
+        skipped: ``(id, path, reason)`` of the images this call could not read.
+        parts_written: parts this call wrote; ``parts_kept``: parts an earlier run wrote, verified and kept.
+        parts_total: parts of the whole dataset.
+        seconds: wall time of the call (building the extractor included); ``images_per_second``: of the loop.
+        complete: every part of the dataset is written.
+        features: per feature, its per-image shape as written.
+    """
+
+    path: str
+    images: int
+    skipped: list[tuple[int, str | None, str]]
+    parts_written: int
+    parts_kept: int
+    parts_total: int
+    seconds: float
+    images_per_second: float
+    complete: bool
+    features: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        text = (f"{self.images} images written to {self.path} in {self.seconds:.1f} s "
+                f"({self.images_per_second:.1f} images/s); {self.parts_written} parts written, {self.parts_kept} "
+                f"kept from an earlier run, of {self.parts_total}")
+        if self.skipped:
+            text += f"; {len(self.skipped)} skipped (first: {self.skipped[0][1] or self.skipped[0][0]}: " \
+                    f"{self.skipped[0][2]})"
+        return text
+
+
+def extract(
+    model: nn.Module | str,
+    data: Any,
+    out: str,
+    *,
+    features: str | int | Sequence[str | int] = "pooled",
+    pool: str | dict[str, str | None] | None = None,
+    transform: Callable | Preprocessing | None = None,
+    batch_size: int = 64,
+    num_workers: int | None = None,
+    dtype: torch.dtype = torch.float16,
+    shard_size: int = 10_000,
+    resume: bool = True,
+    overwrite: bool = False,
+    device: str | torch.device | None = None,
+    optimize: bool = True,
+    on_error: str = "skip",
+    out_indices: int | tuple[int, ...] | None = None,
+    levels: str | list[str] | None = None,
+    input_size: tuple[int, int, int] | None = None,
+    output_stride: int | None = None,
+    weights: str = "pretrained",
+    progress: bool = True,
+) -> ExtractSummary:
+    """Extract features of every image of ``data`` into ``out``, resumably, each image exactly once; the same
+    call under ``torchrun`` splits the work across the processes.
+
+    Args:
+        model: an ``nn.Module`` (never modified), an extractor ``fxfeat.compile`` returned (its outputs are the
+            features), or a name: ``timm:NAME``, ``torchvision:NAME``, ``hf:PATH``, ``package.module:factory``.
+        data: an image folder (recursive; first-level subfolders are class labels), a ``.txt``/``.csv`` list of
+            paths, WebDataset-style ``.tar`` shards (``"train-{000..099}.tar"``) or a map-style dataset.
+        out: the output directory (see docs/extract.md for the layout).
+        features: ``"pooled"``, ``"unpooled"``, ``"features"`` (the pyramid levels ``out_indices`` selects), a level
+            index or name, or a list of these; all computed by one forward pass.
+        pool: ``"avg"``/``"max"`` turns feature maps into vectors; a dict gives it per feature name.
+        transform: ``None`` uses the model's own preprocessing (timm's ``pretrained_cfg``, torchvision's weights
+            transforms, a Hugging Face image processor's configuration, else ImageNet's); a
+            :class:`~fxfeat.extract.preprocess.Preprocessing`; or a callable taking a PIL image (a dataset's item
+            as it is) and returning a normalised float ``(C, H, W)`` tensor.
+        batch_size: images per forward pass.
+        num_workers: DataLoader workers decoding images (``None``: the CPUs of this process's share, at most 8).
+        dtype: the dtype of the written features; on a GPU also the compute dtype (float16/bfloat16), on the CPU
+            the extractor computes in float32. numpy has no bfloat16: bfloat16 features are written as float32.
+        shard_size: images per part (parts are cut by dataset order, whatever the number of processes).
+        resume: keep the verified parts of an earlier run of the same configuration and do the rest.
+        overwrite: replace an earlier extraction in ``out`` (``out`` must hold only an fxfeat output).
+        device: where the extractor runs (``None``: this rank's GPU if there is one, else the CPU).
+        optimize: run the extractor through ``fxfeat.optimize_for_inference``.
+        on_error: ``"skip"`` records an unreadable image (in the manifest) and goes on; ``"raise"`` raises
+            :class:`~fxfeat.ExtractError` naming it.
+        out_indices, levels, input_size, output_stride: as in :func:`fxfeat.compile`.
+        weights: for a model given by name: ``"pretrained"``, ``"random"`` or a checkpoint path.
+        progress: show a progress bar (tqdm; rank 0 only).
+
+    Returns:
+        An :class:`ExtractSummary`.
+
+    Example:
+        >>> import tempfile, torchvision, fxfeat
+        >>> from PIL import Image
+        >>> images = tempfile.mkdtemp()
+        >>> for i in range(3):
+        ...     Image.new("RGB", (40 + i, 30), color=(i * 60, 0, 0)).save(f"{images}/{i}.jpg")
+        >>> summary = fxfeat.extract(torchvision.models.resnet18(), images, tempfile.mkdtemp(),
+        ...                          features=["pooled", "layer3"], pool={"layer3": "avg"}, progress=False)
+        >>> summary.images, summary.features
+        (3, {'pooled': (512,), 'layer3': (256,)})
+    """
+    started = time.perf_counter()
+    _check_arguments(batch_size, shard_size, on_error, dtype, num_workers)
+    ranks = Ranks.from_environment()
+    try:
+        device = _device(device, ranks)
+        module, specs, preprocessing, fingerprint = _prepared_model(
+            model, features, pool, transform, out_indices, levels, input_size, output_stride, weights)
+        channels = module.input_size[0]
+        source = open_source(data)
+        stored = _STORED.get(dtype, dtype)
+        config = _config(fingerprint, preprocessing, transform, specs, stored, source, shard_size)
+        part_count = -(-len(source) // shard_size)
+        output = OutputDirectory(out)
+        ranks.share(lambda: output.prepare(config, part_count, overwrite, resume))
+        mine_to_verify = [part for part in range(part_count) if part % ranks.world == ranks.rank]
+        todo = sorted(part for redo in ranks.all_gather(output.damaged_or_missing(mine_to_verify)) for part in redo)
+        mine = todo[ranks.rank::ranks.world]
+        compute = dtype if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) else torch.float32
+        runner = _inference_module(module, device, compute, optimize)
+        run_info = {"device": device.type, "compute_dtype": str(compute).removeprefix("torch."),
+                    "optimized": optimize, "world": ranks.world, "rank": ranks.rank}
+        parts = [(part, part * shard_size, min((part + 1) * shard_size, len(source))) for part in mine]
+        written: dict[str, Any] = {"images": 0, "skipped": [], "parts": 0}
+
+        def committed(record: dict[str, Any]) -> None:
+            written["images"] += record["count"]
+            written["skipped"] += [(entry["id"], entry["path"], entry["reason"]) for entry in record["skipped"]]
+            written["parts"] += 1
+
+        loop_started = time.perf_counter()
+        with _progress_bar(progress and ranks.rank == 0, sum(stop - first for _, first, stop in parts),
+                           ranks) as advance:
+            run_parts(runner, specs, source, parts, out=out, preprocessing=preprocessing,
+                      transform=None if isinstance(transform, Preprocessing) else transform, channels=channels,
+                      batch_size=batch_size, num_workers=_workers(num_workers, ranks), device=device, dtype=stored,
+                      on_error=on_error, tag=str(ranks.rank), run=run_info, progress=advance, on_commit=committed)
+        written["loop_seconds"] = time.perf_counter() - loop_started
+        everyone = ranks.all_gather(written)
+        manifest = ranks.share(lambda: output.finish(config, part_count))
+    finally:
+        ranks.close()
+    images = sum(rank["images"] for rank in everyone)
+    loop_seconds = max(rank["loop_seconds"] for rank in everyone)
+    return ExtractSummary(
+        path=out, images=images, skipped=[entry for rank in everyone for entry in rank["skipped"]],
+        parts_written=sum(rank["parts"] for rank in everyone), parts_kept=part_count - len(todo),
+        parts_total=part_count, seconds=time.perf_counter() - started,
+        images_per_second=images / loop_seconds if loop_seconds > 0 else 0.0, complete=manifest["complete"],
+        features={spec.name: spec.shape() for spec in specs},
+    )
+
+
+def _check_arguments(batch_size, shard_size, on_error, dtype, num_workers) -> None:
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InvalidRequestError(f"{name} must be a positive int, not {value!r}.", hint=f"e.g. {name}=64.")
+    if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
+        raise InvalidRequestError(f"num_workers must be None or an int >= 0, not {num_workers!r}.",
+                                  hint="0 decodes in the main process.")
+    if on_error not in ("skip", "raise"):
+        raise InvalidRequestError(f"on_error must be 'skip' or 'raise', not {on_error!r}.",
+                                  hint="'skip' records unreadable images in the manifest and goes on.")
+    if dtype not in _STORED:
+        raise InvalidRequestError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32, not {dtype!r}.",
+                                  hint="float16 halves the files; float32 keeps every bit the extractor computes.")
+
+
+def _device(device: str | torch.device | None, ranks: Ranks) -> torch.device:
+    if device is None:
+        return torch.device("cuda", ranks.local_rank % torch.cuda.device_count()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", ranks.local_rank % max(torch.cuda.device_count(), 1))
+    return device
+
+
+def _workers(num_workers: int | None, ranks: Ranks) -> int:
+    if num_workers is not None:
+        return num_workers
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus // ranks.local_world))
+
+
+def _prepared_model(model, features, pool, transform, out_indices, levels, input_size, output_stride, weights,
+                    ) -> tuple[FeatureGraphModule, list[FeatureSpec], Preprocessing | None, dict[str, Any]]:
+    """The extractor, its feature specs, the preprocessing (``None`` for a callable transform) and the model's
+    fingerprint."""
+    spec = model if isinstance(model, str) else None
+    if spec is not None:
+        model = build_model(spec, weights=weights)
+    if not isinstance(model, nn.Module):
+        raise InvalidModelError(f"fxfeat.extract takes an nn.Module, an extractor or a model name, not "
+                                f"{type(model).__name__}.", hint="e.g. fxfeat.extract('timm:resnet50', ...).")
+    fingerprint = {"class": f"{type(model).__module__}.{type(model).__qualname__}", "name": spec,
+                   "weights_sha256": weights_digest(model)}
+    if isinstance(model, FeatureGraphModule):
+        if features != "pooled" or out_indices is not None or levels is not None or output_stride is not None:
+            raise InvalidRequestError("an extractor fxfeat.compile returned has fixed outputs; features, "
+                                      "out_indices, levels and output_stride choose them from a model.",
+                                      hint="pass the model instead, or leave those arguments out.")
+        extractor, specs = model, extractor_features(model, pool)
+    else:
+        extractor, specs = build_extractor(model, features, pool=pool, out_indices=out_indices, levels=levels,
+                                           input_size=input_size, output_stride=output_stride)
+    if isinstance(transform, Preprocessing):
+        preprocessing = transform
+    elif transform is None:
+        preprocessing = resolve_preprocessing(model, extractor.input_size, spec=spec)
+    else:
+        preprocessing = None
+    return extractor, specs, preprocessing, fingerprint
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over a model's state dict: every entry's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _config(fingerprint, preprocessing, transform, specs, stored, source, shard_size) -> dict[str, Any]:
+    """What must match between runs into one directory, as JSON would give it back."""
+    config = {
+        "model": fingerprint,
+        "preprocessing": preprocessing.as_dict() if preprocessing is not None else {"transform": repr(transform)},
+        "features": {spec.name: {"shape": list(spec.shape()), "dtype": str(stored).removeprefix("torch."),
+                                 "pool": spec.pool, "feature_info": spec.info} for spec in specs},
+        "data": source.describe(),
+        "shard_size": shard_size,
+    }
+    return json.loads(json.dumps(config))
+
+
+def _inference_module(extractor: FeatureGraphModule, device: torch.device, compute: torch.dtype,
+                      optimize: bool) -> nn.Module:
+    """The module the loop runs: an inference copy on ``device`` (the model's own modules are never moved or
+    switched to eval mode), optimised unless ``optimize=False``."""
+    module = inference_copy(extractor).to(device)
+    if optimize:
+        return optimize_for_inference(module, dtype=None if compute == torch.float32 else compute)
+    return module.to(compute) if compute != torch.float32 else module
+
+
+class _progress_bar:  # noqa: N801  (used as a context manager, like tqdm itself)
+    """tqdm over this rank's images (or nothing)."""
+
+    def __init__(self, show: bool, total: int, ranks: Ranks):
+        self._bar = None
+        if show:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                label = "fxfeat extract" + (f" (rank 0 of {ranks.world})" if ranks.world > 1 else "")
+                self._bar = tqdm(total=total, unit="img", desc=label, smoothing=0.05)
+
+    def __enter__(self) -> Callable[[int], None]:
+        return self._bar.update if self._bar is not None else (lambda count: None)
+
+    def __exit__(self, *exc_info) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
