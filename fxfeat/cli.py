@@ -1,7 +1,9 @@
 """Command line: ``python -m fxfeat inspect torchvision:resnet50``, ``python -m fxfeat export timm:NAME --onnx
-out.onnx`` and ``python -m fxfeat demo``.
+out.onnx``, ``python -m fxfeat extract timm:NAME DATA --out DIR`` and ``python -m fxfeat demo``.
 
-Models are named ``torchvision:NAME`` or ``timm:NAME`` and built with random weights (no download).
+Models are named ``torchvision:NAME``, ``timm:NAME``, ``hf:PATH`` or ``package.module:factory``
+(:mod:`fxfeat.models`). ``inspect``, ``export`` and ``demo`` build them with random weights (no download);
+``extract`` loads the library's pretrained weights unless ``--weights random`` or ``--weights PATH``.
 """
 
 from __future__ import annotations
@@ -79,6 +81,35 @@ def _export(args: argparse.Namespace) -> None:
         print(report)
 
 
+def _features(text: str) -> list[str | int]:
+    return [int(item) if item.lstrip("-").isdigit() else item for item in text.split(",") if item]
+
+
+def _pool(text: str | None):
+    if text is None or "=" not in text:
+        return None if text in (None, "none") else text
+    pairs = (item.split("=", 1) for item in text.split(",") if item)
+    return {name: None if choice == "none" else choice for name, choice in pairs}
+
+
+_DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _extract(args: argparse.Namespace) -> None:
+    import fxfeat
+
+    summary = fxfeat.extract(
+        args.model, args.data, args.out, features=_features(args.features), pool=_pool(args.pool),
+        batch_size=args.batch_size, num_workers=args.workers, dtype=_DTYPES[args.dtype],
+        shard_size=args.shard_size, overwrite=args.overwrite, device=args.device, optimize=not args.no_optimize,
+        on_error=args.on_error, out_indices=_out_indices(args.out_indices), weights=args.weights,
+        input_size=tuple(args.input_size) if args.input_size else None, output_stride=args.output_stride,
+        progress=not args.quiet,
+    )
+    if int(__import__("os").environ.get("RANK", 0)) == 0:
+        print(summary)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fxfeat", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +130,38 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
     export.add_argument("--static", action="store_true", help="fix the batch, height and width to the example's")
     export.set_defaults(run=_export)
+    extract = commands.add_parser(
+        "extract", help="features of every image of a dataset into DIR (resumable; under torchrun on many GPUs)",
+        description="Write features of every image of DATA to DIR: DIR/<feature>/part-NNNNN.npy and "
+        "DIR/metadata/part-NNNNN.parquet, with DIR/manifest.json. Rerun the same command to finish an interrupted "
+        "run; run it under torchrun to split the parts across processes.")
+    extract.add_argument("model", help="timm:NAME, torchvision:NAME, hf:PATH or package.module:factory")
+    extract.add_argument("data", help="an image folder, a .txt/.csv list of paths, or tar shards "
+                         "('train-{000..099}.tar')")
+    extract.add_argument("--out", required=True, metavar="DIR", help="the output directory")
+    extract.add_argument("--features", default="pooled",
+                         help="comma-separated: pooled, unpooled, features (the pyramid), level indices or names")
+    extract.add_argument("--out-indices", help="the pyramid levels of 'features', e.g. '1,2,3', or 'N' for the last N")
+    extract.add_argument("--pool", help="avg or max: maps become vectors; or per feature: 'layer3=avg,layer4=max'")
+    extract.add_argument("--batch-size", type=int, default=64)
+    extract.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: this process's "
+                         "share of the CPUs, at most 8)")
+    extract.add_argument("--dtype", choices=sorted(_DTYPES), default="float16", help="the written features' dtype "
+                         "(on a GPU also the compute dtype)")
+    extract.add_argument("--shard-size", type=int, default=10_000, help="images per part")
+    extract.add_argument("--overwrite", action="store_true", help="replace an earlier extraction in DIR")
+    extract.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: this rank's GPU if any)")
+    extract.add_argument("--weights", default="pretrained", help="pretrained (the library's), random, or the path "
+                         "of a checkpoint")
+    extract.add_argument("--on-error", choices=("skip", "raise"), default="skip",
+                         help="an unreadable image: record it and go on, or stop")
+    extract.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
+                         help="the size images are preprocessed to (default: the model's)")
+    extract.add_argument("--output-stride", type=int, choices=(8, 16, 32))
+    extract.add_argument("--no-optimize", action="store_true", help="run the plain extractor "
+                         "(not optimize_for_inference)")
+    extract.add_argument("--quiet", action="store_true", help="no progress bar")
+    extract.set_defaults(run=_extract)
     demo = commands.add_parser("demo", help="compile a few models and print their pyramids")
     demo.add_argument("models", nargs="*", default=["torchvision:resnet50", "timm:regnety_032"])
     demo.set_defaults(run=_demo)

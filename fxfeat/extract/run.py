@@ -248,7 +248,7 @@ def _prepared_model(model, features, pool, transform, out_indices, levels, input
     if isinstance(transform, Preprocessing):
         preprocessing = transform
     elif transform is None:
-        preprocessing = resolve_preprocessing(model, extractor.input_size, spec=spec)
+        preprocessing = resolve_preprocessing(model, input_size or extractor.input_size, spec=spec)
     else:
         preprocessing = None
     return extractor, specs, preprocessing, fingerprint
