@@ -417,6 +417,16 @@ def test_the_manifest_refuses_another_configuration(tmp_path):
         fxfeat.extract(model, data, tmp_path / "out", features="unpooled", resume=False, **FAST)
 
 
+def test_a_rerun_from_another_path_to_the_same_data_resumes(tmp_path, monkeypatch):
+    data = make_folder(tmp_path / "images", count=5)
+    fxfeat.extract(small_model(), data, tmp_path / "out", shard_size=2, **FAST)
+    (tmp_path / ".fxfeat-moved").mkdir()
+    data.rename(tmp_path / ".fxfeat-moved" / "images")
+    monkeypatch.chdir(tmp_path / ".fxfeat-moved")
+    summary = fxfeat.extract(small_model(), "images", tmp_path / "out", shard_size=2, **FAST)
+    assert (summary.parts_written, summary.parts_kept) == (0, 3)
+
+
 def test_bad_input_gets_a_clear_error(tmp_path):
     data = make_folder(tmp_path / "images", count=2)
     model = small_model()

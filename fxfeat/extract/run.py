@@ -160,7 +160,7 @@ def extract(
         compute = dtype if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) else torch.float32
         runner = _inference_module(module, device, compute, optimize)
         run_info = {"device": device.type, "compute_dtype": str(compute).removeprefix("torch."),
-                    "optimized": optimize, "world": ranks.world, "rank": ranks.rank}
+                    "optimized": optimize, "world": ranks.world, "rank": ranks.rank, "data": source.location}
         parts = [(part, part * shard_size, min((part + 1) * shard_size, len(source))) for part in mine]
         written: dict[str, Any] = {"images": 0, "skipped": [], "parts": 0}
 

@@ -60,11 +60,12 @@ class ImageSource:
     kind = "source"
 
     def __init__(self, location: str, keys: Sequence[str | None], labels: Sequence[int | None],
-                 classes: tuple[str, ...] = ()):
+                 classes: tuple[str, ...] = (), names: Sequence[str] | None = None):
         self.location = location
         self.keys = list(keys)
         self.labels = list(labels)
         self.classes = classes
+        self._names = list(names) if names is not None else self.keys  # what identifies an item wherever it lies
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -81,12 +82,13 @@ class ImageSource:
         return _read_file(self.keys[index])
 
     def describe(self) -> dict[str, Any]:
-        """What identifies this listing in the manifest: kind, location, count and a digest of keys and labels
-        (a rerun on a changed listing is refused)."""
+        """What identifies this listing in the manifest: kind, count, classes and a digest of the items' names
+        (relative to the folder, or as listed) and labels. A rerun on a changed listing is refused; the same
+        listing reached by another path (relative or absolute, a moved folder) is the same."""
         digest = hashlib.sha256()
-        for key, label in zip(self.keys, self.labels):
-            digest.update(f"{key}\t{label}\n".encode())
-        return {"kind": self.kind, "location": self.location, "count": len(self), "classes": list(self.classes),
+        for name, label in zip(self._names, self.labels):
+            digest.update(f"{name}\t{label}\n".encode())
+        return {"kind": self.kind, "count": len(self), "classes": list(self.classes),
                 "listing_sha256": digest.hexdigest()}
 
 
@@ -105,7 +107,7 @@ class FolderSource(ImageSource):
         classes = tuple(sorted({folder for folder in top if folder is not None}))
         index = {name: i for i, name in enumerate(classes)}
         super().__init__(root, [os.path.join(root, name) for name in relative],
-                         [None if folder is None else index[folder] for folder in top], classes)
+                         [None if folder is None else index[folder] for folder in top], classes, names=relative)
 
 
 class ListSource(ImageSource):
@@ -122,7 +124,7 @@ class ListSource(ImageSource):
                 paths = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
             raw_labels = [None] * len(paths)
         labels, classes = _labels(raw_labels)
-        super().__init__(list_file, [os.path.join(base, path) for path in paths], labels, classes)
+        super().__init__(list_file, [os.path.join(base, path) for path in paths], labels, classes, names=paths)
 
 
 def _table_rows(list_file: str) -> tuple[list[str], list[str | None]]:
@@ -240,8 +242,8 @@ class DatasetSource(ImageSource):
         return split_item(self.dataset[index])  # the label is known once the item is read
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "location": self.location, "count": len(self), "classes": [],
-                "listing_sha256": None}
+        return {"kind": self.kind, "class": self.location, "count": len(self), "classes": [],
+                "listing_sha256": None}  # the items are not read to list them
 
 
 _IMAGE_KEYS = ("image", "img", "jpg", "jpeg", "png", "webp", "pixel_values")
