@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # torch and torchvision are pinned to the builds that lie on the development machines' disk.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-zoo bench coverage lint clean
+.PHONY: install demo test test-zoo bench bench-extract coverage lint clean
 
 install: $(STAMP)
 
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e ".[test,onnx,bench]" $(TORCH_PINS)
+	$(PY) -m pip install -q -e ".[test,onnx,bench,extract]" $(TORCH_PINS)
 	touch $(STAMP)
 
 demo: install
@@ -28,6 +28,9 @@ test-zoo: install
 
 bench: install
 	$(PY) -m benchmarks.run --device cpu --out docs/benchmarks.json --markdown docs/benchmarks.md --plot docs/benchmarks.png
+
+bench-extract: install
+	$(PY) -m benchmarks.extract --out docs/extract.json --markdown docs/extract-benchmark.md
 
 coverage: install
 	$(PY) -m benchmarks.coverage --out docs/coverage.json --markdown docs/coverage.md

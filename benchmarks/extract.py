@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -129,8 +128,8 @@ def timm_loop(model, paths: list[str], out: str, workers: int, batch: int, devic
 def model_limits(model, paths: list[str], batch: int, device: str, batches: int) -> dict:
     """Images/s of fxfeat's extractor (as extract builds it) and of timm's model on preprocessed batches."""
     import fxfeat
-    from fxfeat.extract.decode import decode
-    from fxfeat.extract.preprocess import resolve_preprocessing
+    from fxfeat.extraction.decode import decode
+    from fxfeat.extraction.preprocess import resolve_preprocessing
 
     steps = resolve_preprocessing(model)
     images = [steps(decode(torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)))
@@ -167,9 +166,9 @@ def decode_limits(model, paths: list[str], workers: int, batch: int) -> dict:
     """Images/s of fxfeat's decoding and preprocessing alone, and of timm's PIL transform alone."""
     import timm
 
-    from fxfeat.extract.loop import _Batch, _Images
-    from fxfeat.extract.preprocess import resolve_preprocessing
-    from fxfeat.extract.sources import open_source
+    from fxfeat.extraction.loop import _Batch, _Images
+    from fxfeat.extraction.preprocess import resolve_preprocessing
+    from fxfeat.extraction.sources import open_source
 
     results = {}
     source = open_source(_list_file(paths, Path(tempfile.mkdtemp()) / "list.txt"))
@@ -194,14 +193,44 @@ def peak_rss(model_name: str, paths: list[str], workers: int, batch: int, work: 
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _status_mb(pid: int | str, field: str) -> float:
+    """A ``/proc/PID/status`` memory field in MB (0 when the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def _rss_child(model_name: str, list_file: str, out: str, workers: int, batch: int) -> None:
+    """Peak RSS of this process (VmHWM: ``ru_maxrss`` would include the parent's, inherited at fork) and of its
+    largest DataLoader worker (sampled every 50 ms)."""
+    import threading
+
     import fxfeat
 
+    largest_worker = [0.0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.05):
+            children = []
+            for task in os.listdir("/proc/self/task"):
+                with open(f"/proc/self/task/{task}/children") as listed:
+                    children += listed.read().split()
+            largest_worker[0] = max([largest_worker[0], *(_status_mb(pid, "VmRSS") for pid in children)])
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     summary = fxfeat.extract(build(model_name), list_file, out, features=["pooled", "unpooled"], batch_size=batch,
                              num_workers=workers, shard_size=1000, overwrite=True, progress=False)
-    print(json.dumps({"images": summary.images,
-                      "main_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "workers_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+    done.set()
+    sampler.join()
+    print(json.dumps({"images": summary.images, "main_mb": _status_mb("self", "VmHWM"),
+                      "workers_mb": largest_worker[0]}))
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -33,7 +33,7 @@ from fxfeat.errors import (
     UnknownLevelError,
     WeightsUnavailableError,
 )
-from fxfeat.extract import ExtractSummary, Preprocessing, extract, load_features
+from fxfeat.extraction import ExtractSummary, Preprocessing, extract, load_features
 from fxfeat.feature_info import FeatureInfo
 from fxfeat.freeze import freeze
 from fxfeat.module import FeatureGraphModule

@@ -117,3 +117,19 @@ def test_optimize_zoo_checks_a_model_against_its_extractor():
     assert record["status"] == "allclose" and record["max_relative_error"] < 1e-4, record
     assert record["optimizations"]["fold_batch_norms"] > 0
     assert check_model("timm:crossvit_tiny_240")["status"] == "does not compile"
+
+
+def test_extract_benchmark_runs_and_writes_its_report(tmp_path):
+    from benchmarks import extract as bench
+
+    out, markdown = tmp_path / "e.json", tmp_path / "e.md"
+    bench.main(["--models", "resnet10t", "--images", "8", "--batch-size", "4", "--workers", "1", "--rounds", "1",
+                "--limit-batches", "1", "--rss-images", "4", "8", "--rss-model", "resnet10t",
+                "--work", str(tmp_path / "work"), "--out", str(out), "--markdown", str(markdown)])
+    results = json.loads(out.read_text())
+    row = results["models"]["resnet10t"]
+    assert row["fxfeat extract"]["images"] == row["timm loop"]["images"] == 8
+    assert row["speedup_over_timm_loop"] > 0 and set(row["limits"]) == {"model", "decode"}
+    assert {int(count) for count in results["rss"]["runs"]} == {4, 8}
+    assert all(run["images"] in (4, 8) and run["main_mb"] > 0 for run in results["rss"]["runs"].values())
+    assert "| resnet10t |" in markdown.read_text()

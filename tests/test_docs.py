@@ -24,3 +24,14 @@ def test_training_guide_code_runs(index, tmp_path, monkeypatch):
 @pytest.mark.parametrize("index", range(len(_blocks("inference.md"))))
 def test_inference_guide_code_runs(index):
     exec(compile(_blocks("inference.md")[index], f"docs/inference.md block {index}", "exec"), {})
+
+
+def test_extract_guide_code_runs(tmp_path, monkeypatch):
+    """The blocks share one namespace, as a reader runs them one after another, in a folder with photos/."""
+    from test_extract import make_folder
+
+    monkeypatch.chdir(tmp_path)
+    make_folder(tmp_path / "photos", count=6)
+    namespace: dict = {}
+    for index, block in enumerate(_blocks("extract.md")):
+        exec(compile(block, f"docs/extract.md block {index}", "exec"), namespace)

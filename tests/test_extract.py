@@ -21,9 +21,9 @@ from PIL import Image
 from torch import nn
 
 import fxfeat
-from fxfeat.extract.decode import decode
-from fxfeat.extract.preprocess import resolve_preprocessing
-from fxfeat.extract.sources import open_source
+from fxfeat.extraction.decode import decode
+from fxfeat.extraction.preprocess import resolve_preprocessing
+from fxfeat.extraction.sources import open_source
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = [(48, 64), (60, 45), (33, 70), (64, 64), (120, 90)]  # (height, width)
@@ -445,7 +445,11 @@ def test_bad_input_gets_a_clear_error(tmp_path):
         (dict(on_error="ignore"), fxfeat.InvalidRequestError, "on_error"),
         (dict(dtype=torch.int8), fxfeat.InvalidRequestError, "dtype"),
         (dict(batch_size=0), fxfeat.InvalidRequestError, "batch_size"),
+        (dict(data=[torch.randn(3, 8, 8)]), fxfeat.DataSourceError, "preprocessed already"),  # normalised items
+        (dict(data=[{"picture": 1}]), fxfeat.DataSourceError, "none of them is an image"),
     ]
+    if not torch.cuda.is_available():
+        cases.append((dict(device="cuda"), fxfeat.InvalidRequestError, "no CUDA device"))
     for change, error, message in cases:
         arguments = {"model": model, "data": data, **FAST, **change}
         with pytest.raises(error, match=message):
@@ -459,6 +463,8 @@ def test_bad_input_gets_a_clear_error(tmp_path):
     assert (tmp_path / "taken" / "notes.txt").read_text() == "mine"
     with pytest.raises(fxfeat.OutputDirectoryError, match="not an fxfeat extraction"):
         fxfeat.load_features(tmp_path / "taken")
+    with pytest.raises(fxfeat.OutputDirectoryError, match="is a file"):
+        fxfeat.extract(model, data, tmp_path / "taken" / "notes.txt", **FAST)
 
 
 def test_named_models_weights_and_the_unreachable_network(tmp_path, monkeypatch):

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torchvision.io import ImageReadMode, decode_image
 
+from fxfeat.errors import DataSourceError
+
 __all__ = ["decode", "image_tensor", "pil_image", "to_channels"]
 
 # torchvision 0.29 deprecates its image decoders for TorchCodec's; they are the ones the field runs today.
@@ -85,6 +87,12 @@ def image_tensor(image: Any, channels: int = 3) -> torch.Tensor:
     if tensor.dtype == torch.uint16 or (tensor.dtype in (torch.int32, torch.int64) and tensor.max() > 255):
         tensor = torch.from_numpy(_to_uint8(tensor.double().numpy() / 65535.0))
     elif tensor.is_floating_point():
+        if tensor.numel() and (tensor.min() < 0 or tensor.max() > 1):
+            raise DataSourceError(
+                f"a dataset item is a float image with values from {tensor.min():.3g} to {tensor.max():.3g}, not "
+                "in [0, 1]: it looks preprocessed already, and fxfeat would preprocess it again.",
+                hint="give fxfeat the dataset without its transform (fxfeat applies the model's own), or pass "
+                "transform=lambda image: image to use the items as they are.")
         tensor = torch.from_numpy(_to_uint8(tensor.double().numpy()))
     return to_channels(tensor.to(torch.uint8).contiguous(), channels)
 

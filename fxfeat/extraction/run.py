@@ -20,12 +20,12 @@ import torch
 from torch import nn
 
 from fxfeat.errors import InvalidModelError, InvalidRequestError
-from fxfeat.extract.distributed import Ranks
-from fxfeat.extract.features import FeatureSpec, build_extractor, extractor_features
-from fxfeat.extract.loop import run_parts
-from fxfeat.extract.manifest import OutputDirectory
-from fxfeat.extract.preprocess import Preprocessing, resolve_preprocessing
-from fxfeat.extract.sources import open_source
+from fxfeat.extraction.distributed import Ranks
+from fxfeat.extraction.features import FeatureSpec, build_extractor, extractor_features
+from fxfeat.extraction.loop import run_parts
+from fxfeat.extraction.manifest import OutputDirectory
+from fxfeat.extraction.preprocess import Preprocessing, resolve_preprocessing
+from fxfeat.extraction.sources import open_source
 from fxfeat.models import build_model
 from fxfeat.module import FeatureGraphModule
 from fxfeat.optimize import inference_copy, optimize_for_inference
@@ -109,7 +109,7 @@ def extract(
         pool: ``"avg"``/``"max"`` turns feature maps into vectors; a dict gives it per feature name.
         transform: ``None`` uses the model's own preprocessing (timm's ``pretrained_cfg``, torchvision's weights
             transforms, a Hugging Face image processor's configuration, else ImageNet's); a
-            :class:`~fxfeat.extract.preprocess.Preprocessing`; or a callable taking a PIL image (a dataset's item
+            :class:`~fxfeat.extraction.preprocess.Preprocessing`; or a callable taking a PIL image (a dataset's item
             as it is) and returning a normalised float ``(C, H, W)`` tensor.
         batch_size: images per forward pass.
         num_workers: DataLoader workers decoding images (``None``: the CPUs of this process's share, at most 8).
@@ -212,6 +212,9 @@ def _device(device: str | torch.device | None, ranks: Ranks) -> torch.device:
         return torch.device("cuda", ranks.local_rank % torch.cuda.device_count()) if torch.cuda.is_available() \
             else torch.device("cpu")
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError(f"device={str(device)!r}, but torch sees no CUDA device here.",
+                                  hint="leave device=None to use a GPU when there is one, else the CPU.")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", ranks.local_rank % max(torch.cuda.device_count(), 1))
     return device

@@ -3,7 +3,7 @@
 ``DIR/manifest.json`` holds the configuration (model fingerprint, preprocessing, features with shapes, dtypes and
 ``feature_info``, the data listing, ``shard_size``), every part's record (row range, count, per-file sha256 and
 size, skipped images with reasons) and whether the run is complete. Records are written part by part (under
-``DIR/.fxfeat/parts``, see :mod:`fxfeat.extract.parts`) and merged into the manifest by rank 0 at the start and at
+``DIR/.fxfeat/parts``, see :mod:`fxfeat.extraction.parts`) and merged into the manifest by rank 0 at the start and at
 the end of a run. A rerun with the same configuration keeps the parts whose files match their record and redoes
 the others; another configuration is refused, naming the first difference.
 
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from fxfeat.errors import MissingDependencyError, OutputDirectoryError
-from fxfeat.extract.parts import METADATA, STATE, file_digest, part_name, record_path, write_json_atomically
+from fxfeat.extraction.parts import METADATA, STATE, file_digest, part_name, record_path, write_json_atomically
 
 __all__ = ["FORMAT", "OutputDirectory", "PartedArray", "load_features"]
 
@@ -62,6 +62,9 @@ class OutputDirectory:
             OutputDirectoryError: the directory holds other files, or an earlier run of another configuration,
                 or (``resume=False``) any earlier run.
         """
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise OutputDirectoryError(f"The output {self.path} is a file, not a directory.",
+                                       hint="pass a new or empty directory.")
         manifest = self.read_manifest()
         ours = manifest is not None or os.path.isdir(os.path.join(self.path, STATE))
         if os.path.isdir(self.path) and os.listdir(self.path):

@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from fxfeat.errors import ExtractError, InvalidRequestError
-from fxfeat.extract.decode import decode, image_tensor, pil_image
-from fxfeat.extract.features import FeatureSpec
-from fxfeat.extract.parts import PartWriter
-from fxfeat.extract.preprocess import Preprocessing
-from fxfeat.extract.sources import ImageSource
+from fxfeat.errors import DataSourceError, ExtractError, InvalidRequestError
+from fxfeat.extraction.decode import decode, image_tensor, pil_image
+from fxfeat.extraction.features import FeatureSpec
+from fxfeat.extraction.parts import PartWriter
+from fxfeat.extraction.preprocess import Preprocessing
+from fxfeat.extraction.sources import ImageSource
 
 __all__ = ["PlannedBatch", "batch_plan", "run_parts"]
 
@@ -88,6 +88,8 @@ class _Images(torch.utils.data.Dataset):
             image = decode(raw, self.channels) if self.encoded else image_tensor(raw, self.channels)
             size = (image.shape[-1], image.shape[-2])
             return _Item(index, key, label, self.preprocessing(image), size, None)
+        except DataSourceError:  # not one bad image but a source fxfeat cannot use: stop with the reason
+            raise
         except Exception as error:  # a missing, truncated or corrupt file: recorded, not fatal
             reason = f"{type(error).__name__}: {error}".splitlines()[0][:300]
             return _Item(index, key, label, None, None, reason)
