@@ -171,6 +171,10 @@ def main(argv: list[str] | None = None) -> None:
     except FxFeatError as error:
         print(f"fxfeat: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        rerun = " The parts written are kept: rerun the same command to finish." if args.command == "extract" else ""
+        print(f"fxfeat: interrupted.{rerun}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -223,10 +223,10 @@ def load_features(path: str, *, verify: bool = False) -> tuple[dict[str, np.ndar
         OutputDirectoryError: no manifest, an incomplete run, or a part whose files do not match their record.
         MissingDependencyError: pandas or pyarrow is not installed.
 
-    Example:
-        >>> arrays, metadata = load_features("features/")      # doctest: +SKIP
-        >>> arrays["pooled"].shape, list(metadata.columns)     # doctest: +SKIP
-        ((1000, 2048), ['id', 'path', 'label', 'width', 'height'])
+    Example (a run of ``fxfeat.extract``'s own example writes such a directory)::
+
+        arrays, metadata = load_features("features/")
+        arrays["pooled"].shape, list(metadata.columns)   # (1000, 2048), ['id', 'path', 'label', 'width', 'height']
     """
     directory = OutputDirectory(path)
     manifest = directory.read_manifest()
