@@ -160,7 +160,8 @@ def extract(
         compute = dtype if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) else torch.float32
         runner = _inference_module(module, device, compute, optimize)
         run_info = {"device": device.type, "compute_dtype": str(compute).removeprefix("torch."),
-                    "optimized": optimize, "world": ranks.world, "rank": ranks.rank, "data": source.location}
+                    "optimized": optimize, "world": ranks.world, "rank": ranks.rank, "data": source.location,
+                    "model": model if isinstance(model, str) else None}
         parts = [(part, part * shard_size, min((part + 1) * shard_size, len(source))) for part in mine]
         written: dict[str, Any] = {"images": 0, "skipped": [], "parts": 0}
 
@@ -237,7 +238,7 @@ def _prepared_model(model, features, pool, transform, out_indices, levels, input
     if not isinstance(model, nn.Module):
         raise InvalidModelError(f"fxfeat.extract takes an nn.Module, an extractor or a model name, not "
                                 f"{type(model).__name__}.", hint="e.g. fxfeat.extract('timm:resnet50', ...).")
-    fingerprint = {"class": f"{type(model).__module__}.{type(model).__qualname__}", "name": spec,
+    fingerprint = {"class": f"{type(model).__module__}.{type(model).__qualname__}",
                    "weights_sha256": weights_digest(model)}
     if isinstance(model, FeatureGraphModule):
         if features != "pooled" or out_indices is not None or levels is not None or output_stride is not None:
