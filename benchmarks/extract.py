@@ -248,13 +248,9 @@ def run(args: argparse.Namespace) -> dict:
         model = build(name)
         best: dict[str, dict] = {}
         for _ in range(args.rounds):
-            for label, method in (
-                ("fxfeat extract", lambda: fxfeat_extract(model, list_file, str(work / "out-fxfeat"), args.workers,
-                                                          args.batch_size, args.device)),
-                ("timm loop", lambda: timm_loop(model, paths, str(work / "out-timm"), args.workers, args.batch_size,
-                                                args.device)),
-            ):
-                measured = method()
+            for label, method, source, out in (("fxfeat extract", fxfeat_extract, list_file, "out-fxfeat"),
+                                               ("timm loop", timm_loop, paths, "out-timm")):
+                measured = method(model, source, str(work / out), args.workers, args.batch_size, args.device)
                 print(f"{name} {label}: {measured['images_per_second']:.1f} images/s", flush=True)
                 if label not in best or measured["images_per_second"] > best[label]["images_per_second"]:
                     best[label] = measured

@@ -10,8 +10,11 @@
 - ``fxfeat+optimize``: ``fxfeat.optimize_for_inference`` of the extractor (in the run's dtype),
   ``fxfeat+optimize-nchw`` the same with ``channels_last=False`` (what the layout rule is measured by), and
   ``fxfeat+optimize+compile`` (``compile=True``: CUDA graphs on the GPU);
-- ``timm+compile``: timm's model compiled as a user would (``mode="reduce-overhead"`` on the GPU), the best the
-  peers offer.
+- ``timm+compile``: timm's model compiled as a user would (``mode="reduce-overhead"`` on the GPU) under autocast,
+  and ``timm+compile-weights`` the same with its weights converted to the run's dtype (bf16 weights rather than
+  autocast; only for a half dtype): the faster of the two is the best the peers offer;
+- ``fxfeat+optimize+compile[LEVER]``: ``optimize_for_inference(compile=CompileSettings(...))`` with one of
+  :data:`LEVERS` (Inductor's freezing, static shapes, max-autotune), each measured against the default.
 """
 
 from __future__ import annotations
@@ -26,6 +29,15 @@ from torch import nn
 
 import fxfeat
 from benchmarks.references import timm_feature_model
+
+# The compile levers of issue 22, by name: what `optimize_for_inference(compile=...)` is measured with besides its
+# default (`--levers NAME ...`).
+LEVERS = {
+    "frozen": fxfeat.CompileSettings(freezing=True),
+    "static": fxfeat.CompileSettings(dynamic=False),
+    "frozen-static": fxfeat.CompileSettings(freezing=True, dynamic=False),
+    "autotune": fxfeat.CompileSettings(mode="max-autotune", freezing=True, dynamic=False),
+}
 
 
 @dataclass
@@ -128,14 +140,15 @@ def _eager_model(spec: str, model: nn.Module, setting: Setting) -> nn.Module | N
 
 def build_methods(
     spec: str, model: nn.Module, setting: Setting, prepare: Callable, use_compile: bool, output_fmt: str = "native",
-    dtype: torch.dtype = torch.float32, skip: frozenset[str] = frozenset(),
+    dtype: torch.dtype = torch.float32, skip: frozenset[str] = frozenset(), levers: tuple[str, ...] = (),
 ) -> list[Method]:
     """Every method for ``model`` (already on its device and memory format) and ``setting``.
 
     ``prepare(module)`` moves a newly built module to the run's device and memory format. fxfeat returns
     ``output_fmt`` ("native" by default, so channels-last maps compare with the other methods as computed).
     ``dtype`` is the run's (the other methods run under autocast to it; ``optimize_for_inference`` converts).
-    The methods named in ``skip`` are not built (compiling takes minutes on a GPU machine's clock).
+    The methods named in ``skip`` are not built (compiling takes minutes on a GPU machine's clock); ``levers`` names
+    the :data:`LEVERS` measured as ``fxfeat+optimize+compile[NAME]`` (with ``use_compile``).
     """
     methods: list[Method] = []
     with warnings.catch_warnings():
@@ -215,11 +228,35 @@ def build_methods(
         methods.append(Method("fxfeat+optimize+compile", optimized, optimize_s))
     else:
         methods.append(Method("fxfeat+optimize+compile", None, skipped=left_out("fxfeat+optimize+compile")))
-    timm_method = next(method for method in methods if method.name == "timm")
-    if timm_method.fn is None or left_out("timm+compile") is not None:
-        methods.append(Method("timm+compile", None, skipped=timm_method.skipped or left_out("timm+compile")))
-    else:
-        on_gpu = next(model.parameters()).device.type == "cuda"
-        compiled = torch.compile(timm_method.fn, mode="reduce-overhead" if on_gpu else None)  # as users call it
-        methods.append(Method("timm+compile", compiled, 0.0, extra={"compile_on_first_call": True}))
+    for lever in levers if use_compile else ():
+        optimized, optimize_s = _timed(lambda settings=LEVERS[lever]: fxfeat.optimize_for_inference(
+            extractor, dtype=target, compile=settings))
+        methods.append(Method(f"fxfeat+optimize+compile[{lever}]", optimized, optimize_s))
+    methods += _compiled_peers(methods, model, dtype, left_out)
     return methods
+
+
+def _compiled_peers(methods: list[Method], model: nn.Module, dtype: torch.dtype, left_out: Callable) -> list[Method]:
+    """timm's model under ``torch.compile`` as a user calls it: under autocast, and (for a half dtype) with its
+    weights in that dtype."""
+    timm_method = next(method for method in methods if method.name == "timm")
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    mode = "reduce-overhead" if on_gpu else None
+    peers = []
+    for name in ("timm+compile", "timm+compile-weights"):
+        if name == "timm+compile-weights" and dtype == torch.float32:
+            continue
+        if timm_method.fn is None or left_out(name) is not None:
+            peers.append(Method(name, None, skipped=timm_method.skipped or left_out(name)))
+        elif name == "timm+compile":
+            peers.append(Method(name, torch.compile(timm_method.fn, mode=mode), 0.0,
+                                extra={"compile_on_first_call": True}))
+        elif not isinstance(timm_method.fn, nn.Module):
+            peers.append(Method(name, None, skipped="timm's method is not a module whose weights convert"))
+        else:
+            import copy
+
+            converted = torch.compile(copy.deepcopy(timm_method.fn).to(dtype), mode=mode)
+            peers.append(Method(name, lambda x, module=converted: module(x.to(dtype)), 0.0,
+                                extra={"compile_on_first_call": True}))
+    return peers

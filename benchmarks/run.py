@@ -27,7 +27,7 @@ import warnings
 import torch
 
 from benchmarks.measure import check, with_autocast
-from benchmarks.methods import EagerPrefix, Setting, build_methods
+from benchmarks.methods import LEVERS, EagerPrefix, Setting, build_methods
 from benchmarks.report import write_markdown, write_plot
 from benchmarks.timing import interleaved_latencies
 
@@ -87,8 +87,8 @@ def run(args: argparse.Namespace) -> dict:
     for spec in args.models:
         model = prepare(build_model(spec))
         for setting in settings:
-            methods = build_methods(spec, model, setting, prepare, args.compile, output_fmt="native", dtype=dtype,
-                                    skip=frozenset(args.skip))
+            methods = build_methods(spec, model, setting, prepare, args.compile, output_fmt=args.output_fmt,
+                                    dtype=dtype, skip=frozenset(args.skip), levers=tuple(args.levers))
             by_name = {method.name: method for method in methods}
             extractor = by_name["fxfeat"].fn
             classifier = None
@@ -152,7 +152,8 @@ def _results(args: argparse.Namespace, device: torch.device, settings: list[Sett
         settings=dict(models=args.models, batch_sizes=args.batch_sizes, dtype=args.dtype,
                       channels_last=args.channels_last, mode=args.mode,
                       out_indices=[s.out_indices for s in settings], output_stride=args.output_stride,
-                      input_size=args.input_size, compile=args.compile),
+                      input_size=args.input_size, compile=args.compile, levers=args.levers,
+                      output_fmt=args.output_fmt),
         command=" ".join(["python -m benchmarks.run", *sys.argv[1:]]),
         results=rows,
     )
@@ -192,8 +193,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile of fxfeat, of optimize_for_inference and of timm")
     parser.add_argument("--skip", nargs="*", default=[], choices=["fxfeat+compile", "fxfeat+optimize+compile",
-                                                                   "timm+compile", "fxfeat+optimize-nchw"],
+                                                                   "timm+compile", "timm+compile-weights",
+                                                                   "fxfeat+optimize-nchw"],
                         help="methods not to build (each compilation takes a while)")
+    parser.add_argument("--levers", nargs="*", default=[], choices=sorted(LEVERS),
+                        help="with --compile: also time optimize_for_inference(compile=CompileSettings(...)) with "
+                        "these levers (benchmarks.methods.LEVERS)")
+    parser.add_argument("--output-fmt", default="native", choices=["native", "NCHW"],
+                        help="fxfeat's output_fmt (NCHW: token levels as maps, as timm's features_only returns them)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best one counts")
     parser.add_argument("--out", help="JSON results")

@@ -37,7 +37,7 @@ from fxfeat.extraction import ExtractSummary, Preprocessing, extract, load_featu
 from fxfeat.feature_info import FeatureInfo
 from fxfeat.freeze import freeze
 from fxfeat.module import FeatureGraphModule
-from fxfeat.optimize import InferenceGraphModule, optimize_for_inference
+from fxfeat.optimize import CompileSettings, InferenceGraphModule, optimize_for_inference
 
 __all__ = [
     "compile",
@@ -46,6 +46,7 @@ __all__ = [
     "freeze",
     "optimize_for_inference",
     "InferenceGraphModule",
+    "CompileSettings",
     "extract",
     "load_features",
     "ExtractSummary",

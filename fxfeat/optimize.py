@@ -12,7 +12,9 @@ graph, fxfeat can do better for inference: on a copy of the eval-mode graph it
    activation after it in the same call, and a convolution's residual sum (and the ReLU after it) too:
    :mod:`fxfeat.passes.fuse_onednn`;
 6. converts the weights (and each input) to channels-last and/or ``dtype``;
-7. optionally wraps the result with ``torch.compile`` (CUDA graphs on the GPU), warmed up once.
+7. optionally wraps the result with ``torch.compile`` (CUDA graphs on the GPU), warmed up once; how it compiles
+   (the mode, Inductor's freezing, a static or dynamic batch) is a :class:`CompileSettings`, the levers
+   ``benchmarks/gpu.sh`` measures against each other.
 
 The result is an :class:`InferenceGraphModule`: eval mode only, no autograd (its forward runs under
 ``torch.no_grad()``, its parameters do not require gradients), the same ``feature_info``, its own copy of the
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,9 +52,45 @@ from fxfeat.passes.inline_norms import inline_norm_layers
 from fxfeat.passes.remove_no_ops import remove_no_ops
 from fxfeat.trace.values import example_batch
 
-__all__ = ["InferenceGraphModule", "inference_copy", "optimize_for_inference"]
+__all__ = ["CompileSettings", "InferenceGraphModule", "inference_copy", "optimize_for_inference"]
 
 _OPTIMIZATIONS = "fxfeat_optimizations"  # meta key: what optimize_for_inference did
+
+
+@dataclass(frozen=True)
+class CompileSettings:
+    """How ``optimize_for_inference(compile=...)`` calls ``torch.compile``.
+
+    Attributes:
+        mode: ``torch.compile``'s mode; ``None``: ``"reduce-overhead"`` (CUDA graphs) on the GPU, the default mode on
+            the CPU. ``"max-autotune"`` benchmarks kernel choices while compiling (minutes on a GPU).
+        freezing: Inductor's freezing: the weights become constants of the compiled graph, so it folds them
+            (layout conversions, constant subexpressions) and picks the convolution layout once. The module is
+            inference-only, so its weights do not change; a weight changed in place after compiling is not seen.
+        dynamic: one graph for every batch size above 1 (the batch dimension marked dynamic); ``False`` compiles
+            one static graph per batch size, each specialised (and recompiled for a new size).
+
+    Example:
+        >>> CompileSettings(), CompileSettings(freezing=True, dynamic=False).options("cuda")
+        (CompileSettings(mode=None, freezing=False, dynamic=True), {'triton.cudagraphs': True, 'freezing': True})
+    """
+
+    mode: str | None = None
+    freezing: bool = False
+    dynamic: bool = True
+
+    def options(self, device_type: str) -> dict[str, Any]:
+        """Inductor's options for ``torch.compile(options=...)``: the mode's, plus freezing."""
+        from torch._inductor import list_mode_options
+
+        mode = self.mode or ("reduce-overhead" if device_type == "cuda" else "default")
+        options = dict(list_mode_options(mode))
+        if self.freezing:
+            options["freezing"] = True
+        return options
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "freezing": self.freezing, "dynamic": self.dynamic}
 
 
 class InferenceGraphModule(FeatureGraphModule):
@@ -112,7 +151,7 @@ def optimize_for_inference(
     *,
     channels_last: bool | None = None,
     dtype: torch.dtype | None = None,
-    compile: bool = False,
+    compile: bool | CompileSettings = False,
 ) -> nn.Module:
     """An inference-only copy of ``extractor`` rewritten to run faster (see the module docstring).
 
@@ -124,8 +163,10 @@ def optimize_for_inference(
             tokens), on the CPU and the GPU.
         dtype: run in this floating dtype (``torch.bfloat16``, ``torch.float16``): weights converted, each input
             cast at the start, outputs in ``dtype``. ``None`` keeps the extractor's dtype.
-        compile: wrap the result with ``torch.compile`` (``mode="reduce-overhead"``: CUDA graphs, on the GPU),
-            with a dynamic batch dimension, and run it once so that the first call is not the compilation.
+        compile: wrap the result with ``torch.compile`` and run it once, so that the first call is not the
+            compilation: ``True`` compiles with ``CompileSettings()`` (``mode="reduce-overhead"``, CUDA graphs, on
+            the GPU; a dynamic batch dimension); a :class:`CompileSettings` chooses the mode, Inductor's freezing and
+            static shapes.
 
     Returns:
         An :class:`InferenceGraphModule`, or with ``compile=True`` the ``torch.compile`` wrapper of one (it
@@ -137,7 +178,7 @@ def optimize_for_inference(
         InvalidModelError: ``extractor`` is not an extractor fxfeat compiled.
         InvalidRequestError: ``dtype`` is not a floating dtype, or ``channels_last`` not ``None``/a bool.
     """
-    _check_arguments(extractor, channels_last, dtype)
+    _check_arguments(extractor, channels_last, dtype, compile)
     started = time.perf_counter()
     module = inference_copy(extractor)
     example = example_batch(module, module.input_size, batch=2)  # on the parameters' device, in their dtype
@@ -157,11 +198,13 @@ def optimize_for_inference(
     done["build_s"] = round(time.perf_counter() - started, 3)
     module.meta[_OPTIMIZATIONS] = done
     if compile:
-        return _compiled(module, example.to(dtype=target_dtype))
+        settings = compile if isinstance(compile, CompileSettings) else CompileSettings()
+        done["compile"] = settings.as_dict()
+        return _compiled(module, example.to(dtype=target_dtype), settings)
     return module
 
 
-def _check_arguments(extractor, channels_last, dtype) -> None:
+def _check_arguments(extractor, channels_last, dtype, compile) -> None:
     if not isinstance(extractor, FeatureGraphModule):
         hint = ("optimise the extractor itself: fxfeat.optimize_for_inference(backbone.body)" if
                 isinstance(getattr(extractor, "body", None), FeatureGraphModule) else
@@ -174,6 +217,9 @@ def _check_arguments(extractor, channels_last, dtype) -> None:
     if channels_last not in (None, True, False):
         raise InvalidRequestError(f"channels_last must be True, False or None, not {channels_last!r}",
                                   hint="None lets fxfeat decide (docs/inference.md)")
+    if not isinstance(compile, (bool, CompileSettings)):
+        raise InvalidRequestError(f"compile must be True, False or a CompileSettings, not {compile!r}",
+                                  hint="e.g. compile=fxfeat.CompileSettings(freezing=True, dynamic=False)")
 
 
 def _convolutions_dominate(module: fx.GraphModule, example: torch.Tensor) -> bool:
@@ -222,11 +268,13 @@ def _convert(module: fx.GraphModule, channels_last: bool, dtype: torch.dtype | N
     module.recompile()
 
 
-def _compiled(module: InferenceGraphModule, example: torch.Tensor) -> nn.Module:
-    """``torch.compile`` of ``module`` (CUDA graphs on the GPU) with a dynamic batch, run once on ``example``."""
-    mode = "reduce-overhead" if example.device.type == "cuda" else None
-    compiled = torch.compile(module, mode=mode)
-    torch._dynamo.maybe_mark_dynamic(example, 0)  # one graph for every batch above 1 (dynamo specialises 1)
-    for _ in range(2 if mode else 1):  # CUDA graphs: a warm-up run, then the recording
+def _compiled(module: InferenceGraphModule, example: torch.Tensor, settings: CompileSettings) -> nn.Module:
+    """``torch.compile`` of ``module`` as ``settings`` say, run on ``example`` (twice with CUDA graphs: a warm-up
+    run, then the recording)."""
+    options = settings.options(example.device.type)
+    compiled = torch.compile(module, options=options, dynamic=None if settings.dynamic else False)
+    if settings.dynamic:
+        torch._dynamo.maybe_mark_dynamic(example, 0)  # one graph for every batch above 1 (dynamo specialises 1)
+    for _ in range(2 if options.get("triton.cudagraphs") else 1):
         compiled(example)
     return compiled

@@ -133,3 +133,26 @@ def test_extract_benchmark_runs_and_writes_its_report(tmp_path):
     assert {int(count) for count in results["rss"]["runs"]} == {4, 8}
     assert all(run["images"] in (4, 8) and run["main_mb"] > 0 for run in results["rss"]["runs"].values())
     assert "| resnet10t |" in markdown.read_text()
+
+
+def test_gpu_script_smoke_run_on_the_cpu(tmp_path):
+    """benchmarks/gpu.sh's steps end to end on the CPU at tiny sizes: the bench merges a report with the compiled
+    methods and the goal's lines, and the extraction step writes its own."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "DEVICE": "cpu", "DTYPE": "fp32", "MODELS": "resnet10t", "BATCHES": "2 1",
+           "INPUT": "3 64 64", "EXTRACT_MODELS": "resnet10t", "EXTRACT_IMAGES": "8", "EXTRACT_WORKERS": "1",
+           "OUT": str(tmp_path), "PYTHONPATH": str(root), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    result = subprocess.run(["bash", "benchmarks/gpu.sh"], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "benchmarks-gpu.md").read_text()
+    assert "fxfeat+optimize+compile" in report and "timm+compile" in report
+    assert "GPU goal, fxfeat+optimize+compile over the faster compiled peer" in report
+    rows = json.loads((tmp_path / "benchmarks-gpu.json").read_text())["results"]
+    assert {row["batch"] for row in rows} == {1, 2}
+    assert "| resnet10t |" in (tmp_path / "extract-gpu.md").read_text()

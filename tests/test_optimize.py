@@ -157,6 +157,21 @@ def test_compile_wraps_with_a_dynamic_batch():
         _assert_allclose(compiled(x), extractor(x))
 
 
+def test_compile_settings_freeze_the_weights_and_specialise_each_batch():
+    extractor = fxfeat.compile(torchvision_model("resnet18"), out_indices=(1,)).eval()
+    settings = fxfeat.CompileSettings(freezing=True, dynamic=False)
+    compiled = fxfeat.optimize_for_inference(extractor, compile=settings)
+    assert compiled.optimizations["compile"] == {"mode": None, "freezing": True, "dynamic": False}
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for batch in (2, 3, 3):
+        x = torch.randn(batch, 3, 64, 64)
+        _assert_allclose(compiled(x), extractor(x))
+    # warmed up at 224x224: 64x64 at batch 2 and at batch 3 are a static graph each, the second batch 3 reuses one
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 2
+    with pytest.raises(fxfeat.InvalidRequestError, match="CompileSettings"):
+        fxfeat.optimize_for_inference(extractor, compile="max-autotune")
+
+
 def test_exports_name_the_optimized_module_and_point_to_the_extractor(tmp_path):
     extractor = fxfeat.compile(torchvision_model("resnet18"), out_indices=(1,)).eval()
     fast = fxfeat.optimize_for_inference(extractor)

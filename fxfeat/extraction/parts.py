@@ -72,7 +72,7 @@ class _NpyStream:
     def __init__(self, path: str, row_shape: tuple[int, ...], dtype: np.dtype, capacity: int):
         self.path, self.row_shape, self.dtype, self.rows = path, tuple(row_shape), np.dtype(dtype), 0
         self._header_length = len(self._header(capacity))
-        self._file = open(path, "wb")  # noqa: SIM115  (closed in close/abort)
+        self._file = open(path, "wb")
         self._file.write(self._header(capacity))
 
     def _header(self, rows: int, length: int | None = None) -> bytes:

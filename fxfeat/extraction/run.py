@@ -293,7 +293,7 @@ def _inference_module(extractor: FeatureGraphModule, device: torch.device, compu
     return module.to(compute) if compute != torch.float32 else module
 
 
-class _progress_bar:  # noqa: N801  (used as a context manager, like tqdm itself)
+class _progress_bar:
     """tqdm over this rank's images (or nothing)."""
 
     def __init__(self, show: bool, total: int, ranks: Ranks):

@@ -174,7 +174,7 @@ class TarSource(ImageSource):
         shard, offset, size = self.members[index]
         handle = self._handles.get(shard)
         if handle is None:  # one open file per shard and worker
-            handle = self._handles[shard] = open(shard, "rb")  # noqa: SIM115
+            handle = self._handles[shard] = open(shard, "rb")
         handle.seek(offset)
         return torch.frombuffer(bytearray(handle.read(size)), dtype=torch.uint8)
 
