@@ -1,7 +1,8 @@
 """Hugging Face ``transformers`` vision models, built from small configs with random weights, compile with no
 argument but the model: keyword forwards (``pixel_values=``), optional flags, ``ModelOutput`` results and Python
-on shapes are traced. Their levels are the model's own hidden states (token outputs as NCHW maps), and the pooled
-features are the base model's ``pooler_output``.
+on shapes are traced. Their levels are the model's own hidden states (token outputs as NCHW maps), or, for models
+whose stages downsample at their end (Swin, FocalNet, LeViT), each stage's map before its downsampling, as
+SwinBackbone returns them; the pooled features are the base model's ``pooler_output``.
 
 The default suite runs three of them; ``make test-zoo`` runs the rest.
 """
@@ -13,6 +14,7 @@ import torch
 
 import fxfeat
 from benchmarks.coverage_check import _equal
+from benchmarks.references import same_layout
 
 transformers = pytest.importorskip("transformers")
 T = transformers
@@ -57,6 +59,48 @@ ZOO = ["ConvNextForImageClassification", "ConvNextV2ForImageClassification", "Re
        "MobileNetV2ForImageClassification", "PoolFormerForImageClassification", "Swinv2Model", "FocalNetModel",
        "PvtV2Model", "SegformerModel", "LevitModel", "CvtModel", "DeiTModel", "Dinov2Model", "BeitModel"]
 ISOTROPIC = {"ViTModel", "DeiTModel", "Dinov2Model", "BeitModel"}
+# Stages that downsample at their end (Swin's patch merging, FocalNet's downsampling embedding, LeViT's attention
+# subsample closing each stage): the levels are each stage's map before its downsampling and the last stage's
+# output; the hidden states these models record are after the downsampling. Which modules downsample:
+MERGING_AT_THE_END = {
+    "SwinModel": lambda path, module: path.endswith(".downsample"),
+    "Swinv2Model": lambda path, module: path.endswith(".downsample"),
+    "FocalNetModel": lambda path, module: path.endswith(".downsample"),
+    "LevitModel": lambda path, module: type(module).__name__ == "LevitAttentionSubsample",
+}
+
+
+def maps_before_downsampling(name: str, model, x: torch.Tensor) -> list[torch.Tensor]:
+    """The input of each downsampling module (forward pre-hooks), then the model's last hidden state."""
+    found, handles = [], []
+    for path, module in model.named_modules():
+        if module is not None and MERGING_AT_THE_END[name](path, module):
+            handles.append(module.register_forward_pre_hook(lambda m, args: found.append(args[0])))
+    try:
+        with torch.no_grad():
+            result = model(x, output_hidden_states=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    last = (getattr(result, "reshaped_hidden_states", None) or result.hidden_states)[-1]
+    return [*found, last]
+
+
+def backbone_maps(model, x: torch.Tensor) -> list[torch.Tensor]:
+    """The feature maps of the model's ``*Backbone`` counterpart carrying its weights, every stage out, the
+    backbone's own extra norms (``hidden_states_norms``) replaced by identities."""
+    import copy
+
+    config = copy.deepcopy(model.config)
+    config.out_features = config.stage_names[1:]
+    backbone = getattr(T, type(model).__name__.replace("Model", "Backbone"))(config).eval()
+    inner = next((child for child in backbone.children() if isinstance(child, type(model))), backbone)
+    missing = inner.load_state_dict(model.state_dict(), strict=False).missing_keys
+    assert not [key for key in missing if not key.startswith("hidden_states_norms")], missing
+    for stage in list(getattr(backbone, "hidden_states_norms", {})):
+        backbone.hidden_states_norms[stage] = torch.nn.Identity()
+    with torch.no_grad():
+        return list(backbone(x).feature_maps)
 
 
 def check(name: str) -> None:
@@ -67,6 +111,12 @@ def check(name: str) -> None:
         outputs = list(extractor(x))
         result = model(x, output_hidden_states=True)
     hidden = list(getattr(result, "reshaped_hidden_states", None) or result.hidden_states)
+    if name in MERGING_AT_THE_END:
+        hidden = [same_layout(state, output) for state, output in zip(maps_before_downsampling(name, model, x),
+                                                                       outputs)]
+        assert len(outputs) == len(hidden)
+        if name in ("SwinModel", "Swinv2Model"):  # what SwinBackbone returns, without its extra norms
+            assert all(_equal(a, b) for a, b in zip(backbone_maps(model, x), outputs))
     for entry, output in zip(extractor.feature_info.get_dicts(), outputs):
         if entry["reduction"] > 2:  # the models' hidden states start after their stems
             assert any(_equal(state, output) for state in hidden), entry

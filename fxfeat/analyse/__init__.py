@@ -51,7 +51,7 @@ class GraphAnalysis:
         levels: the levels discovered from the graph.
         stride_changes: where the reduction grows along the chain.
         isotropic: the levels are the blocks of an isotropic body (a ViT's), all at the final reduction.
-        trunk: keys of the module calls that enclose the stages (empty: the model itself).
+        trunk: path of the module holding the stages (or a flat list of blocks); ``""``: the model itself.
         candidates: for each reduction, the feature maps of the chain at it that a module returns.
         head: the global pooling and the classifier, with the unpooled and pooled nodes.
         declared: the model's own timm-style ``feature_info`` (list of dicts), if it has one.
@@ -70,7 +70,7 @@ class GraphAnalysis:
     levels: tuple[Level, ...]
     stride_changes: tuple[StrideChange, ...]
     isotropic: bool
-    trunk: tuple[str, ...]
+    trunk: str
     candidates: dict[int, tuple[str, ...]]
     head: Head
     declared: tuple[dict[str, Any], ...] | None

@@ -117,14 +117,15 @@ class LevelSearch:
     Attributes:
         levels: the levels, in order of reduction.
         stride_changes: where the reduction grows along the dominator chain.
-        trunk: keys of the module calls enclosing the stages, outermost first (empty: the model itself).
+        trunk: path of the module holding the stages or blocks, called or not (an ``nn.ModuleList``); ``""``: the
+            model itself.
         candidates: for each reduction, every feature map of the chain at it that a module returns.
         isotropic: the levels are the blocks of an isotropic body (rule 6).
     """
 
     levels: tuple[Level, ...]
     stride_changes: tuple[StrideChange, ...]
-    trunk: tuple[str, ...]
+    trunk: str
     candidates: dict[int, tuple[str, ...]]
     isotropic: bool = False
 
@@ -211,7 +212,7 @@ class _Structure:
         self.versions = versions
         self._returned: dict[str, bool] = {}
         self._repeated: dict[str, bool] = {}
-        self.trunk: tuple[str, ...] = ()
+        self.trunk = ""  # module path of the trunk ("": the model)
         self.stem: str | None = None
         self.change_positions: list[int] = []
 
@@ -258,8 +259,38 @@ class _Structure:
                 return True
         return False
 
+    def holds_block_before(self, key: str, position: int) -> bool:
+        """Whether call ``key`` holds, before chain position ``position``, its stage's blocks (a list of blocks
+        holding convolutions or linear layers, or a member of one, :meth:`is_listed_block`) ending there: it
+        downsamples at its end."""
+        first, _ = self.span[key]
+        for name in self.chain[first:position]:
+            child = self.child_of(key, name)
+            if (child is not None and self.span[child][1] < position and self.holds_weights_layer(child)
+                    and self.is_listed_block(child, key)):
+                return True
+        return False
+
+    def is_listed_block(self, child: str, key: str) -> bool:
+        """Whether call ``child`` (inside call ``key``) is a list of blocks or one of its members: a container
+        (``nn.Sequential``), or an element of a list the model iterates (a stage's ``blocks``), rather than a layer
+        the unit holds for itself (a transition's convolution before its pooling, an inverted residual's
+        expansion: same-class siblings are no sign here, a block is often made of one wrapper class)."""
+        call = self.traced.calls[child]
+        return call.is_container or call.path.rpartition(".")[0] != self.traced.calls[key].path
+
+    def holds_weights_layer(self, key: str) -> bool:
+        """Whether the module of call ``key`` is a block holding a convolution or linear layer (not one such
+        layer itself, and not a norm with its activation)."""
+        module = self.traced.root.get_submodule(self.traced.calls[key].path)
+        return any(isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)) for layer in module.modules()
+                   if layer is not module)
+
     def unit_of(self, position: int) -> str | None:
-        """The downsampling unit of the stride change at chain ``position`` (rule 2)."""
+        """The downsampling unit of the stride change at chain ``position`` (rule 2): the outermost call holding
+        it and no other change that is repeated and starts with it (a stage whose blocks come first downsamples
+        at its end: the unit is inside it, Swin's patch merging), or that is not repeated and holds no repeated
+        call before it (a container of stages)."""
         others = [p for p in self.change_positions if p != position]
         for key in self.stack(self.chain[position]):
             if key not in self.span:
@@ -267,7 +298,10 @@ class _Structure:
             first, last = self.span[key]
             if any(first <= p <= last for p in others):
                 continue
-            if self.is_repeated(key) or not self.holds_repeated_child_before(key, position):
+            if self.is_repeated(key):
+                if not self.holds_block_before(key, position):
+                    return key
+            elif not self.holds_repeated_child_before(key, position):
                 return key
         return None
 
@@ -316,15 +350,23 @@ class _Structure:
     def head_start(self, reduction: int) -> int:
         """Chain position after the trunk's last repeated call at ``reduction`` (rule 5); the end of the trunk
         if it has none."""
-        trunk_key = self.trunk[-1] if self.trunk else None
-        inside = [i for i, name in enumerate(self.chain) if trunk_key is None or trunk_key in self.stack(name)]
+        inside = [i for i, name in enumerate(self.chain) if self.call_inside(self.trunk, name, itself=True)]
         end = inside[-1] + 1 if inside else len(self.chain)
         repeated_ends = []
         for i in inside:
-            child = self.child_of(trunk_key, self.chain[i])
+            child = self.call_inside(self.trunk, self.chain[i])
             if child is not None and self.is_repeated(child) and self.is_map(self.chain[i], reduction):
                 repeated_ends.append(self.span[child][1] + 1)
         return max(repeated_ends, default=end)
+
+    def call_inside(self, path: str, name: str, itself: bool = False) -> str | None:
+        """The outermost call that created node ``name`` inside module ``path`` (``""``: the model), or with
+        ``itself`` also the call of ``path`` itself; ``None`` if the node is not inside it."""
+        for key in self.stack(name):
+            own = self.traced.calls[key].path
+            if not path or own.startswith(path + ".") or itself and own == path:
+                return key
+        return None
 
     def path_span(self, path: str) -> tuple[int, int] | None:
         """First and last chain positions inside module ``path``, called or not (a ``ModuleList`` is not)."""
@@ -394,19 +436,24 @@ class _Structure:
         return outermost_path(self.traced, keys)
 
 
-def _trunk(structure: _Structure, changes: list[StrideChange]) -> tuple[str, ...]:
-    """Keys of the calls enclosing the last change's unit and another change, outermost first (rule 3)."""
-    if len(changes) < 2:
-        return ()
-    last = changes[-1]
-    stack = structure.stack(last.node)
-    outer = stack[: stack.index(last.unit)] if last.unit in stack else stack
+def _trunk(structure: _Structure, changes: list[StrideChange]) -> str:
+    """Path of the innermost module, called or not, that holds the last change's unit and another change (rule 3):
+    the container of the stages, or of the blocks when no stages group them (a flat ``nn.ModuleList`` the
+    model's ``forward`` iterates); ``""``: the model."""
+    if len(changes) < 2 or changes[-1].unit is None:
+        return ""
+    unit = changes[-1].unit
+    path = structure.traced.calls[unit].path
+    called = {call.path for call in structure.traced.calls.values()}
     earlier = [structure.position[change.node] for change in changes[:-1]]
-    for depth in range(len(outer) - 1, -1, -1):
-        first, end = structure.span[outer[depth]]
-        if any(first <= p <= end for p in earlier):
-            return tuple(outer[: depth + 1])
-    return ()
+    while "." in path:
+        path = path.rpartition(".")[0]
+        span = structure.path_span(path)
+        if span is None or not any(span[0] <= p <= span[1] for p in earlier):
+            continue
+        if path in called or span[1] > structure.span[unit][1]:  # a list of the downsampling layers alone
+            return path  # (Twins' patch embeddings, beside its stages) holds no block after the last one
+    return ""
 
 
 def returned_maps(traced: TracedModel, shapes: dict[str, NodeShape]) -> list[tuple[str, str | None]]:
@@ -455,8 +502,10 @@ def find_levels(
     changes = [StrideChange(chain[p], before, after, structure.unit_of(p)) for p, before, after in positions]
     structure.trunk = _trunk(structure, changes)
     if changes:
-        structure.stem = next((key for key in structure.stack(changes[0].node)
-                               if key not in structure.trunk and key in structure.span), None)
+        trunk = structure.trunk
+        structure.stem = next((key for key in structure.stack(changes[0].node) if key in structure.span and not (
+            trunk == structure.traced.calls[key].path or trunk.startswith(structure.traced.calls[key].path + "."))),
+                              None)
 
     levels: list[str] = []
     for change in changes:
