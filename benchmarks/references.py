@@ -106,12 +106,14 @@ def eager_references(model: nn.Module, feature_info, x: torch.Tensor) -> list[to
     A forward hook on the level's module gives the eager value, copied when the module returns it (a later
     in-place op, such as torchvision DenseNet's ``F.relu(features, inplace=True)``, would otherwise change the
     recorded tensor); a module called more than once (or a level that is not a module output) falls back to an
-    interpreter run of an unmodified trace, and so does a module returning several tensors (a list).
+    interpreter run of an unmodified trace, and so do a module returning several tensors (a list) and a level
+    computed by functions after its module's output (``module_output`` false: ``torch.relu(self.down(x))``).
     """
     entries = feature_info.get_dicts()
     records: dict[str, list[torch.Tensor]] = defaultdict(list)
     handles = []
-    for path in {entry["module"] for entry in entries if entry["module"]}:
+    hooked = [entry for entry in entries if entry["module"] and entry.get("module_output", True)]
+    for path in {entry["module"] for entry in hooked}:
         module = model.get_submodule(path)
         handles.append(module.register_forward_hook(
             lambda m, i, o, path=path: records[path].append(o.clone() if isinstance(o, torch.Tensor) else o)))
@@ -121,7 +123,7 @@ def eager_references(model: nn.Module, feature_info, x: torch.Tensor) -> list[to
     finally:
         for handle in handles:
             handle.remove()
-    missing = [e["node"] for e in entries if not e["module"] or len(records[e["module"]]) != 1
+    missing = [e["node"] for e in entries if e not in hooked or len(records[e["module"]]) != 1
                or not isinstance(records[e["module"]][0], torch.Tensor)]
     with torch.no_grad():
         fallback = _interpreter_values(model, missing, x) if missing else {}

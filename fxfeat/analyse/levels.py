@@ -45,6 +45,7 @@ Example:
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -96,6 +97,8 @@ class Level:
             tensor stands for the whole tensor); ``None`` otherwise.
         grid: for a token sequence, the grid its tokens lie on (prefix tokens, size, where to read it).
         key: the key the model returns the level under, when it returns its pyramid as a dict.
+        module_output: ``module`` returns ``node`` itself; ``False`` when the node is element-wise functions
+            computed from that module's output between module calls (``torch.relu(self.down(x))``).
     """
 
     node: str
@@ -108,6 +111,7 @@ class Level:
     tensor: str | None = None
     grid: TokenGrid | None = None
     key: str | None = None
+    module_output: bool = True
 
 
 @dataclass(frozen=True)
@@ -185,6 +189,11 @@ _PASS_THROUGH_MODULES = (
     nn.modules.padding._ReplicationPadNd, nn.ZeroPad2d, nn.CircularPad2d,
 )
 _PASS_THROUGH_FUNCTIONS = {F.pad, torch.constant_pad_nd}
+# Functions and methods that move values around a map while keeping its shape: never an element-wise step.
+_REARRANGING_FUNCTIONS = {torch.roll, torch.flip, torch.transpose, torch.permute, torch.rot90, torch.reshape,
+                          operator.getitem, torch.flatten, torch.unflatten, torch.swapaxes, torch.movedim}
+_REARRANGING_METHODS = {"roll", "flip", "transpose", "permute", "rot90", "reshape", "view", "flatten", "unflatten",
+                        "swapaxes", "movedim", "expand", "repeat", "__getitem__"}
 
 
 class _Structure:
@@ -211,6 +220,12 @@ class _Structure:
         self.nodes = traced.nodes
         self.versions = versions
         self._returned: dict[str, bool] = {}
+        self._continues: dict[str, str | None] = {}
+        self.order = {node.name: i for i, node in enumerate(traced.graph.nodes)}
+        self.call_end: dict[str, int] = {}  # graph position of each call's last node
+        for name, stack in traced.node_calls.items():
+            for key in stack:
+                self.call_end[key] = max(self.call_end.get(key, -1), self.order[name])
         self._repeated: dict[str, bool] = {}
         self.trunk = ""  # module path of the trunk ("": the model)
         self.stem: str | None = None
@@ -263,13 +278,11 @@ class _Structure:
         """Whether call ``key`` holds, before chain position ``position``, its stage's blocks (a list of blocks
         holding convolutions or linear layers, or a member of one, :meth:`is_listed_block`) ending there: it
         downsamples at its end."""
-        first, _ = self.span[key]
-        for name in self.chain[first:position]:
-            child = self.child_of(key, name)
-            if (child is not None and self.span[child][1] < position and self.holds_weights_layer(child)
-                    and self.is_listed_block(child, key)):
-                return True
-        return False
+        change = self.order[self.chain[position]]
+        children = {self.child_of(key, name) for name, stack in self.traced.node_calls.items()
+                    if key in stack and self.order[name] < change}  # every node: blocks are off the chain
+        return any(child is not None and self.call_end[child] < change and self.holds_weights_layer(child)
+                   and self.is_listed_block(child, key) for child in children)
 
     def is_listed_block(self, child: str, key: str) -> bool:
         """Whether call ``child`` (inside call ``key``) is a list of blocks or one of its members: a container
@@ -332,20 +345,53 @@ class _Structure:
         position, (_, last) = self.position[name], self.span[self.stem]
         return any(position < p <= last and not self.is_pooling(self.chain[p]) for p in self.change_positions)
 
-    def is_candidate(self, name: str, reduction: int) -> bool:
-        return self.is_map(name, reduction) and self.is_returned(name) and not self.inside_stem(name)
+    def is_candidate(self, name: str, reduction: int, continued: bool = False) -> bool:
+        """A map at ``reduction`` a module returns (or, with ``continued``, element-wise functions compute from
+        one: :meth:`continues`), outside the stem."""
+        return (self.is_map(name, reduction) and (self.is_returned(name) or continued and bool(self.continues(name)))
+                and not self.inside_stem(name))
+
+    def continues(self, name: str) -> str | None:
+        """For a function or method that computes a map element-wise from maps of its own shape (an activation, a
+        functional norm, ``x * 0.5``, a residual sum ``x + block(x)``), the module output it continues: its map
+        operand computed last, if a module returns it, else the one that operand continues. ``None`` otherwise.
+        Such a node is the map a module produced, carried on between module calls (``torch.relu(self.down(x))``)."""
+        if name not in self._continues:
+            self._continues[name] = None
+            node, shape = self.nodes[name], self.shapes.get(name)
+            rearranges = node.target in _REARRANGING_FUNCTIONS or node.target in _REARRANGING_METHODS
+            if node.op in ("call_function", "call_method") and not rearranges and self.is_map(name):
+                operands = [arg.name for arg in node.all_input_nodes if self.is_map(arg.name)]
+                if operands and all(self.shapes[operand].shape == shape.shape and self.shapes[operand].fmt == shape.fmt
+                                    for operand in operands):
+                    latest = max(operands, key=self.order.__getitem__)
+                    self._continues[name] = latest if self.is_returned(latest) else self.continues(latest)
+        return self._continues[name]
 
     def last_candidate(self, positions, reduction: int) -> str | None:
-        """Walking ``positions``, the first candidate at ``reduction``, stopping at a map at another one."""
+        """Walking ``positions``, the first candidate at ``reduction`` (element-wise continuations of a module's
+        output included), stopping at a map at another one."""
         for i in positions:
             name = self.chain[i]
             if not self.is_map(name):
                 continue
             if self.shapes[name].reduction != reduction:
                 return None
-            if self.is_candidate(name, reduction):
+            if self.is_candidate(name, reduction, continued=True):
                 return name
         return None
+
+    def carried_on(self, name: str) -> str:
+        """``name``, or the last of the element-wise functions that follow it on the chain, each reading the one
+        before (a functional activation between the last stage and a functional global pool)."""
+        i = self.position[name]
+        while i + 1 < len(self.chain):
+            following = self.chain[i + 1]
+            if self.continues(following) is None or self.chain[i] not in {
+                    arg.name for arg in self.nodes[following].all_input_nodes}:
+                break
+            i += 1
+        return self.chain[i]
 
     def head_start(self, reduction: int) -> int:
         """Chain position after the trunk's last repeated call at ``reduction`` (rule 5); the end of the trunk
@@ -428,10 +474,11 @@ class _Structure:
         return False
 
     def module_of(self, name: str, levels: list[str]) -> str:
-        """Path of the outermost call that returns ``name`` and holds no other level: ``blocks.6``, not
-        ``blocks`` which holds every level."""
+        """Path of the outermost call that returns ``name`` (or the module output it :meth:`continues`) and holds
+        no other level: ``blocks.6``, not ``blocks`` which holds every level."""
         others = [self.stack(level) for level in levels if level != name]
-        keys = [key for key in returning_calls(self.traced, name, self.versions)
+        produced = name if self.is_returned(name) or not self.continues(name) else self.continues(name)
+        keys = [key for key in returning_calls(self.traced, produced, self.versions)
                 if not any(key in stack for stack in others)]
         return outermost_path(self.traced, keys)
 
@@ -442,17 +489,19 @@ def _trunk(structure: _Structure, changes: list[StrideChange]) -> str:
     model's ``forward`` iterates); ``""``: the model."""
     if len(changes) < 2 or changes[-1].unit is None:
         return ""
-    unit = changes[-1].unit
-    path = structure.traced.calls[unit].path
-    called = {call.path for call in structure.traced.calls.values()}
+    calls = structure.traced.calls
+    path = calls[changes[-1].unit].path
+    called = {call.path for call in calls.values()}
+    units = {calls[change.unit].path for change in changes if change.unit}
     earlier = [structure.position[change.node] for change in changes[:-1]]
     while "." in path:
         path = path.rpartition(".")[0]
         span = structure.path_span(path)
         if span is None or not any(span[0] <= p <= span[1] for p in earlier):
             continue
-        if path in called or span[1] > structure.span[unit][1]:  # a list of the downsampling layers alone
-            return path  # (Twins' patch embeddings, beside its stages) holds no block after the last one
+        members = {call.path for call in calls.values() if call.path.rpartition(".")[0] == path}
+        if path in called or members - units:  # a list of the downsampling layers alone (Twins' patch
+            return path  # embeddings, beside its stages) is not the trunk: it holds no block that keeps the size
     return ""
 
 
@@ -517,6 +566,8 @@ def find_levels(
     if last is None:  # no module returns a map at the final reduction before the head: take any after it
         last = next((chain[i] for i in range(len(chain) - 1, -1, -1)
                      if structure.is_map(chain[i], running) and structure.is_returned(chain[i])), None)
+    if last is not None:  # the deepest map, carried on by element-wise functions up to the head
+        last = structure.carried_on(last)
     if last is not None and last not in levels:
         levels.append(last)
     body = structure.block_run(structure.change_positions[-1], running) if changes else []
@@ -545,6 +596,7 @@ def find_levels(
             tensor=tensors.get(name),
             grid=shapes[name].grid,
             key=keys.get(name),
+            module_output=structure.is_returned(name),
         )
         for name in levels
     )

@@ -129,6 +129,7 @@ class ExtractionPlan:
                     index=index,
                     native_fmt=level.fmt,
                     num_prefix_tokens=level.grid.prefix if level.grid else 0,
+                    module_output=level.module_output,
                 )
             )
         return entries
