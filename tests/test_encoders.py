@@ -61,8 +61,9 @@ def test_torchvision_segmentation_models_give_their_backbone_stages(name, aux_lo
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None, weights_backbone=None, aux_loss=aux_loss).eval()
     extractor = fxfeat.compile(model)
-    assert extractor.feature_info.module_name() == ["backbone.relu", "backbone.layer1", "backbone.layer4"]
-    assert extractor.feature_info.reduction() == [2, 4, 8]  # the backbone is dilated after layer1
+    assert extractor.feature_info.module_name() == ["backbone.relu", "backbone.layer1", "backbone.layer2",
+                                                    "backbone.layer3", "backbone.layer4"]
+    assert extractor.feature_info.reduction() == [2, 4, 8, 8, 8]  # layer3 and layer4 dilated: stages all the same
     assert_bit_equal_to_eager(model, extractor, torch.randn(1, 3, 224, 224))
 
 

@@ -228,6 +228,7 @@ class _Structure:
                 self.call_end[key] = max(self.call_end.get(key, -1), self.order[name])
         self._repeated: dict[str, bool] = {}
         self.trunk = ""  # module path of the trunk ("": the model)
+        self.dilation_factor = [1] * len(chain)  # per chain position, the dilated stride changes' factor so far
         self.stem: str | None = None
         self.change_positions: list[int] = []
 
@@ -235,9 +236,19 @@ class _Structure:
         return self.traced.node_calls.get(name, ())
 
     def is_map(self, name: str, reduction: int | None = None) -> bool:
-        """A feature map or a token sequence on a grid of the input (at ``reduction``, if given)."""
+        """A feature map or a token sequence on a grid of the input (at ``reduction``, if given: its
+        :meth:`reduction`)."""
         shape = self.shapes.get(name)
-        return shape is not None and shape.is_spatial and (reduction is None or shape.reduction == reduction)
+        return shape is not None and shape.is_spatial and (reduction is None or self.reduction(name) == reduction)
+
+    def reduction(self, name: str) -> int | None:
+        """A map's reduction as if its dilated convolutions were strided: its measured reduction times the
+        dilation factors of the dilated stride changes before it (:func:`_dilated_changes`; 1 in most models)."""
+        shape = self.shapes.get(name)
+        if shape is None or shape.reduction is None:
+            return None
+        position = self.position.get(name)
+        return shape.reduction * (self.dilation_factor[position] if position is not None else 1)
 
     def is_identity(self, key: str) -> bool:
         call = self.traced.calls.get(key)
@@ -375,7 +386,7 @@ class _Structure:
             name = self.chain[i]
             if not self.is_map(name):
                 continue
-            if self.shapes[name].reduction != reduction:
+            if self.reduction(name) != reduction:
                 return None
             if self.is_candidate(name, reduction, continued=True):
                 return name
@@ -468,7 +479,7 @@ class _Structure:
                 if other == name or type(child) is not kind or span is None:
                     continue
                 last = self.chain[span[1]]
-                if self.is_map(last) and self.shapes[last].reduction != reduction:
+                if self.is_map(last) and self.reduction(last) != reduction:
                     return True
             path = parent_path
         return False
@@ -481,6 +492,44 @@ class _Structure:
         keys = [key for key in returning_calls(self.traced, produced, self.versions)
                 if not any(key in stack for stack in others)]
         return outermost_path(self.traced, keys)
+
+
+def _stride_changes(structure: _Structure) -> list[StrideChange]:
+    """Rule 1 and 2: where the (dilation-aware) reduction grows along the chain, and each change's unit."""
+    positions: list[tuple[int, int, int]] = []  # (position, before, after)
+    running = 1
+    for i, name in enumerate(structure.chain):
+        if structure.is_map(name) and structure.reduction(name) > running:
+            positions.append((i, running, structure.reduction(name)))
+            running = structure.reduction(name)
+    structure.change_positions = [p for p, _, _ in positions]
+    return [StrideChange(structure.chain[p], before, after, structure.unit_of(p)) for p, before, after in positions]
+
+
+def _dilated_changes(structure: _Structure) -> dict[int, int]:
+    """Dilated stride changes, by chain position, with their factor: a spatial convolution inside the trunk whose
+    dilation exceeds every one before it, and that no convolution after it in the trunk goes below, replaced a
+    stride (torchvision's ``replace_stride_with_dilation``, timm's ``output_stride``): the first chain map after it
+    is a change of reduction by the dilation's growth, as the undilated model's would be. A dilation that does not
+    persist (a selective-kernel branch beside an undilated one, an ASPP head) is no such change."""
+    trunk = structure.trunk
+    convolutions = []  # (graph position, dilation) of the trunk's spatial convolutions
+    for node in structure.traced.graph.nodes:
+        if node.op != "call_module" or not (not trunk or node.target.startswith(trunk + ".")):
+            continue
+        layer = structure.traced.root.get_submodule(node.target)
+        if isinstance(layer, nn.modules.conv._ConvNd) and max(layer.kernel_size) > 1:
+            convolutions.append((structure.order[node.name], max(layer.dilation)))
+    dilated: dict[int, int] = {}
+    running = 1
+    for index, (order, dilation) in enumerate(convolutions):
+        if dilation > running and all(later >= dilation for _, later in convolutions[index:]):
+            after = next((i for i, name in enumerate(structure.chain)
+                          if structure.order[name] > order and structure.is_map(name)), None)
+            if after is not None:
+                dilated[after] = dilated.get(after, 1) * dilation // running
+            running = dilation
+    return dilated
 
 
 def _trunk(structure: _Structure, changes: list[StrideChange]) -> str:
@@ -541,15 +590,17 @@ def find_levels(
         tensors: for writes standing for another node's tensor, that node.
     """
     structure = _Structure(traced, chain, shapes, versions or {})
-    positions: list[tuple[int, int, int]] = []  # (position, before, after)
-    running = 1
-    for i, name in enumerate(chain):
-        if structure.is_map(name) and shapes[name].reduction > running:
-            positions.append((i, running, shapes[name].reduction))
-            running = shapes[name].reduction
-    structure.change_positions = [p for p, _, _ in positions]
-    changes = [StrideChange(chain[p], before, after, structure.unit_of(p)) for p, before, after in positions]
+    changes = _stride_changes(structure)
     structure.trunk = _trunk(structure, changes)
+    dilated = _dilated_changes(structure)
+    if dilated:  # stages that keep the resolution by dilating what a stride would have reduced
+        factor = 1
+        for i in range(len(chain)):
+            factor *= dilated.get(i, 1)
+            structure.dilation_factor[i] = factor
+        changes = _stride_changes(structure)
+        structure.trunk = _trunk(structure, changes)
+    running = changes[-1].after if changes else 1
     if changes:
         trunk = structure.trunk
         structure.stem = next((key for key in structure.stack(changes[0].node) if key in structure.span and not (
