@@ -1,9 +1,11 @@
 """Find the global pooling and the classifier of a model: where ``unpooled`` and ``pooled`` features are.
 
-- The *unpooled* node is the last feature map (or token sequence) on the dominator chain, skipping
-  ``nn.Identity`` calls. The chain node after it is the *global pooling*: whatever removes the spatial
-  dimensions (adaptive pooling to 1x1, a mean over the spatial axes, a pooling whose kernel covers the map,
-  class-token selection, a flatten).
+- The *global pooling* is the chain node after the last feature map (or token sequence): whatever removes the
+  spatial dimensions (adaptive pooling to 1x1, a mean over the spatial axes, a pooling whose kernel covers the
+  map, class-token selection, a flatten). The *unpooled* node is the last map before the head, skipping
+  ``nn.Identity`` calls; the head begins at the global pooling, or at a convolutional classifier applied before
+  it (a 1x1 convolution on the map, as SqueezeNet's and test-time-pooled DPN's), and then at the poolings just
+  before that classifier (DPN's ``avg_pool2d(k=7, s=1)``).
 - The *classifier* is the last parametrised operation on the chain, if it is a projection (``nn.Linear``,
   ``F.linear``, or a 1x1 convolution); the *pooled* node is its input. Layers between the pooling and the
   classifier (a ``conv_head`` after pooling, a pre-logits block, a norm) stay in, as in timm's ``num_classes=0``:
@@ -72,6 +74,19 @@ def _is_projection(traced: TracedModel, node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is F.linear
 
 
+def _is_pooling(traced: TracedModel, node: fx.Node) -> bool:
+    """A pooling layer or function (max, average, adaptive), which a head may apply before its classifier."""
+    module = _module(traced, node)
+    if module is not None:
+        return isinstance(module, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+                                   nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd))
+    return node.op == "call_function" and node.target in _POOLING_FUNCTIONS
+
+
+_POOLING_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d,
+                      F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d}
+
+
 def find_head(traced: TracedModel, chain: tuple[str, ...], shapes: dict[str, NodeShape]) -> Head:
     """Locate the global pooling and the classifier on the dominator chain."""
     nodes = traced.nodes
@@ -81,14 +96,6 @@ def find_head(traced: TracedModel, chain: tuple[str, ...], shapes: dict[str, Nod
 
     def is_identity(name: str) -> bool:
         return isinstance(_module(traced, nodes[name]), nn.Identity)
-
-    unpooled = global_pool = None
-    last = max((i for i, name in enumerate(chain) if i > 0 and is_spatial(name)), default=None)
-    if last is not None and nodes[chain[last + 1]].op != "output":
-        global_pool = chain[last + 1]
-        unpooled = next(
-            (chain[i] for i in range(last, 0, -1) if is_spatial(chain[i]) and not is_identity(chain[i])), None
-        )
 
     classifier = pooled = None
     for name in reversed(chain):
@@ -100,6 +107,19 @@ def find_head(traced: TracedModel, chain: tuple[str, ...], shapes: dict[str, Nod
             if inputs:
                 classifier, pooled = name, inputs[0].name
         break
+
+    unpooled = global_pool = None
+    last = max((i for i, name in enumerate(chain) if i > 0 and is_spatial(name)), default=None)
+    if last is not None and nodes[chain[last + 1]].op != "output":
+        global_pool = chain[last + 1]
+        head = last + 1
+        if classifier is not None and chain.index(classifier) < head:  # a convolutional classifier before the
+            head = chain.index(classifier)  # global pool, after any pooling of its own (test-time pooling)
+            while head > 1 and _is_pooling(traced, nodes[chain[head - 1]]):
+                head -= 1
+        unpooled = next(
+            (chain[i] for i in range(head - 1, 0, -1) if is_spatial(chain[i]) and not is_identity(chain[i])), None
+        )
     calls = [traced.calls[key].path for key in returning_calls(traced, classifier)] if classifier else []
     classifier_module = max(calls, key=lambda path: path.count("."), default="")  # the projection itself
     return Head(unpooled, global_pool, classifier, pooled, classifier_module)
