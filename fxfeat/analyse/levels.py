@@ -223,9 +223,13 @@ class _Structure:
         self._continues: dict[str, str | None] = {}
         self.order = {node.name: i for i, node in enumerate(traced.graph.nodes)}
         self.call_end: dict[str, int] = {}  # graph position of each call's last node
+        self.children: dict[str, set[str]] = defaultdict(set)  # the calls made directly inside each call
         for name, stack in traced.node_calls.items():
-            for key in stack:
+            for depth, key in enumerate(stack):
                 self.call_end[key] = max(self.call_end.get(key, -1), self.order[name])
+                if depth + 1 < len(stack):
+                    self.children[key].add(stack[depth + 1])
+        self._holds_weights: dict[str, bool] = {}
         self._repeated: dict[str, bool] = {}
         self.trunk = ""  # module path of the trunk ("": the model)
         self.dilation_factor = [1] * len(chain)  # per chain position, the dilated stride changes' factor so far
@@ -290,10 +294,22 @@ class _Structure:
         holding convolutions or linear layers, or a member of one, :meth:`is_listed_block`) ending there: it
         downsamples at its end."""
         change = self.order[self.chain[position]]
-        children = {self.child_of(key, name) for name, stack in self.traced.node_calls.items()
-                    if key in stack and self.order[name] < change}  # every node: blocks are off the chain
-        return any(child is not None and self.call_end[child] < change and self.holds_weights_layer(child)
-                   and self.is_listed_block(child, key) for child in children)
+        old = next((self.reduction(name) for name in reversed(self.chain[:position]) if self.is_map(name)), None)
+        return any(self.call_end[child] < change and self.holds_weights_layer(child)
+                   and self.is_listed_block(child, key)
+                   and any(self.is_map(output) and self.shapes[output].reduction * self.factor_at(output) == old
+                           for output in self.traced.calls[child].outputs)
+                   for child in self.children.get(key, ()))  # off the chain too: residual blocks are
+
+    def factor_at(self, name: str) -> int:
+        """The dilation factor (:meth:`reduction`) where node ``name`` lies: that of the chain node before it."""
+        order = self.order[name]
+        factor = 1
+        for i, chained in enumerate(self.chain):
+            if self.order[chained] > order:
+                break
+            factor = self.dilation_factor[i]
+        return factor
 
     def is_listed_block(self, child: str, key: str) -> bool:
         """Whether call ``child`` (inside call ``key``) is a list of blocks or one of its members: a container
@@ -306,9 +322,11 @@ class _Structure:
     def holds_weights_layer(self, key: str) -> bool:
         """Whether the module of call ``key`` is a block holding a convolution or linear layer (not one such
         layer itself, and not a norm with its activation)."""
-        module = self.traced.root.get_submodule(self.traced.calls[key].path)
-        return any(isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear)) for layer in module.modules()
-                   if layer is not module)
+        if key not in self._holds_weights:
+            module = self.traced.root.get_submodule(self.traced.calls[key].path)
+            self._holds_weights[key] = any(isinstance(layer, (nn.modules.conv._ConvNd, nn.Linear))
+                                           for layer in module.modules() if layer is not module)
+        return self._holds_weights[key]
 
     def unit_of(self, position: int) -> str | None:
         """The downsampling unit of the stride change at chain ``position`` (rule 2): the outermost call holding
@@ -394,13 +412,15 @@ class _Structure:
 
     def carried_on(self, name: str) -> str:
         """``name``, or the last of the element-wise functions that follow it on the chain, each reading the one
-        before (a functional activation between the last stage and a functional global pool)."""
+        before, between module calls (a functional activation between the last stage and a functional global
+        pool; not the functions inside a norm module after the trunk, which is head)."""
         i = self.position[name]
         while i + 1 < len(self.chain):
-            following = self.chain[i + 1]
-            if self.continues(following) is None or self.chain[i] not in {
-                    arg.name for arg in self.nodes[following].all_input_nodes}:
-                break
+            current, following = self.chain[i], self.chain[i + 1]
+            stack = self.stack(following)
+            if (self.continues(following) is None or stack != self.stack(current)[: len(stack)]
+                    or current not in {arg.name for arg in self.nodes[following].all_input_nodes}):
+                break  # not an element-wise function reading it, or one inside a module of its own (a norm)
             i += 1
         return self.chain[i]
 
