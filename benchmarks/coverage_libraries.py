@@ -1,0 +1,253 @@
+"""``make coverage``'s section for models of other libraries, each against what its own library says its features
+are:
+
+- ``efficientnet_pytorch`` (its one family, the smallest model): the maps of ``extract_endpoints`` up to the last
+  block (``reduction_6`` is the head convolution, which fxfeat's convention leaves out);
+- ``pretrainedmodels``: the smallest model of each family (its module), random weights: ``model.features(x)``, the
+  map the library's ``logits`` pools, against fxfeat's deepest level and its ``mode="unpooled"``;
+- Hugging Face ``transformers``: every model class with a ``*Backbone`` counterpart, default configuration, random
+  weights shared with the backbone: the backbone's feature maps for every stage, its extra norms removed
+  (``hidden_states_norms``, ``apply_layernorm``);
+- ``segmentation_models_pytorch``: the smallest encoder of each encoder class: the pyramid it returns.
+
+A reference counts as *contained* when each of its maps equals (``torch.equal``, in fxfeat's layout) one of fxfeat's
+levels, *identical* when they are the same list. Outputs are also checked against the eager model
+(:func:`benchmarks.references.eager_references`).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchmarks.references import eager_references, same_layout
+
+__all__ = ["check_library_model", "hugging_face_backbone_maps", "library_cases", "summarise_libraries",
+           "markdown_section"]
+
+LIBRARIES = ("efficientnet_pytorch", "pretrainedmodels", "transformers", "smp")
+# Hugging Face backbones without a model class of the same name, or that need a package fxfeat's tests do not
+# install: not measured (the reason is reported).
+_HF_SKIPPED = {"DinatBackbone": "needs natten", "TimmBackbone": "timm's own models: the timm section",
+               "AutoBackbone": "a factory, not a model"}
+
+
+def library_cases() -> list[dict[str, str]]:
+    """The section's models: ``{"library", "name", "family"}`` each (libraries that are not installed left
+    out)."""
+    cases = []
+    try:
+        import efficientnet_pytorch  # noqa: F401
+
+        cases.append(dict(library="efficientnet_pytorch", name="efficientnet-b0", family="EfficientNet"))
+    except ImportError:
+        pass
+    try:
+        import pretrainedmodels
+
+        smallest: dict[str, tuple[int, str]] = {}
+        for name in pretrainedmodels.model_names:
+            family = pretrainedmodels.__dict__[name].__module__.rsplit(".", 1)[-1]
+            with torch.device("meta"):
+                size = sum(p.numel() for p in _pretrainedmodels(name).parameters())
+            if family not in smallest or size < smallest[family][0]:
+                smallest[family] = (size, name)
+        cases += [dict(library="pretrainedmodels", name=name, family=family)
+                  for family, (_, name) in sorted(smallest.items())]
+    except ImportError:
+        pass
+    try:
+        import transformers
+
+        cases += [dict(library="transformers", name=name, family=name.removesuffix("Backbone"))
+                  for name in sorted(dir(transformers)) if name.endswith("Backbone")]
+    except ImportError:
+        pass
+    try:
+        import segmentation_models_pytorch as smp
+
+        smallest = {}
+        for name, entry in smp.encoders.encoders.items():
+            family = entry["encoder"].__name__
+            with torch.device("meta"):
+                size = sum(p.numel() for p in smp.encoders.get_encoder(name, weights=None).parameters())
+            if family not in smallest or size < smallest[family][0]:
+                smallest[family] = (size, name)
+        cases += [dict(library="smp", name=name, family=family) for family, (_, name) in sorted(smallest.items())]
+    except ImportError:
+        pass
+    return cases
+
+
+def _pretrainedmodels(name: str) -> nn.Module:
+    import pretrainedmodels
+
+    return pretrainedmodels.__dict__[name](num_classes=1000, pretrained=None)
+
+
+def hugging_face_backbone_maps(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The feature maps of the ``*Backbone`` counterpart of a Hugging Face model, carrying its weights, every
+    stage out, the backbone's extra norms removed (``hidden_states_norms`` as identities, ``apply_layernorm``
+    off)."""
+    import transformers
+
+    config = copy.deepcopy(model.config)
+    config.out_features = list(config.stage_names[1:])
+    if hasattr(config, "apply_layernorm"):
+        config.apply_layernorm = False
+    if isinstance(getattr(config, "hidden_sizes", None), tuple):
+        config.hidden_sizes = list(config.hidden_sizes)
+    backbone = getattr(transformers, type(model).__name__.replace("Model", "Backbone"))(config).eval()
+    inner = next((child for child in backbone.children() if isinstance(child, type(model))), backbone)
+    missing = inner.load_state_dict(model.state_dict(), strict=False).missing_keys
+    unloaded = [key for key in missing if not key.startswith("hidden_states_norms")]
+    if unloaded:
+        raise ValueError(f"the backbone has weights the model does not: {unloaded[:3]}")
+    for stage in list(getattr(backbone, "hidden_states_norms", {}) or {}):
+        backbone.hidden_states_norms[stage] = nn.Identity()
+    with torch.no_grad():
+        return list(backbone(x).feature_maps)
+
+
+def _build(library: str, name: str) -> tuple[nn.Module, Any]:
+    """The model and a function of ``x`` returning its library's reference maps."""
+    torch.manual_seed(0)
+    if library == "efficientnet_pytorch":
+        from efficientnet_pytorch import EfficientNet
+
+        model = EfficientNet.from_name(name).eval()
+        return model, lambda x: list(model.extract_endpoints(x).values())[:5]
+    if library == "pretrainedmodels":
+        model = _pretrainedmodels(name).eval()
+        return model, lambda x: [model.features(x)]
+    if library == "transformers":
+        import transformers
+
+        if name in _HF_SKIPPED:
+            raise LookupError(_HF_SKIPPED[name])
+        base = name.replace("Backbone", "Model")
+        config_class = getattr(transformers, name.replace("Backbone", "Config"), None)
+        if not hasattr(transformers, base) or config_class is None:
+            raise LookupError(f"no {base} beside {name}")
+        model = getattr(transformers, base)(config_class()).eval()
+        return model, lambda x: hugging_face_backbone_maps(model, x)
+    import segmentation_models_pytorch as smp
+
+    model = smp.encoders.get_encoder(name, weights=None).eval()
+    return model, lambda x: [feature for feature in model(x) if feature.shape[1] > 0][1:]  # not the input
+
+
+def check_library_model(library: str, name: str) -> dict[str, Any]:
+    """fxfeat's automatic levels of one model against its library's maps. Failures are recorded, not raised."""
+    import fxfeat
+
+    result: dict[str, Any] = dict(library=library, name=name)
+    try:
+        model, reference = _build(library, name)
+    except LookupError as skipped:
+        return dict(result, skipped=str(skipped))
+    size = (3, 299, 299) if name in ("inceptionv4", "inceptionresnetv2", "xception", "bninception") else (
+        3, 331, 331) if "nasnetalarge" in name or "pnasnet" in name else (3, 224, 224)
+    torch.manual_seed(1)
+    x = torch.randn(1, *size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            extractor = fxfeat.compile(model, levels="auto", input_size=size).eval()
+        except Exception as error:
+            return dict(result, error=f"compile: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+        result["levels"] = [dict(module=e["module"], node=e["node"], reduction=e["reduction"], channels=e["num_chs"])
+                            for e in extractor.feature_info.get_dicts()]
+        with torch.no_grad():
+            outputs = extractor(x)
+            outputs = list(outputs.values()) if isinstance(outputs, dict) else list(outputs)
+            try:
+                maps = reference(x)
+            except Exception as error:
+                return dict(result, error=f"reference: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
+        found = [next((i for i, output in enumerate(outputs) if _equal(same_layout(map_, output), output)), None)
+                 for map_ in maps]
+        result.update(references=[list(map_.shape[1:]) for map_ in maps], found=found,
+                      contained=all(i is not None for i in found),
+                      identical=found == list(range(len(outputs))))
+        references = eager_references(model, extractor.feature_info, x)
+        result["eager_equal"] = all(_equal(same_layout(r, o), o) for r, o in zip(references, outputs))
+        if library == "pretrainedmodels":
+            try:
+                unpooled = fxfeat.compile(model, mode="unpooled", input_size=size).eval()
+                with torch.no_grad():
+                    result["unpooled_equal"] = _equal(maps[0], unpooled(x))
+            except fxfeat.FxFeatError as error:
+                result["unpooled_equal"] = False
+                result["unpooled_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    return result
+
+
+def _equal(reference: torch.Tensor, output: torch.Tensor) -> bool:
+    return reference.shape == output.shape and torch.equal(reference, output)
+
+
+def summarise_libraries(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per library: measured models, compiled, references contained, identical, eager-equal."""
+    summary: dict[str, Any] = {}
+    by_library = defaultdict(list)
+    for row in results:
+        by_library[row["library"]].append(row)
+    for library, rows in by_library.items():
+        measured = [row for row in rows if "skipped" not in row]
+        compiled = [row for row in measured if "levels" in row]
+        summary[library] = dict(
+            models=len(measured), skipped=len(rows) - len(measured), compiled=len(compiled),
+            contained=sum(bool(row.get("contained")) for row in compiled),
+            identical=sum(bool(row.get("identical")) for row in compiled),
+            eager_equal=sum(bool(row.get("eager_equal")) for row in compiled),
+            unpooled_equal=sum(bool(row.get("unpooled_equal")) for row in compiled) if library == "pretrainedmodels"
+            else None,
+        )
+    return summary
+
+
+_TITLES = {"efficientnet_pytorch": "efficientnet_pytorch (against `extract_endpoints` up to the last block)",
+           "pretrainedmodels": "pretrainedmodels (against `features()`)",
+           "transformers": "Hugging Face `*Backbone` counterparts (against the backbone's maps, extra norms removed)",
+           "smp": "segmentation_models_pytorch encoders (against the pyramid they return)"}
+
+
+def markdown_section(results: list[dict[str, Any]]) -> list[str]:
+    """The report's lines for the section."""
+    summary = summarise_libraries(results)
+    lines = ["## Other libraries", "",
+             "Each model against what its own library gives as its features (see `benchmarks/coverage_libraries.py`):"
+             " *contained*: each reference map equals one of fxfeat's automatic levels; *identical*: the same list.",
+             "", "| library | measured | compile | contained | identical | bit-equal to eager | unpooled = features() |",
+             "|---|---|---|---|---|---|---|"]
+    for library, counts in summary.items():
+        unpooled = "-" if counts["unpooled_equal"] is None else f"{counts['unpooled_equal']}/{counts['compiled']}"
+        lines.append(f"| {library} | {counts['models']} (+{counts['skipped']} not measured) | "
+                     f"{counts['compiled']}/{counts['models']} | {counts['contained']}/{counts['compiled']} | "
+                     f"{counts['identical']}/{counts['compiled']} | {counts['eager_equal']}/{counts['compiled']} | "
+                     f"{unpooled} |")
+    for library in summary:
+        lines += ["", f"### {_TITLES.get(library, library)}", "",
+                  "| family | model | contained | identical | eager | fxfeat levels | note |", "|---|---|---|---|---|---|---|"]
+        for row in (row for row in results if row["library"] == library):
+            levels = " ".join(f"{level['module'] or level['node']}@{level['reduction']}"
+                              for level in row.get("levels", []))
+            note = row.get("skipped") or row.get("error") or ""
+            if row.get("levels") and not row.get("contained"):
+                missing = [shape for shape, i in zip(row.get("references", []), row.get("found", [])) if i is None]
+                note = f"reference maps not among the levels: {missing}"
+            if row.get("unpooled_error"):
+                note += f" unpooled: {row['unpooled_error']}"
+            lines.append(f"| {row.get('family', '')} | {row['name']} | {_mark(row.get('contained'))} | "
+                         f"{_mark(row.get('identical'))} | {_mark(row.get('eager_equal'))} | {levels} | {note} |")
+    return lines
+
+
+def _mark(value) -> str:
+    return "-" if value is None else ("yes" if value else "**no**")
