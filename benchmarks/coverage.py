@@ -8,7 +8,9 @@ out) and every torchvision classification model. Each model is checked by
 level) and for all of them: how many compile, how many have timm's levels contained in fxfeat's (equal tensors),
 identical level lists, declared levels equal to timm's ``features_only``, ``output_stride=8`` parity where timm
 supports it, outputs equal to eager, the median compile time, and opaque modules. It also flags every
-torchvision model whose levels changed since the previous report.
+torchvision model whose levels changed since the previous report. A section for other libraries' models
+(efficientnet_pytorch, pretrainedmodels, Hugging Face ``*Backbone`` counterparts, segmentation_models_pytorch
+encoders) checks each against its own library's maps (:mod:`benchmarks.coverage_libraries`).
 
 Usage::
 
@@ -92,6 +94,7 @@ def _worker(connection, without_registry: bool = False) -> None:
 
         fxfeat.trace.tracer._library_notrace_hints = lambda: ((), ())
     from benchmarks.coverage_check import check_model, describe_error
+    from benchmarks.coverage_libraries import LIBRARIES, check_library_model
 
     while True:
         case = connection.recv()
@@ -99,7 +102,8 @@ def _worker(connection, without_registry: bool = False) -> None:
             return
         start = time.perf_counter()
         try:
-            result = check_model(case["library"], case["name"])
+            check = check_library_model if case["library"] in LIBRARIES else check_model
+            result = check(case["library"], case["name"])
         except Exception as error:  # a model that does not build, or a failure outside fxfeat
             result = dict(library=case["library"], name=case["name"], error=describe_error(error))
         result.update(family=case["family"], seconds=round(time.perf_counter() - start, 1))
@@ -426,6 +430,10 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         error = r.get("error") or auto.get("error") or r.get("eager", {}).get("error") or ""
         lines.append(f"| {r['name']} | {_mark(r.get('eager_equal'))} | {auto.get('compile_s', '-')} | "
                      f"{_levels_text(auto.get('levels'))} | {error.replace('|', chr(92) + '|')} |")
+    if report.get("libraries"):
+        from benchmarks.coverage_libraries import markdown_section
+
+        lines += ["", *markdown_section(report["libraries"])]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -458,6 +466,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--without-registry", action="store_true",
                         help="ignore timm's registry of untraceable layers (to measure what it is worth)")
     parser.add_argument("--render", action="store_true", help="only rewrite --markdown from the --out JSON")
+    parser.add_argument("--without-libraries", action="store_true",
+                        help="leave out the other libraries' section (efficientnet_pytorch, pretrainedmodels, "
+                        "Hugging Face backbones, smp encoders)")
     args = parser.parse_args(argv)
     if args.render:
         report = json.loads(args.out.read_text())
@@ -477,6 +488,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from benchmarks.compile_time import cpu_name
 
     cases = _cases(args)
+    if not args.models and not args.without_libraries:
+        from benchmarks.coverage_libraries import library_cases
+
+        cases += library_cases()
     start = time.monotonic()
     results: list[dict[str, Any]] = []
     progress = tqdm(total=len(cases), disable=args.quiet, desc="coverage", unit="model")
@@ -494,6 +509,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         progress.close()
     order = {(c["library"], c["name"]): i for i, c in enumerate(cases)}
     results.sort(key=lambda r: order[(r["library"], r["name"])])
+    from benchmarks.coverage_libraries import LIBRARIES, summarise_libraries
+
+    libraries = [r for r in results if r["library"] in LIBRARIES]
+    results = [r for r in results if r["library"] not in LIBRARIES]
     report = dict(
         machine=f"{cpu_name()}, {args.workers} workers x 1 thread, {platform.system()}",
         date=datetime.date.today().isoformat(),
@@ -504,6 +523,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         summary=summarise(results),
         torchvision_changed=_torchvision_changes(results, args.previous or args.out),
         results=results,
+        libraries=libraries,
+        libraries_summary=summarise_libraries(libraries),
     )
     for r in results:
         if r["library"] == "timm":

@@ -3,8 +3,9 @@ are:
 
 - ``efficientnet_pytorch`` (its one family, the smallest model): the maps of ``extract_endpoints`` up to the last
   block (``reduction_6`` is the head convolution, which fxfeat's convention leaves out);
-- ``pretrainedmodels``: the smallest model of each family (its module), random weights: ``model.features(x)``, the
-  map the library's ``logits`` pools, against fxfeat's deepest level and its ``mode="unpooled"``;
+- ``pretrainedmodels``: the smallest model of each family (its module), random weights, at the size it declares:
+  ``model.features(x)``, the map the library's ``logits`` pools, against fxfeat's levels (*identical* here: it is
+  the deepest) and its ``mode="unpooled"``;
 - Hugging Face ``transformers``: every model class with a ``*Backbone`` counterpart, default configuration, random
   weights shared with the backbone: the backbone's feature maps for every stage, its extra norms removed
   (``hidden_states_norms``, ``apply_layernorm``);
@@ -53,8 +54,7 @@ def library_cases() -> list[dict[str, str]]:
         smallest: dict[str, tuple[int, str]] = {}
         for name in pretrainedmodels.model_names:
             family = pretrainedmodels.__dict__[name].__module__.rsplit(".", 1)[-1]
-            with torch.device("meta"):
-                size = sum(p.numel() for p in _pretrainedmodels(name).parameters())
+            size = _parameters(lambda name=name: _pretrainedmodels(name))
             if family not in smallest or size < smallest[family][0]:
                 smallest[family] = (size, name)
         cases += [dict(library="pretrainedmodels", name=name, family=family)
@@ -74,14 +74,24 @@ def library_cases() -> list[dict[str, str]]:
         smallest = {}
         for name, entry in smp.encoders.encoders.items():
             family = entry["encoder"].__name__
-            with torch.device("meta"):
-                size = sum(p.numel() for p in smp.encoders.get_encoder(name, weights=None).parameters())
+            size = _parameters(lambda name=name: smp.encoders.get_encoder(name, weights=None))
             if family not in smallest or size < smallest[family][0]:
                 smallest[family] = (size, name)
         cases += [dict(library="smp", name=name, family=family) for family, (_, name) in sorted(smallest.items())]
     except ImportError:
         pass
     return cases
+
+
+def _parameters(build) -> int:
+    """Parameter count of the module ``build()`` makes: on the ``meta`` device where its constructor allows it
+    (no memory, no time), else for real."""
+    try:
+        with torch.device("meta"):
+            module = build()
+    except Exception:  # a constructor reading a value (``x.item()``) cannot run on meta tensors
+        module = build()
+    return sum(parameter.numel() for parameter in module.parameters())
 
 
 def _pretrainedmodels(name: str) -> nn.Module:
@@ -151,14 +161,18 @@ def check_library_model(library: str, name: str) -> dict[str, Any]:
         model, reference = _build(library, name)
     except LookupError as skipped:
         return dict(result, skipped=str(skipped))
-    size = (3, 299, 299) if name in ("inceptionv4", "inceptionresnetv2", "xception", "bninception") else (
-        3, 331, 331) if "nasnetalarge" in name or "pnasnet" in name else (3, 224, 224)
+    declared = getattr(model, "input_size", None)  # pretrainedmodels' models declare theirs
+    size = tuple(declared) if isinstance(declared, (list, tuple)) and len(declared) == 3 else (3, 224, 224)
     torch.manual_seed(1)
     x = torch.randn(1, *size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             extractor = fxfeat.compile(model, levels="auto", input_size=size).eval()
+            count = len(extractor.feature_info)
+            if len(extractor.feature_info.out_indices) < count:  # an isotropic body: every block, not the last 3
+                extractor = fxfeat.compile(model, levels="auto", input_size=size,
+                                           out_indices=tuple(range(count))).eval()
         except Exception as error:
             return dict(result, error=f"compile: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
         result["levels"] = [dict(module=e["module"], node=e["node"], reduction=e["reduction"], channels=e["num_chs"])
@@ -174,7 +188,8 @@ def check_library_model(library: str, name: str) -> dict[str, Any]:
                  for map_ in maps]
         result.update(references=[list(map_.shape[1:]) for map_ in maps], found=found,
                       contained=all(i is not None for i in found),
-                      identical=found == list(range(len(outputs))))
+                      identical=found == list(range(len(outputs))) if library != "pretrainedmodels" else
+                      found == [len(outputs) - 1])  # features() is one map: the deepest level
         references = eager_references(model, extractor.feature_info, x)
         result["eager_equal"] = all(_equal(same_layout(r, o), o) for r, o in zip(references, outputs))
         if library == "pretrainedmodels":
@@ -212,6 +227,18 @@ def summarise_libraries(results: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+# Why fxfeat's levels and a library's reference differ, where analysed (rendered beside the miss).
+EXPLANATIONS = {
+    "SwinBackbone": "SwinBackbone runs its encoder with `always_partition=True`, so its last stage (shifted windows "
+    "on a map the size of a window) computes another function than SwinModel's, whose last hidden state fxfeat's "
+    "deepest level equals; the maps before the three mergings are equal",
+    "FocalNetBackbone": "FocalNetBackbone returns each stage's map after its downsampling (its hidden states), "
+    "unlike SwinBackbone; fxfeat's levels are the maps before the downsampling, as for Swin",
+    "HieraBackbone": "Hiera unrolls its map into tokens that are not in raster order, so fxfeat takes none of its "
+    "token maps as levels (docs/levels.md)",
+    "dpn68": "the dual-path blocks return (residual, dense) pairs, no single map per block: levels between are off "
+    "the dominator chain (multi-branch, as HRNet's)",
+}
 _TITLES = {"efficientnet_pytorch": "efficientnet_pytorch (against `extract_endpoints` up to the last block)",
            "pretrainedmodels": "pretrainedmodels (against `features()`)",
            "transformers": "Hugging Face `*Backbone` counterparts (against the backbone's maps, extra norms removed)",
@@ -222,8 +249,9 @@ def markdown_section(results: list[dict[str, Any]]) -> list[str]:
     """The report's lines for the section."""
     summary = summarise_libraries(results)
     lines = ["## Other libraries", "",
-             "Each model against what its own library gives as its features (see `benchmarks/coverage_libraries.py`):"
-             " *contained*: each reference map equals one of fxfeat's automatic levels; *identical*: the same list.",
+             "Each model against what its own library gives as its features (see "
+             "`benchmarks/coverage_libraries.py`): *contained*: each reference map equals one of fxfeat's automatic "
+             "levels; *identical*: the same list.",
              "", "| library | measured | compile | contained | identical | bit-equal to eager | unpooled = features() |",
              "|---|---|---|---|---|---|---|"]
     for library, counts in summary.items():
@@ -234,14 +262,15 @@ def markdown_section(results: list[dict[str, Any]]) -> list[str]:
                      f"{unpooled} |")
     for library in summary:
         lines += ["", f"### {_TITLES.get(library, library)}", "",
-                  "| family | model | contained | identical | eager | fxfeat levels | note |", "|---|---|---|---|---|---|---|"]
+                  "| family | model | contained | identical | eager | fxfeat levels | note |",
+                  "|---|---|---|---|---|---|---|"]
         for row in (row for row in results if row["library"] == library):
             levels = " ".join(f"{level['module'] or level['node']}@{level['reduction']}"
                               for level in row.get("levels", []))
             note = row.get("skipped") or row.get("error") or ""
             if row.get("levels") and not row.get("contained"):
                 missing = [shape for shape, i in zip(row.get("references", []), row.get("found", [])) if i is None]
-                note = f"reference maps not among the levels: {missing}"
+                note = EXPLANATIONS.get(row["name"], f"reference maps not among the levels: {missing}")
             if row.get("unpooled_error"):
                 note += f" unpooled: {row['unpooled_error']}"
             lines.append(f"| {row.get('family', '')} | {row['name']} | {_mark(row.get('contained'))} | "
