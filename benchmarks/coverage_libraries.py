@@ -252,7 +252,8 @@ def markdown_section(results: list[dict[str, Any]]) -> list[str]:
              "Each model against what its own library gives as its features (see "
              "`benchmarks/coverage_libraries.py`): *contained*: each reference map equals one of fxfeat's automatic "
              "levels; *identical*: the same list.",
-             "", "| library | measured | compile | contained | identical | bit-equal to eager | unpooled = features() |",
+             "",
+             "| library | measured | compile | contained | identical | bit-equal to eager | unpooled = features() |",
              "|---|---|---|---|---|---|---|"]
     for library, counts in summary.items():
         unpooled = "-" if counts["unpooled_equal"] is None else f"{counts['unpooled_equal']}/{counts['compiled']}"
