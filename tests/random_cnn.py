@@ -15,9 +15,16 @@ or in a downsampling module of their own, or in a transition between stages), bu
 - and any of them with squeeze-and-excitation.
 
 Stages are held in an ``nn.Sequential``, an ``nn.ModuleList`` iterated by ``forward``, as attributes of the
-model, or flattened with the stem into one ``features`` container (torchvision's MobileNetV2); a stage itself is
-an ``nn.Sequential`` of blocks or a module of its own. The expected levels are the stem's output at reduction 2
+model, flattened with the stem into one ``features`` container (torchvision's MobileNetV2), or their blocks in one
+flat ``blocks`` list at the root with a head convolution beside it (efficientnet_pytorch's layout); a stage itself
+is an ``nn.Sequential`` of blocks or a module of its own. The expected levels are the stem's output at reduction 2
 (or its conv before a stride-2 max pooling) and each stage's output; the generator returns their module paths.
+
+Besides (issue 23's structures, each drawn at random): a stage of another block kind that keeps the resolution
+after a stage (one level per reduction: the later stage's), stages that downsample at their end (a 2x2 merging
+after their blocks, as Swin's: the level is the last block's output), an activation applied as a function between
+stages (``F.relu(stage(x))``: the level is the function's output, its module the stage), and a 1x1 convolution as
+the classifier before the global pool (unpooled is the last level, not the classifier's map).
 
 Example:
     >>> model, expected, architecture = generate(3)
@@ -27,16 +34,18 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["Architecture", "generate"]
 
 BLOCK_KINDS = ("plain", "residual", "inverted", "dense", "slice", "nhwc")
-CONTAINERS = ("sequential", "modulelist", "attributes", "flat")
+CONTAINERS = ("sequential", "modulelist", "attributes", "flat", "blocklist")
 SUM_STYLES = ("out_of_place", "method", "augmented")
 
 
@@ -200,18 +209,33 @@ class Downsample(nn.Module):
 
 
 class Stage(nn.Module):
-    """A stage as a module of its own: an optional downsampling module, then a list of blocks."""
+    """A stage as a module of its own: an optional downsampling module, then a list of blocks (or, with
+    ``merge_at_end``, the blocks and then the downsampling)."""
 
-    def __init__(self, downsample: nn.Module | None, blocks: list[nn.Module]):
+    def __init__(self, downsample: nn.Module | None, blocks: list[nn.Module], merge_at_end: bool = False):
         super().__init__()
         self.downsample = downsample if downsample is not None else nn.Identity()
         self.blocks = nn.ModuleList(blocks)
+        self.merge_at_end = merge_at_end
 
     def forward(self, x):
-        x = self.downsample(x)
+        if not self.merge_at_end:
+            x = self.downsample(x)
         for block in self.blocks:
             x = block(x)
-        return x
+        return self.downsample(x) if self.merge_at_end else x
+
+
+class Merging(nn.Module):
+    """Swin-style patch merging closing a stage: a norm, then a 2x2 stride-2 convolution."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(cin)
+        self.reduction = nn.Conv2d(cin, cout, 2, 2)
+
+    def forward(self, x):
+        return self.reduction(self.norm(x))
 
 
 class Stem(nn.Module):
@@ -236,10 +260,16 @@ class Architecture:
     depths: tuple[int, ...]
     se: bool
     sum_style: str
+    keep_stage: int | None = None  # after this stage, another of another block kind at the same resolution
+    merge_at_end: bool = False
+    functional_act: bool = False
+    conv_classifier: bool = False
 
     def __str__(self) -> str:
         return (f"seed={self.seed} block={self.block} container={self.container} stage={self.stage_type} "
-                f"stem_pool={self.stem_pool} depths={self.depths} se={self.se} sum={self.sum_style}")
+                f"stem_pool={self.stem_pool} depths={self.depths} se={self.se} sum={self.sum_style} "
+                f"keep_stage={self.keep_stage} merge_at_end={self.merge_at_end} "
+                f"functional_act={self.functional_act} conv_classifier={self.conv_classifier}")
 
 
 class GeneratedNet(nn.Module):
@@ -250,16 +280,23 @@ class GeneratedNet(nn.Module):
     """
 
     def __init__(self, stem: nn.Module, stages: list[list[nn.Module]], channels: int, container: str,
-                 stage_type: str, num_classes: int = 10):
+                 stage_type: str, num_classes: int = 10, merge_at_end: bool = False, functional_act: bool = False,
+                 conv_classifier: bool = False):
         super().__init__()
-        self.container = container
-        if container == "flat":
-            self.features = nn.Sequential(stem, *(module for stage in stages for module in stage))
+        self.container, self.functional_act = container, functional_act
+        if container in ("flat", "blocklist"):
+            flat = [module for stage in stages for module in stage]
             ends = [sum(len(stage) for stage in stages[:i + 1]) for i in range(len(stages))]
-            self.paths = [f"features.{end}" for end in ends]
+            if container == "flat":
+                self.features = nn.Sequential(stem, *flat)
+                self.paths = [f"features.{end}" for end in ends]
+            else:  # efficientnet_pytorch: the blocks in one list, a head convolution beside them at the root
+                self.stem, self.blocks = stem, nn.ModuleList(flat)
+                self.head_conv = ConvNormAct(channels, channels, 1)
+                self.paths = [f"blocks.{end - 1}" for end in ends]
         else:
             self.stem = stem
-            wrapped = [_wrap(stage_type, stage) for stage in stages]
+            wrapped = [_wrap(stage_type, stage, merge_at_end and i < len(stages) - 1) for i, stage in enumerate(stages)]
             if container == "sequential":
                 self.stages = nn.Sequential(*wrapped)
             elif container == "modulelist":
@@ -269,7 +306,10 @@ class GeneratedNet(nn.Module):
                     setattr(self, f"stage{i + 1}", stage)
             self.paths = [f"stage{i + 1}" if container == "attributes" else f"stages.{i}" for i in range(len(stages))]
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
+        if conv_classifier:  # a 1x1 convolution on the map, then the pooling (SqueezeNet's head)
+            self.classifier = nn.Conv2d(channels, num_classes, 1)
+        else:
+            self.fc = nn.Linear(channels, num_classes)
 
     def forward(self, x):
         if self.container == "flat":
@@ -279,8 +319,14 @@ class GeneratedNet(nn.Module):
             if self.container == "sequential":
                 x = self.stages(x)
             else:
-                for path in self.paths:
-                    x = self.get_submodule(path)(x)
+                for module in self.blocks if self.container == "blocklist" else map(self.get_submodule, self.paths):
+                    x = module(x)
+                    if self.functional_act and self.container != "blocklist":
+                        x = F.relu(x)
+            if self.container == "blocklist":
+                x = self.head_conv(x)
+        if hasattr(self, "classifier"):
+            return torch.flatten(self.pool(self.classifier(x)), 1)
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
@@ -310,22 +356,48 @@ def generate(seed: int) -> tuple[nn.Module, list[str], Architecture]:
         se=rng.random() < 0.3,
         sum_style=rng.choice(SUM_STYLES),
     )
+    merge = (architecture.stage_type == "module" and architecture.container in ("sequential", "modulelist", "attributes")
+             and architecture.block in ("plain", "residual", "inverted") and rng.random() < 0.9)
+    keep = None if merge or rng.random() < 0.6 else rng.randrange(len(architecture.depths))
+    functional = architecture.container in ("modulelist", "attributes") and rng.random() < 0.5
+    architecture = dataclasses.replace(architecture, keep_stage=keep, merge_at_end=merge, functional_act=functional,
+                                       conv_classifier=rng.random() < 0.3)
     torch.manual_seed(seed)
     width = rng.choice((8, 12, 16))
     stem = Stem(width, architecture.stem_pool)
     stages: list[list[nn.Module]] = []
-    channels = width
+    channels, dropped = width, None
     for index, depth in enumerate(architecture.depths):
+        if merge:  # blocks at the stem's resolution first; each stage but the last closes with a merging
+            last = index == len(architecture.depths) - 1
+            blocks = [_block(architecture.block, channels, channels, 1, architecture.se, architecture.sum_style)
+                      for _ in range(depth)]
+            stages.append(blocks if last else [*blocks, Merging(channels, channels * 2)])
+            channels = channels if last else channels * 2
+            continue
         # With a max-pooling stem the first stage keeps the resolution (ResNet); otherwise every stage halves it.
         stride = 1 if index == 0 and architecture.stem_pool else 2
         out = channels * 2 if stride == 2 else channels
         stages.append(_stage(architecture, channels, out, stride, depth))
         channels = _dense_channels(stages[-1][-1]) if architecture.block == "dense" else out
-    model = GeneratedNet(stem, stages, channels, architecture.container, architecture.stage_type)
+        if index == keep:  # a stage of another kind at the same resolution: the level of it is the later one
+            kind = rng.choice([k for k in ("plain", "residual", "inverted") if k != architecture.block])
+            stages.append([_block(kind, channels, channels, 1, architecture.se, architecture.sum_style)
+                           for _ in range(2)])  # one block of another kind ending a flat list would be head
+            dropped = len(stages) - 2
+    model = GeneratedNet(stem, stages, channels, architecture.container, architecture.stage_type,
+                         merge_at_end=merge, functional_act=functional,
+                         conv_classifier=architecture.conv_classifier)
     stem_path = "features.0" if architecture.container == "flat" else "stem"
     stem_level = f"{stem_path}.conv" if architecture.stem_pool else stem_path
+    paths = [path for i, path in enumerate(model.paths) if i != dropped]
+    if merge:  # stage 0 runs at the stem's reduction; the level of each merged stage is its last block
+        paths = [f"{path}.blocks.{len(stage) - 2}" for path, stage in zip(model.paths[:-1], stages)]
+        expected = [stem_level] * architecture.stem_pool + [*paths, model.paths[-1]]
+    else:
+        expected = [stem_level, *paths]
     _randomise_norms(model)
-    return model.eval(), [stem_level, *model.paths], architecture
+    return model.eval(), expected, architecture
 
 
 def _stage(architecture: Architecture, cin: int, cout: int, stride: int, depth: int) -> list[nn.Module]:
@@ -342,8 +414,10 @@ def _stage(architecture: Architecture, cin: int, cout: int, stride: int, depth: 
     return blocks + [_block(kind, cout, cout, 1, se, architecture.sum_style) for _ in range(depth - 1)]
 
 
-def _wrap(stage_type: str, modules: list[nn.Module]) -> nn.Module:
+def _wrap(stage_type: str, modules: list[nn.Module], merge_at_end: bool = False) -> nn.Module:
     if stage_type == "module":
+        if merge_at_end:  # the blocks keep the resolution; a merging closes the stage
+            return Stage(modules[-1], modules[:-1], merge_at_end=True)
         has_downsample = isinstance(modules[0], (Transition, Downsample))
         return Stage(modules[0] if has_downsample else None, modules[1:] if has_downsample else modules)
     return nn.Sequential(*modules)

@@ -19,6 +19,10 @@ ZOO_SEEDS = range(40, 400)
 INPUT_SIZE = (3, 96, 128)
 
 
+def outputs_nodes(extractor) -> list[str]:
+    return [entry["node"] for entry in extractor.feature_info.get_dicts()]
+
+
 def check_generated(seed: int) -> None:
     model, expected, architecture = generate(seed)
     x = torch.randn(2, *INPUT_SIZE)
@@ -37,10 +41,18 @@ def check_generated(seed: int) -> None:
         outputs = extractor(x)
     found = extractor.feature_info.module_name()
     assert found == expected, f"{architecture}: levels {found}, expected {expected}"
+    stages = set(model.paths)
     for path, output in zip(expected, outputs):
-        assert torch.equal(output, references[path]), f"{architecture}: {path} differs from the eager tensor"
+        reference = references[path]
+        if architecture.functional_act and path in stages:  # F.relu(stage(x)) between the stages
+            reference = torch.relu(reference)
+        assert torch.equal(output, reference), f"{architecture}: {path} differs from the eager tensor"
     reductions = extractor.feature_info.reduction()
     assert reductions == [2 ** (i + 1) for i in range(len(expected))], f"{architecture}: {reductions}"
+    if architecture.conv_classifier:  # the head begins at the 1x1 convolution before the pool
+        head = fxfeat.inspect(model, input_size=INPUT_SIZE).head
+        last = "head_conv_act" if architecture.container == "blocklist" else outputs_nodes(extractor)[-1]
+        assert head.unpooled == last, f"{architecture}: {head}"  # a head conv after the trunk is forward_features
 
 
 @pytest.mark.parametrize("seed", CI_SEEDS)
@@ -63,3 +75,6 @@ def test_generator_covers_every_kind():
     assert {a.container for a in architectures} == set(CONTAINERS)
     assert {a.sum_style for a in architectures if a.block in ("residual", "slice")} == set(SUM_STYLES)
     assert {a.stem_pool for a in architectures} == {True, False}
+    for feature in ("merge_at_end", "functional_act", "conv_classifier"):
+        assert {getattr(a, feature) for a in architectures} == {True, False}, feature
+    assert any(a.keep_stage is not None for a in architectures)

@@ -198,7 +198,11 @@ def analyse(traced: TracedModel, input_size: tuple[int, int, int]) -> GraphAnaly
     chain = _main_chain(traced, dataflow)
     versions = returned_versions(traced, aliases)
     level_chain = _level_chain(traced, dataflow, chain, shapes)
-    search = find_levels(traced, level_chain, shapes, versions, tensors)
+    head = find_head(traced, chain, shapes)
+    fully_convolutional = (head.classifier is not None and head.global_pool is not None
+                           and chain.index(head.classifier) < chain.index(head.global_pool))
+    search = find_levels(traced, level_chain, shapes, versions, tensors,
+                         head_begins_after=head.unpooled if fully_convolutional else None)
     return GraphAnalysis(
         traced=traced,
         input_size=tuple(input_size),
@@ -213,7 +217,7 @@ def analyse(traced: TracedModel, input_size: tuple[int, int, int]) -> GraphAnaly
         isotropic=search.isotropic,
         trunk=search.trunk,
         candidates=search.candidates,
-        head=find_head(traced, chain, shapes),
+        head=head,
         decoder=_decoder(traced, dataflow, shapes, search.levels),
         declared=_declared_feature_info(traced.root),
     )

@@ -200,8 +200,9 @@ class _Structure:
     """Positions, module-call spans and repetition facts over the dominator chain."""
 
     def __init__(self, traced: TracedModel, chain: tuple[str, ...], shapes: dict[str, NodeShape],
-                 versions: dict[str, list[str]]):
+                 versions: dict[str, list[str]], tensors: dict[str, str] | None = None):
         self.traced = traced
+        self.tensors = tensors or {}  # writes standing for another node's tensor: that node
         self.chain = chain
         self.shapes = shapes
         self.position = {name: i for i, name in enumerate(chain)}
@@ -334,7 +335,8 @@ class _Structure:
         at its end: the unit is inside it, Swin's patch merging), or that is not repeated and holds no repeated
         call before it (a container of stages)."""
         others = [p for p in self.change_positions if p != position]
-        for key in self.stack(self.chain[position]):
+        stack = self.stack(self.chain[position])
+        for depth, key in enumerate(stack):
             if key not in self.span:
                 continue
             first, last = self.span[key]
@@ -343,19 +345,24 @@ class _Structure:
             if self.is_repeated(key):
                 if not self.holds_block_before(key, position):
                     return key
-            elif not self.holds_repeated_child_before(key, position):
-                return key
+            elif not self.holds_repeated_child_before(key, position) and not (
+                    depth + 1 < len(stack) and self.holds_block_before(stack[depth + 1], position)):
+                return key  # (a container whose stage downsamples at its end is a container of stages)
         return None
+
+    def is_pass_through(self, name: str) -> bool:
+        """A module or function that returns its input, or its input with a border (``nn.Identity``, paddings)."""
+        node = self.nodes[name]
+        if node.op == "call_module":
+            return isinstance(self.traced.root.get_submodule(node.target), _PASS_THROUGH_MODULES)
+        return node.op == "call_function" and node.target in _PASS_THROUGH_FUNCTIONS
 
     def is_returned(self, name: str) -> bool:
         """A module call returns node ``name``, which is not a pass-through (``nn.Identity``) nor a padding (the
         border a max pooling needs); the input is no level."""
         if name not in self._returned:
             node = self.nodes[name]
-            passing = node.op == "call_module" and isinstance(
-                self.traced.root.get_submodule(node.target), _PASS_THROUGH_MODULES)
-            passing = passing or (node.op == "call_function" and node.target in _PASS_THROUGH_FUNCTIONS)
-            self._returned[name] = node.op != "placeholder" and not passing and bool(
+            self._returned[name] = node.op != "placeholder" and not self.is_pass_through(name) and bool(
                 returning_calls(self.traced, name, self.versions))
         return self._returned[name]
 
@@ -394,6 +401,8 @@ class _Structure:
                 if operands and all(self.shapes[operand].shape == shape.shape and self.shapes[operand].fmt == shape.fmt
                                     for operand in operands):
                     latest = max(operands, key=self.order.__getitem__)
+                    while self.is_pass_through(latest) and self.nodes[latest].all_input_nodes:  # nn.Identity
+                        latest = self.nodes[latest].all_input_nodes[0].name
                     self._continues[name] = latest if self.is_returned(latest) else self.continues(latest)
         return self._continues[name]
 
@@ -414,15 +423,19 @@ class _Structure:
         """``name``, or the last of the element-wise functions that follow it on the chain, each reading the one
         before, between module calls (a functional activation between the last stage and a functional global
         pool; not the functions inside a norm module after the trunk, which is head)."""
-        i = self.position[name]
-        while i + 1 < len(self.chain):
-            current, following = self.chain[i], self.chain[i + 1]
+        level = current = name
+        for following in self.chain[self.position[name] + 1:]:
+            read = {arg.name for arg in self.nodes[following].all_input_nodes}
+            if current not in read and self.tensors.get(current) not in read:  # a write stands for its tensor
+                break
+            if self.is_pass_through(following):  # an nn.Identity the block calls last: the same tensor
+                current = following
+                continue
             stack = self.stack(following)
-            if (self.continues(following) is None or stack != self.stack(current)[: len(stack)]
-                    or current not in {arg.name for arg in self.nodes[following].all_input_nodes}):
+            if self.continues(following) is None or stack != self.stack(level)[: len(stack)]:
                 break  # not an element-wise function reading it, or one inside a module of its own (a norm)
-            i += 1
-        return self.chain[i]
+            level = current = following
+        return level
 
     def head_start(self, reduction: int) -> int:
         """Chain position after the trunk's last repeated call at ``reduction`` (rule 5); the end of the trunk
@@ -488,8 +501,9 @@ class _Structure:
         return not call.is_leaf or any(True for _ in self.traced.root.get_submodule(call.path).children())
 
     def is_stage_among_stages(self, path: str, reduction: int) -> bool:
-        """Whether module ``path`` or one enclosing it has a same-class sibling whose last map on the chain is at
-        a reduction other than ``reduction`` (DenseNet's last dense block, ConvNeXt's last stage)."""
+        """Whether module ``path`` or one enclosing it has a same-class sibling whose last map on the chain, or
+        any map on the chain inside it, is at a reduction other than ``reduction`` (DenseNet's last dense block,
+        ConvNeXt's last stage, a stage after one that runs at another reduction and merges at its end)."""
         while path:
             parent_path, _, name = path.rpartition(".")
             parent = self.traced.root.get_submodule(parent_path)
@@ -498,8 +512,8 @@ class _Structure:
                 span = self.path_span(f"{parent_path}.{other}" if parent_path else other)
                 if other == name or type(child) is not kind or span is None:
                     continue
-                last = self.chain[span[1]]
-                if self.is_map(last) and self.reduction(last) != reduction:
+                inside = self.chain[span[0]: span[1] + 1]
+                if any(self.is_map(name) and self.reduction(name) != reduction for name in inside):
                     return True
             path = parent_path
         return False
@@ -599,6 +613,7 @@ def returned_maps(traced: TracedModel, shapes: dict[str, NodeShape]) -> list[tup
 def find_levels(
     traced: TracedModel, chain: tuple[str, ...], shapes: dict[str, NodeShape],
     versions: dict[str, list[str]] | None = None, tensors: dict[str, str] | None = None,
+    head_begins_after: str | None = None,
 ) -> LevelSearch:
     """Discover the levels of a model (see the module docstring for the rule).
 
@@ -608,8 +623,10 @@ def find_levels(
         shapes: shape of every node; a write into a view of a tensor has the shape of the whole tensor.
         versions: calls whose returned tensor is last written by a write, by write (:func:`returned_versions`).
         tensors: for writes standing for another node's tensor, that node.
+        head_begins_after: the node after which a fully-convolutional head begins (its classifier is a convolution
+            applied to the map before the global pool): no level lies after it.
     """
-    structure = _Structure(traced, chain, shapes, versions or {})
+    structure = _Structure(traced, chain, shapes, versions or {}, tensors)
     changes = _stride_changes(structure)
     structure.trunk = _trunk(structure, changes)
     dilated = _dilated_changes(structure)
@@ -633,7 +650,10 @@ def find_levels(
         level = structure.last_candidate(range(entry - 1, -1, -1), change.before)
         if level is not None:
             levels.append(level)
-    last = structure.last_candidate(range(structure.head_start(running) - 1, -1, -1), running)
+    head_start = structure.head_start(running)
+    if head_begins_after in structure.position:
+        head_start = min(head_start, structure.position[head_begins_after] + 1)
+    last = structure.last_candidate(range(head_start - 1, -1, -1), running)
     if last is None:  # no module returns a map at the final reduction before the head: take any after it
         last = next((chain[i] for i in range(len(chain) - 1, -1, -1)
                      if structure.is_map(chain[i], running) and structure.is_returned(chain[i])), None)
