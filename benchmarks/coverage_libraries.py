@@ -161,8 +161,7 @@ def check_library_model(library: str, name: str) -> dict[str, Any]:
         model, reference = _build(library, name)
     except LookupError as skipped:
         return dict(result, skipped=str(skipped))
-    declared = getattr(model, "input_size", None)  # pretrainedmodels' models declare theirs
-    size = tuple(declared) if isinstance(declared, (list, tuple)) and len(declared) == 3 else (3, 224, 224)
+    size = _declared_size(library, name)
     torch.manual_seed(1)
     x = torch.randn(1, *size)
     with warnings.catch_warnings():
@@ -201,6 +200,25 @@ def check_library_model(library: str, name: str) -> dict[str, Any]:
                 result["unpooled_equal"] = False
                 result["unpooled_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
     return result
+
+
+def _declared_size(library: str, name: str) -> tuple[int, int, int]:
+    """The input size a library declares for a model's weights (pretrainedmodels' and smp's
+    ``pretrained_settings``: 299 for the Inception family, 331 for the large NASNets), else 3x224x224."""
+    settings = {}
+    if library == "pretrainedmodels":
+        import pretrainedmodels
+
+        settings = pretrainedmodels.pretrained_settings.get(name, {})
+    elif library == "smp":
+        import segmentation_models_pytorch as smp
+
+        settings = smp.encoders.encoders[name].get("pretrained_settings") or {}
+    for entry in settings.values():
+        size = entry.get("input_size") if isinstance(entry, dict) else None
+        if isinstance(size, (list, tuple)) and len(size) == 3:
+            return tuple(size) if size[0] in (1, 3) else (size[2], size[0], size[1])
+    return (3, 224, 224)
 
 
 def _equal(reference: torch.Tensor, output: torch.Tensor) -> bool:

@@ -199,3 +199,14 @@ def test_unpooled_stops_where_a_convolutional_head_begins():
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(extractor(x), model.features(x))
+
+
+def test_pretrainedmodels_dpn_test_time_pooling_unpooled_is_its_features():
+    pretrainedmodels = pytest.importorskip("pretrainedmodels")
+    torch.manual_seed(0)
+    model = pretrainedmodels.dpn68(num_classes=1000, pretrained=None).eval()
+    assert model.test_time_pool  # avg_pool2d(k=7, s=1), the 1x1 conv classifier, then an adaptive pool
+    extractor = fxfeat.compile(model, mode="unpooled").eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(extractor(x), model.features(x))
