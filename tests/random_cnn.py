@@ -29,7 +29,7 @@ the classifier before the global pool (unpooled is the last level, not the class
 Example:
     >>> model, expected, architecture = generate(3)
     >>> expected[0], len(expected) == len(architecture.depths) + 1
-    ('stem', True)
+    ('stem.conv', True)
 """
 
 from __future__ import annotations

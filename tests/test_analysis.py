@@ -125,17 +125,19 @@ def test_in_place_writes_are_new_versions_of_the_tensor():
 
 
 class _ReadThenOverwrite(nn.Module):
-    """The next layer overwrites a level in place: the level is returned as the module returned it."""
+    """The next unit overwrites a level in place (its first layer, an in-place ReLU, as legacy Xception's blocks):
+    the level is returned as the module returned it. (A function between module calls, ``self.down(x.relu_())``,
+    would be part of the level: tests/test_level_structures.py.)"""
 
     def __init__(self):
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
         self.stage = nn.Conv2d(8, 8, 3, padding=1)
-        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.down = nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(8, 16, 3, stride=2, padding=1))
 
     def forward(self, x):
         x = self.stage(self.stem(x))
-        return self.down(torch.relu_(x)).mean((2, 3))
+        return self.down(x).mean((2, 3))
 
 
 def test_a_level_written_later_is_returned_as_computed():

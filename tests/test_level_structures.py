@@ -210,3 +210,28 @@ def test_pretrainedmodels_dpn_test_time_pooling_unpooled_is_its_features():
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.equal(extractor(x), model.features(x))
+
+
+class _InPlaceBetween(nn.Module):
+    """``self.down(torch.relu_(x))``: an in-place activation as a function between module calls, then dropout."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.stage = nn.Conv2d(8, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        x = torch.relu_(self.stage(self.stem(x)))
+        return self.down(F.dropout(x, 0.1, self.training)).mean((2, 3))
+
+
+def test_an_in_place_function_between_modules_is_the_level_and_dropout_is_not():
+    model = _InPlaceBetween().eval()
+    extractor = fxfeat.compile(model, input_size=(3, 64, 64), out_indices=(0,))
+    entry = extractor.feature_info.get_dicts()[0]
+    assert (entry["module"], entry["node"], entry["module_output"]) == ("stage", "relu_", False)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(extractor.eval()(x)[0], torch.relu(model.stage(model.stem(x))))
+    assert_bit_equal_to_eager(model, fxfeat.compile(model, input_size=(3, 64, 64)), x)

@@ -63,6 +63,7 @@ def _hooked_features(model: nn.Module, extractor, x: torch.Tensor) -> list[torch
     features = []
     for index in info.out_indices:
         entry, value = info[index], captured[info[index]["module"]]
+        assert entry.get("module_output", True), f"{entry['node']} is computed after its module: no hook sees it"
         if entry["native_fmt"] == "NLC":  # tokens -> NCHW map, prefix tokens dropped (at the compile size)
             channels, height, width = entry["shape"]
             value = value[:, entry["num_prefix_tokens"]:].reshape(len(x), height, width, channels).permute(0, 3, 1, 2)
@@ -338,13 +339,14 @@ class _ShapeCheckedNet(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
         self.norm = nn.BatchNorm2d(8)
+        self.act = nn.ReLU()
         self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
 
     def forward(self, x):
         if x.shape[1] != 3:
             raise ValueError("RGB only")
-        x = self.norm(self.conv(x)).relu()
-        x = nn.functional.dropout(x, 0.5, self.training)
+        x = self.act(self.norm(self.conv(x)))
+        x = nn.functional.dropout(x, 0.5, self.training)  # a level stops before dropout
         return self.conv2(x).mean((2, 3))
 
 

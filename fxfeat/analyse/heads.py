@@ -87,6 +87,21 @@ _POOLING_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.
                       F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool1d, F.adaptive_max_pool2d}
 
 
+def _only_pools_after(traced: TracedModel, classifier: str, global_pool: str) -> bool:
+    """Whether the nodes computed between a 1x1-convolution ``classifier`` and the ``global_pool`` carry no
+    parameters and read nothing computed before the classifier: logits pooled (an activation, a pooling), not a
+    1x1 convolution inside the features (followed by a norm, a residual sum)."""
+    order = {node.name: i for i, node in enumerate(traced.graph.nodes)}
+    start, end = order[classifier], order[global_pool]
+    for node in traced.graph.nodes:
+        if not start < order[node.name] < end or node.op in ("get_attr", "placeholder"):
+            continue
+        if _is_parametrised(traced, node) or any(
+                order[arg.name] < start and arg.op != "get_attr" for arg in node.all_input_nodes):
+            return False
+    return True
+
+
 def find_head(traced: TracedModel, chain: tuple[str, ...], shapes: dict[str, NodeShape]) -> Head:
     """Locate the global pooling and the classifier on the dominator chain."""
     nodes = traced.nodes
@@ -113,9 +128,10 @@ def find_head(traced: TracedModel, chain: tuple[str, ...], shapes: dict[str, Nod
     if last is not None and nodes[chain[last + 1]].op != "output":
         global_pool = chain[last + 1]
         head = last + 1
-        if classifier is not None and chain.index(classifier) < head:  # a convolutional classifier before the
-            head = chain.index(classifier)  # global pool, after any pooling of its own (test-time pooling)
-            while head > 1 and _is_pooling(traced, nodes[chain[head - 1]]):
+        if classifier is not None and chain.index(classifier) < head and _only_pools_after(traced, classifier,
+                                                                                          global_pool):
+            head = chain.index(classifier)  # a convolutional classifier before the global pool, after any
+            while head > 1 and _is_pooling(traced, nodes[chain[head - 1]]):  # pooling of its own (test-time)
                 head -= 1
         unpooled = next(
             (chain[i] for i in range(head - 1, 0, -1) if is_spatial(chain[i]) and not is_identity(chain[i])), None

@@ -194,6 +194,10 @@ _REARRANGING_FUNCTIONS = {torch.roll, torch.flip, torch.transpose, torch.permute
                           operator.getitem, torch.flatten, torch.unflatten, torch.swapaxes, torch.movedim}
 _REARRANGING_METHODS = {"roll", "flip", "transpose", "permute", "rot90", "reshape", "view", "flatten", "unflatten",
                         "swapaxes", "movedim", "expand", "repeat", "__getitem__"}
+# Regularisation, not a feature transform (an identity in eval mode, noise in training): a level stops before it,
+# as a forward hook on the module before it sees the map.
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+                      torch.dropout, torch.dropout_, torch.feature_dropout, torch.alpha_dropout}
 
 
 class _Structure:
@@ -395,7 +399,8 @@ class _Structure:
         if name not in self._continues:
             self._continues[name] = None
             node, shape = self.nodes[name], self.shapes.get(name)
-            rearranges = node.target in _REARRANGING_FUNCTIONS or node.target in _REARRANGING_METHODS
+            rearranges = (node.target in _REARRANGING_FUNCTIONS or node.target in _REARRANGING_METHODS
+                          or node.target in _DROPOUT_FUNCTIONS)
             if node.op in ("call_function", "call_method") and not rearranges and self.is_map(name):
                 operands = [arg.name for arg in node.all_input_nodes if self.is_map(arg.name)]
                 if operands and all(self.shapes[operand].shape == shape.shape and self.shapes[operand].fmt == shape.fmt
