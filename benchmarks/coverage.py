@@ -172,8 +172,10 @@ class _Pool:
 # Why fxfeat's automatic levels differ from timm's declared ones, by family, as analysed (docs/levels.md gives
 # the conventions). Rendered next to every remaining miss; a miss without an entry is flagged as not analysed.
 EXPLANATIONS = {
-    "coat": "multi-branch: CoaT's parallel blocks mix the four resolutions at every step, so no map between the "
-    "serial stages and the end lies on every path; fxfeat leaves levels off the dominator chain to `levels=[...]`",
+    "coat": "multi-branch: CoaT's parallel blocks mix reductions 8 to 32 at every step; fxfeat takes each "
+    "reduction's last map before the chain reaches reduction 32 (the position encodings `cpe2`, `cpe3` the last "
+    "parallel block reads) and `norm4`, where timm returns the last parallel block's outputs, read only by the "
+    "classification head's norms",
     "crossvit": "multi-branch: two token branches with different patch sizes exchange their class tokens at every "
     "block, so no map lies on every path; fxfeat leaves levels off the dominator chain to `levels=[...]`",
     **dict.fromkeys(
@@ -189,16 +191,17 @@ EXPLANATIONS = {
         "timm declares several levels at one reduction in a hierarchical model (stages after the last "
         "downsampling that are not one isotropic body); fxfeat returns one level per reduction",
     ),
-    "efficientvim": "each stage downsamples at its end and returns its map before the downsampling beside the "
-    "downsampled one; fxfeat takes the stage as the unit of that downsampling, so its level is the stage's input",
-    "hrnet": "multi-branch: parallel resolution branches, so no map below reduction 4 lies on every path; timm "
-    "returns its classification head's `incre_modules`; fxfeat leaves levels off the dominator chain to `levels=[...]`",
+    "hrnet": "multi-branch: fxfeat takes each reduction's last map computed at it, the classification head's "
+    "`incre_modules.0`..`.2` (timm's tensors), and at reduction 32 `final_layer`, the model's `forward_features`, "
+    "where timm returns `incre_modules.3` (the head's last sum and its 1x1 convolution follow it)",
     "mobilenetv5": "multi-branch: the last stage (reduction 32) feeds a fusion adapter beside the reduction-16 stage, "
     "so it lies off the dominator chain; fxfeat leaves levels off the chain to `levels=[...]`",
     **dict.fromkeys(
         ["nasnet", "pnasnet"],
-        "multi-branch: each cell reads the outputs of the two previous cells, so no map between the stem and the "
-        "last cell lies on every path; fxfeat leaves levels off the dominator chain to `levels=[...]`",
+        "timm convention: each declared level is the ReLU the next reduction cell applies to its input "
+        "(`conv_1x1.act`, inside that cell); fxfeat returns the last cell at each reduction before it (its levels "
+        "between the stem and the last cell come from the cells reading two earlier cells, docs/levels.md rule 7), "
+        "and the last cell rather than the final `act`, a layer after the trunk",
     ),
     **dict.fromkeys(
         ["ghostnet", "repghost"],

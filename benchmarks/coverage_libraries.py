@@ -254,8 +254,6 @@ EXPLANATIONS = {
     "unlike SwinBackbone; fxfeat's levels are the maps before the downsampling, as for Swin",
     "HieraBackbone": "Hiera unrolls its map into tokens that are not in raster order, so fxfeat takes none of its "
     "token maps as levels (docs/levels.md)",
-    "dpn68": "the dual-path blocks return (residual, dense) pairs, no single map per block: levels between are off "
-    "the dominator chain (multi-branch, as HRNet's)",
 }
 _TITLES = {"efficientnet_pytorch": "efficientnet_pytorch (against `extract_endpoints` up to the last block)",
            "pretrainedmodels": "pretrainedmodels (against `features()`)",

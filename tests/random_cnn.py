@@ -356,7 +356,8 @@ def generate(seed: int) -> tuple[nn.Module, list[str], Architecture]:
         se=rng.random() < 0.3,
         sum_style=rng.choice(SUM_STYLES),
     )
-    merge = (architecture.stage_type == "module" and architecture.container in ("sequential", "modulelist", "attributes")
+    merge = (architecture.stage_type == "module"
+             and architecture.container in ("sequential", "modulelist", "attributes")
              and architecture.block in ("plain", "residual", "inverted") and rng.random() < 0.9)
     keep = None if merge or rng.random() < 0.6 else rng.randrange(len(architecture.depths))
     functional = architecture.container in ("modulelist", "attributes") and rng.random() < 0.5

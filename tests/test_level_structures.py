@@ -5,6 +5,7 @@ Each on a small model built here, and on the library model where it was seen."""
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import torchvision
 from torch import nn
 
 import fxfeat
-from tests.helpers import assert_bit_equal_to_eager
+from tests.helpers import assert_bit_equal_to_eager, assert_feature_info_matches
 
 
 def _levels(model: nn.Module, **kwargs) -> list[tuple[str, int]]:
@@ -235,3 +236,119 @@ def test_an_in_place_function_between_modules_is_the_level_and_dropout_is_not():
     with torch.no_grad():
         assert torch.equal(extractor.eval()(x)[0], torch.relu(model.stage(model.stem(x))))
     assert_bit_equal_to_eager(model, fxfeat.compile(model, input_size=(3, 64, 64)), x)
+
+
+def _conv(cin: int, cout: int, stride: int = 1, kernel: int = 3) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class _Exchange(nn.Module):
+    """One HRNet stage: a block per branch, then every branch adds the others, resized to its resolution."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(_conv(c, c) for _ in range(3))
+        self.down = nn.ModuleDict({"4to8": nn.Conv2d(c, c, 3, 2, 1), "8to16": nn.Conv2d(c, c, 3, 2, 1),
+                                   "4to16": nn.Conv2d(c, c, 5, 4, 2)})
+
+    def forward(self, x4, x8, x16):
+        x4, x8, x16 = (block(x) + x for block, x in zip(self.blocks, (x4, x8, x16)))
+        up = partial(F.interpolate, mode="nearest")
+        return (x4 + up(x8, scale_factor=2.0) + up(x16, scale_factor=4.0),
+                x8 + self.down["4to8"](x4) + up(x16, scale_factor=2.0),
+                x16 + self.down["8to16"](x8) + self.down["4to16"](x4))
+
+
+class _ParallelResolutions(nn.Module):
+    """HRNet's layout: branches at reductions 4, 8 and 16 that exchange maps at every stage, then a head that
+    widens each branch (``incre``), sums them from fine to coarse through strided convolutions (``down``), and a
+    final 1x1 convolution before the pool. No map between the first branch and the last sum lies on every path."""
+
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.conv1, self.conv2 = _conv(3, c, 2), _conv(c, c, 2)
+        self.transition = nn.ModuleList([_conv(c, c, 2), _conv(c, c, 2)])
+        self.stages = nn.ModuleList(_Exchange(c) for _ in range(2))
+        self.incre = nn.ModuleList(_conv(c, 2 * c) for _ in range(3))
+        self.down = nn.ModuleList(_conv(2 * c, 2 * c, 2) for _ in range(2))
+        self.final = _conv(2 * c, 4 * c, kernel=1)
+        self.fc = nn.Linear(4 * c, 10)
+
+    def forward(self, x):
+        x4 = self.conv2(self.conv1(x))
+        x8 = self.transition[0](x4)
+        x16 = self.transition[1](x8)
+        for stage in self.stages:
+            x4, x8, x16 = stage(x4, x8, x16)
+        y = self.incre[0](x4)
+        y = self.incre[1](x8) + self.down[0](y)
+        y = self.incre[2](x16) + self.down[1](y)
+        return self.fc(self.final(y).mean((2, 3)))
+
+
+class _Cell(nn.Module):
+    """A NASNet cell: reads the two cells before it; a reduction cell halves both; a normal cell after a reduction
+    halves the older input, still at the finer resolution."""
+
+    def __init__(self, c: int, reduce: bool = False, older_finer: bool = False):
+        super().__init__()
+        self.left = _conv(c, c, 2 if reduce else 1)
+        self.right = _conv(c, c, 2 if reduce or older_finer else 1)
+
+    def forward(self, x, older):
+        return torch.cat([self.left(x), self.right(older)], 1)[:, ::2]
+
+
+class _TwoInputCells(nn.Module):
+    def __init__(self, c: int = 8):
+        super().__init__()
+        self.stem = _conv(3, c, 2)
+        kinds = [dict(reduce=True), dict(older_finer=True), dict(), dict(reduce=True), dict(older_finer=True), dict(),
+                 dict(reduce=True), dict(older_finer=True), dict()]
+        self.cells = nn.ModuleList(_Cell(c, **kind) for kind in kinds)
+        self.fc = nn.Linear(c, 10)
+
+    def forward(self, x):
+        older = x = self.stem(x)
+        for cell in self.cells:
+            x, older = cell(x, older), x
+        return self.fc(F.relu(x).mean((2, 3)))
+
+
+@pytest.mark.parametrize("build, expected", [
+    (_ParallelResolutions, [("conv1", 2), ("incre.0", 4), ("incre.1", 8), ("final", 16)]),  # HRNet-like
+    (_TwoInputCells, [("stem", 2), ("cells.2", 4), ("cells.5", 8), ("cells.8", 16)]),  # NASNet-like
+])
+def test_branches_that_mix_give_each_reduction_its_last_map(build, expected):
+    torch.manual_seed(0)
+    model = build().eval()
+    assert _levels(model) == expected
+    extractor = fxfeat.compile(model).eval()
+    for x in (torch.randn(2, 3, 64, 64), torch.randn(1, 3, 96, 128)):
+        assert_bit_equal_to_eager(model, extractor, x)
+        assert_feature_info_matches(extractor, x)
+
+
+def test_timm_hrnet_levels_are_its_incre_modules_and_the_final_layer():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("hrnet_w18_small", pretrained=False).eval()
+    reference = timm.create_model("hrnet_w18_small", pretrained=False, features_only=True).eval()
+    reference.load_state_dict(model.state_dict(), strict=False)
+    extractor = fxfeat.compile(model, out_indices=(0, 1, 2, 3, 4), levels="auto").eval()  # not its declared
+    assert extractor.feature_info.module_name() == ["act1", "incre_modules.0", "incre_modules.1",
+                                                    "incre_modules.2", "final_layer"]
+    x = torch.randn(1, 3, 160, 192)
+    with torch.no_grad():
+        ours, theirs = extractor(x), reference(x)
+        assert all(torch.equal(a, b) for a, b in zip(ours[:4], theirs[:4]))  # timm's last is incre_modules.3
+        assert torch.equal(ours[4], model.forward_features(x))
+
+
+def test_pretrainedmodels_nasnet_levels_are_the_last_cell_before_each_reduction_cell():
+    pretrainedmodels = pytest.importorskip("pretrainedmodels")
+    torch.manual_seed(0)
+    model = pretrainedmodels.nasnetamobile(num_classes=1000, pretrained=None).eval()
+    extractor = fxfeat.compile(model, out_indices=(0, 1, 2, 3, 4)).eval()
+    assert extractor.feature_info.module_name() == ["conv0", "cell_stem_0", "cell_3", "cell_9", "cell_15"]
+    assert_bit_equal_to_eager(model, extractor, torch.randn(1, 3, 224, 224))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fxfeat.analyse.aliases import Aliases, annotate_aliases
+from fxfeat.analyse.branches import bridge_branches
 from fxfeat.analyse.dataflow import DataFlow
 from fxfeat.analyse.heads import Head, find_head
 from fxfeat.analyse.levels import (
@@ -197,7 +198,7 @@ def analyse(traced: TracedModel, input_size: tuple[int, int, int]) -> GraphAnaly
     dataflow = DataFlow(traced.graph, aliases)
     chain = _main_chain(traced, dataflow)
     versions = returned_versions(traced, aliases)
-    level_chain = _level_chain(traced, dataflow, chain, shapes)
+    level_chain = bridge_branches(traced, dataflow, _level_chain(traced, dataflow, chain, shapes), shapes, versions)
     head = find_head(traced, chain, shapes)
     fully_convolutional = (head.classifier is not None and head.global_pool is not None and head.unpooled
                            is not None and chain.index(head.unpooled) < chain.index(head.classifier)

@@ -30,6 +30,9 @@ the layers of a VGG stage); plain containers (``nn.Sequential``...) count, as st
    most of the module outputs after the change's stem (the patch embedding), and are not one stage among stages,
    every block's output is a level.
 
+7. **Branches that mix** (HRNet, NASNet) leave reductions off the chain: :mod:`fxfeat.analyse.branches` first
+   inserts each reduction's last map there into the chain, and the rules above run on it.
+
 A "map" here is a feature map or a token sequence on a grid of the input (:mod:`fxfeat.analyse.shapes`).
 Levels are module outputs (``feature_info['module']`` names the outermost call returning the level that holds
 no other level); ``nn.Identity`` calls and paddings are skipped; the input itself is never a level.
