@@ -62,7 +62,8 @@ def compile(
             before the global pooling (timm's ``forward_features``); ``"pooled"`` the input of the classifier
             (timm's ``num_classes=0``). The last two return one tensor.
         out_indices: which levels to return, as in timm: ``None`` all of them, an int ``n`` the last ``n``,
-            a tuple the given indices (negative ones count from the end).
+            a tuple the given indices, in increasing order (negative ones count from the end; indices out of
+            order or repeated raise ``OutIndicesError``: the outputs come from the finest level to the coarsest).
         output_stride: ``8``, ``16`` or ``32`` lowers the model's output stride to that value by removing the
             strides of later convolutions and poolings and dilating what follows (timm's ``output_stride``,
             torchvision's ``replace_stride_with_dilation``); ``None`` keeps the native stride. Rewritten modules

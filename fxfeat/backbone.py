@@ -21,6 +21,8 @@ Example:
 
 from __future__ import annotations
 
+import numbers
+
 from collections import OrderedDict
 
 import torch
@@ -93,14 +95,19 @@ def backbone(
         compile_kwargs: other :func:`fxfeat.compile` arguments (``output_stride``, ``levels``, ``input_size``...).
 
     Raises:
-        InvalidRequestError: ``mode`` or ``return_dict`` given (a backbone returns the feature maps as a dict), or
-            arguments with an already compiled extractor.
+        InvalidRequestError: ``mode`` or ``return_dict`` given (a backbone returns the feature maps as a dict),
+            arguments with an already compiled extractor, or ``fpn_channels`` not a positive int.
     """
     for fixed in ("mode", "return_dict", "num_classes"):
         if fixed in compile_kwargs:
             raise InvalidRequestError(
                 f"fxfeat.backbone returns the feature maps as an OrderedDict; {fixed}= does not apply.",
                 hint=f"leave out {fixed}=, or use fxfeat.compile for other outputs.")
+    if fpn_channels is not None and (isinstance(fpn_channels, bool) or not isinstance(fpn_channels, numbers.Integral)
+                                     or fpn_channels <= 0):
+        raise InvalidRequestError(
+            f"fpn_channels must be None or a positive int (the channels of every FPN output); got {fpn_channels!r}.",
+            hint="e.g. fpn_channels=256, as torchvision's detection backbones; None for no FPN.")
     if isinstance(model, FeatureGraphModule):
         if compile_kwargs or out_indices is not None:
             raise InvalidRequestError(
@@ -118,4 +125,4 @@ def backbone(
         return Backbone(body)
     channels = body.feature_info.channels()
     extra = LastLevelMaxPool() if extra_blocks is _DEFAULT else extra_blocks
-    return Backbone(body, FeaturePyramidNetwork(channels, fpn_channels, extra_blocks=extra))
+    return Backbone(body, FeaturePyramidNetwork(channels, int(fpn_channels), extra_blocks=extra))

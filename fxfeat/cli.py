@@ -19,6 +19,19 @@ from fxfeat.models import build_model
 __all__ = ["build_model", "main"]
 
 
+_DESCRIPTION = (
+    "Compile PyTorch vision models into feature extractors: inspect their levels, export them, extract features "
+    "of whole datasets. Models are named torchvision:NAME, timm:NAME, hf:PATH or package.module:factory; "
+    "inspect, export and demo build them with random weights (no download), extract loads the library's "
+    "pretrained weights unless --weights random or --weights PATH."
+)
+_EXAMPLES = (
+    "examples: python -m fxfeat inspect torchvision:resnet50; python -m fxfeat export timm:resnet50 --onnx "
+    "out.onnx; python -m fxfeat extract timm:resnet50 images/ --out features/; python -m fxfeat demo. "
+    "'python -m fxfeat COMMAND --help' gives a command's options."
+)
+
+
 def _inspect(args: argparse.Namespace) -> None:
     import fxfeat
 
@@ -111,7 +124,7 @@ def _extract(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="fxfeat", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fxfeat", description=_DESCRIPTION, epilog=_EXAMPLES)
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="print the levels fxfeat finds in a model")
     inspect.add_argument("model", help="torchvision:NAME or timm:NAME")

@@ -36,7 +36,7 @@ from fxfeat.errors import ExportError, FxFeatWarning, InvalidRequestError, Missi
 from fxfeat.feature_info import FeatureInfo
 from fxfeat.module import FeatureGraphModule
 from fxfeat.optimize import InferenceGraphModule
-from fxfeat.trace import evaluation_mode
+from fxfeat.trace import DEFAULT_INPUT_SIZE, evaluation_mode
 from fxfeat.trace.values import example_batch
 
 __all__ = [
@@ -174,7 +174,7 @@ def _inputs(extractor: FeatureGraphModule, input_size: tuple[int, int, int] | No
             f"Only extractors made by fxfeat.compile can be exported; got {type(extractor).__name__}.",
             hint="call fxfeat.compile(model, ...) first and export what it returns.",
         )
-    size = tuple(input_size or extractor.input_size or (3, 224, 224))
+    size = tuple(input_size or extractor.input_size or DEFAULT_INPUT_SIZE)
     example = example_batch(extractor, size, _BATCH)
     if not dynamic:
         return _Inputs(example, {}, ())
@@ -187,7 +187,7 @@ def _inputs(extractor: FeatureGraphModule, input_size: tuple[int, int, int] | No
     for dims, other in trials.items():
         try:
             with _in_eval_mode(extractor), torch.no_grad():
-                extractor(other)
+                extractor.run_quietly(other)
             accepted[dims] = other
         except Exception as error:
             notes.append(f"{' and '.join(dims)} fixed: the extractor does not run at input {tuple(other.shape)} "

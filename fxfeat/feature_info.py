@@ -2,7 +2,11 @@
 
 Each entry is a dict with timm's keys ``num_chs``, ``reduction``, ``module`` (so heads written for timm work
 unchanged) and fxfeat's ``node`` (fx node name), ``fmt`` (layout of the returned tensor, e.g. ``"NCHW"``),
-``shape`` (per-sample shape of the returned tensor at the probe size, batch dimension left out) and ``index``.
+``native_fmt`` (the layout the model computes it in: ``"NHWC"`` maps and ``"NLC"`` tokens are permuted or reshaped
+to ``fmt`` unless ``output_fmt="native"``), ``num_prefix_tokens`` (class and register tokens dropped from a token
+sequence), ``module_output`` (``False`` when the level is element-wise functions applied to ``module``'s output
+between module calls, ``torch.relu(self.down(x))``), ``shape`` (per-sample shape of the returned tensor at the probe
+size, batch dimension left out) and ``index``.
 
 Like timm's class, ``len()`` and ``[i]`` cover every level the model has, while the accessors
 (``channels()``, ``reduction()``, ...) default to the selected ``out_indices``.

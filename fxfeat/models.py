@@ -38,6 +38,9 @@ def split_spec(spec: str) -> tuple[str, str]:
         raise InvalidModelError(f"A model spec is a non-empty string, not {spec!r}.",
                                 hint="write timm:NAME, torchvision:NAME, hf:PATH or package.module:factory.")
     library, colon, name = spec.partition(":")
+    if library in LIBRARIES and not name:
+        raise InvalidModelError(f"{spec!r} names a library but no model.",
+                                hint=f"write {library}:NAME, e.g. timm:resnet50 or torchvision:resnet50.")
     if not colon:
         return "torchvision", spec
     if library in LIBRARIES:

@@ -37,6 +37,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxfeat.errors import InputShapeError
 from fxfeat.feature_info import FeatureInfo
 
 __all__ = ["FeatureGraphModule"]
@@ -130,7 +131,21 @@ class FeatureGraphModule(fx.GraphModule):
 
     def __call__(self, *args, **kwargs):
         self._use_mode_graph()  # also when the flag was set without train(): `module.training = False`
+        size = self.meta.get(_PRESERVED, {}).get("input_size")
+        image = args[0] if args else None
+        if size is not None and isinstance(image, torch.Tensor) and image.dim() == len(size) + 1 and (
+                image.shape[1] != size[0]):
+            raise InputShapeError(
+                f"this extractor takes images with {size[0]} channels (it was compiled for inputs of size {size}); "
+                f"got an input of shape {tuple(image.shape)}.",
+                hint=f"pass a batch of shape (N, {size[0]}, H, W).")
         return super().__call__(*args, **kwargs)
+
+    def run_quietly(self, *args, **kwargs):
+        """Call the extractor without torch.fx's print of its generated code when it raises: for probes whose
+        failure is an answer (does the extractor run at another size?), not an error to report."""
+        self._use_mode_graph()
+        return self.forward(*args, **kwargs)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:

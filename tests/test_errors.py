@@ -215,6 +215,22 @@ def test_cli_names_an_unknown_model_without_a_traceback(capsys):
     assert "timm has no model named 'resnet5O'" in error and "resnet50" in error and "Traceback" not in error
 
 
+def test_cli_help_says_it_all_and_a_library_without_a_model_is_named(capsys):
+    from fxfeat.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "pretrained weights unless --weights random or --weights PATH." in printed
+    assert "python -m fxfeat export timm:resnet50 --onnx out.onnx" in printed
+    for spec in ("timm:", "timm", "hf:"):
+        with pytest.raises(SystemExit) as exited:
+            main(["export", spec, "--onnx", "out.onnx"])
+        assert exited.value.code == 2
+        error = capsys.readouterr().err
+        assert f"{spec!r} names a library but no model" in error and "torchvision has no model" not in error
+
+
 class _Declares(nn.Module):
     """A model with a timm-style feature_info, one of whose modules it does not have."""
 
@@ -244,3 +260,49 @@ def test_a_declared_level_that_cannot_be_placed_is_named():
     with pytest.warns(fxfeat.FxFeatWarning, match="Discovering the levels from the graph"):
         assert fxfeat.compile(model, input_size=(3, 32, 32)).feature_info.module_name() == ["stem", "stage"]
     _raises(fxfeat.DeclaredLevelError, fxfeat.compile, torchvision_model("resnet18"), levels="declared")
+
+
+def test_out_indices_out_of_order_or_repeated_are_refused():
+    model = torchvision_model("resnet18")
+    for indices in ((3, 1), (1, 1), (-1, 0)):
+        text = _raises(fxfeat.OutIndicesError, fxfeat.compile, model, out_indices=indices)
+        assert "increasing" in text
+    assert fxfeat.compile(model, out_indices=(-4, -1)).feature_info.module_name() == ["layer1", "layer4"]
+
+
+def test_backbone_fpn_channels_must_be_a_positive_int():
+    model = torchvision_model("resnet18")
+    for value in (0, -4, "256", 2.5):
+        text = _raises(fxfeat.InvalidRequestError, fxfeat.backbone, model, fpn_channels=value)
+        assert "fpn_channels" in text
+
+
+def test_a_vit_called_at_a_size_its_position_embedding_does_not_fit_gets_its_own_check():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    extractor = fxfeat.compile(model).eval()
+    text = _raises(fxfeat.InputShapeError, extractor, torch.randn(1, 3, 256, 256))
+    assert "Input height (256) doesn't match model (224)" in text and "Proxy" not in text
+    text = _raises(fxfeat.InputShapeError, extractor, torch.randn(1, 1, 224, 224))
+    assert "3 channels" in text
+
+
+def test_a_vit_built_for_another_size_is_probed_at_its_own():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64).eval()
+    extractor = fxfeat.compile(model).eval()
+    x = torch.randn(1, 3, 64, 64)
+    assert_bit_equal_to_eager(model, extractor, x)
+    assert extractor.feature_info.get_dicts()[-1]["reduction"] == 16
+
+
+def test_a_hugging_face_model_keeps_its_channel_check():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])
+    model = transformers.ResNetModel(config).eval()
+    extractor = fxfeat.compile(model).eval()
+    text = _raises(fxfeat.InputShapeError, extractor, torch.randn(1, 1, 64, 64))
+    assert "3 channels" in text

@@ -200,7 +200,3 @@ class Aliases:
         """The last write into ``name``'s storage after ``name`` and at position ``until`` or before; or ``name``."""
         start = self.order[name]
         return next((write for write in reversed(self.writes_to(name)) if start < self.order[write] <= until), name)
-
-    def written_after(self, name: str, position: str) -> bool:
-        """Whether the storage of ``name`` is written after node ``position``."""
-        return any(self.order[write] > self.order[position] for write in self.writes_to(name))

@@ -1,8 +1,9 @@
 """Pass: delete every node the outputs do not need.
 
 Unlike ``fx.Graph.eliminate_dead_code``, side-effect-only checks (``torch._assert`` on a later stage's shape)
-do not keep a pruned stage alive, and in-place writes are kept exactly when a kept node reads the tensor they
-write (or a view of it) after them.
+do not keep a pruned stage alive, but the model's checks on sizes of what is kept (a ViT's check of the input
+size against its position embedding) stay; in-place writes are kept exactly when a kept node reads the tensor
+they write (or a view of it) after them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch.fx as fx
 
 from fxfeat.analyse.aliases import Aliases
 from fxfeat.plan import ExtractionPlan
+from fxfeat.trace.checks import is_kept_check
 
 __all__ = ["remove_dead_code"]
 
@@ -28,6 +30,19 @@ def remove_dead_code(graph: fx.Graph, plan: ExtractionPlan | None = None) -> Non
             for argument in node.all_input_nodes:
                 live.add(argument)
                 read_later.add(aliases.base(argument.name))
+    for node in graph.nodes:
+        if node not in live and is_kept_check(node, live):
+            live |= _ancestors(node)
     for node in reversed(list(graph.nodes)):
         if node not in live:
             graph.erase_node(node)
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    found, pending = set(), [node]
+    while pending:
+        current = pending.pop()
+        if current not in found:
+            found.add(current)
+            pending += current.all_input_nodes
+    return found

@@ -44,7 +44,8 @@ __all__ = ["OpEdit", "edited_module", "plan_output_stride"]
 
 _MODULE_KINDS = {nn.Conv2d: "conv", nn.MaxPool2d: "max_pool", nn.AvgPool2d: "avg_pool"}
 _FUNCTION_KINDS = {F.conv2d: "conv", F.max_pool2d: "max_pool", F.avg_pool2d: "avg_pool"}
-# Positions of (stride, padding, dilation) in the functional signatures (None: the op has no such argument).
+# Positional indices of the arguments in the functional signatures (an op lacking one, avg_pool's dilation,
+# has no entry).
 _FUNCTION_ARGS = {
     "conv": {"stride": 3, "padding": 4, "dilation": 5},
     "max_pool": {"kernel_size": 1, "stride": 2, "padding": 3, "dilation": 4},

@@ -317,7 +317,7 @@ def _select(out_indices: int | tuple[int, ...] | None, levels: tuple[Level, ...]
                 hint=f"use an int from 1 to {count}, or a tuple of indices.",
             )
         return tuple(range(count - out_indices, count))
-    selected = set()
+    selected = []
     for index in out_indices:
         absolute = index + count if index < 0 else index
         if not 0 <= absolute < count:
@@ -326,8 +326,14 @@ def _select(out_indices: int | tuple[int, ...] | None, levels: tuple[Level, ...]
                 f"(indices 0 to {count - 1}, or -{count} to -1):\n" + _describe(levels),
                 hint="pick indices from the list above.",
             )
-        selected.add(absolute)
-    return tuple(sorted(selected))
+        selected.append(absolute)
+    if any(later <= earlier for earlier, later in zip(selected, selected[1:])):
+        raise OutIndicesError(
+            f"out_indices {out_indices} must select levels in increasing order, each once (levels "
+            f"{tuple(selected)} of {count}); the extractor returns them from the finest to the coarsest.",
+            hint=f"use out_indices={tuple(sorted(set(selected)))}, and reorder the outputs yourself if needed.",
+        )
+    return tuple(selected)
 
 
 def _output_name(level: Level) -> str:

@@ -18,12 +18,12 @@ from typing import Any
 from torch import nn
 
 from fxfeat.errors import InvalidModelError, InvalidRequestError
+from fxfeat.trace import DEFAULT_INPUT_SIZE
 
 __all__ = ["MODES", "OUTPUT_FORMATS", "Request", "make_request"]
 
 MODES = ("features", "unpooled", "pooled")
 OUTPUT_FORMATS = ("NCHW", "native")
-DEFAULT_INPUT_SIZE = (3, 224, 224)
 
 
 @dataclass(frozen=True)
@@ -41,18 +41,37 @@ class Request:
 
 
 def _model_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """The input size a model declares (timm's ``pretrained_cfg``/``default_cfg``, or the ``image_size`` and
-    ``num_channels`` of a Hugging Face model's ``config``), else 3x224x224."""
+    """The input size a model declares: timm's ``pretrained_cfg``/``default_cfg``, or the ``image_size`` and
+    ``num_channels`` of a Hugging Face model's ``config``, else 3x224x224; with the height and width the model
+    itself was built for where it records them (a patch embedding's ``img_size``, a module's ``image_size``), as
+    a timm ViT built with ``img_size=64`` keeps the ``pretrained_cfg`` of its 224-pixel default."""
+    declared = None
     for attribute in ("pretrained_cfg", "default_cfg"):
         config = getattr(model, attribute, None)
         size = config.get("input_size") if isinstance(config, dict) else None
         if _ints(size, 3):
-            return tuple(size)
-    config = getattr(model, "config", None)
-    channels, size = getattr(config, "num_channels", None), getattr(config, "image_size", None)
-    channels = channels if _positive_int(channels) else DEFAULT_INPUT_SIZE[0]
-    size = (size, size) if _positive_int(size) else size
-    return (channels, *size) if _ints(size, 2) else (channels, *DEFAULT_INPUT_SIZE[1:])
+            declared = tuple(size)
+            break
+    if declared is None:
+        config = getattr(model, "config", None)
+        channels, size = getattr(config, "num_channels", None), getattr(config, "image_size", None)
+        channels = channels if _positive_int(channels) else DEFAULT_INPUT_SIZE[0]
+        size = (size, size) if _positive_int(size) else size
+        declared = (channels, *size) if _ints(size, 2) else (channels, *DEFAULT_INPUT_SIZE[1:])
+    built = _built_image_size(model)
+    return (declared[0], *built) if built is not None else declared
+
+
+def _built_image_size(model: nn.Module) -> tuple[int, int] | None:
+    """The height and width the first module that records one (``img_size`` or ``image_size``, an int or a pair)
+    was built for."""
+    for module in model.modules():
+        for attribute in ("img_size", "image_size"):
+            size = module.__dict__.get(attribute)
+            size = (size, size) if _positive_int(size) else tuple(size) if isinstance(size, (tuple, list)) else None
+            if _ints(size, 2):
+                return size
+    return None
 
 
 def _positive_int(value: Any) -> bool:

@@ -10,8 +10,9 @@ from fxfeat.trace.tracer import (
     trace_model,
     trace_training_graph,
 )
+from fxfeat.trace.values import DEFAULT_INPUT_SIZE
 
 __all__ = [
-    "ModuleCall", "TracedModel", "describe_node", "eager_model", "evaluation_mode", "model_state_kept", "trace_model",
+    "DEFAULT_INPUT_SIZE", "ModuleCall", "TracedModel", "describe_node", "eager_model", "evaluation_mode", "model_state_kept", "trace_model",
     "trace_training_graph",
 ]

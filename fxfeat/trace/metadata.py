@@ -13,10 +13,12 @@ Example:
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
-__all__ = ["NO_TENSOR", "data_inputs"]
+__all__ = ["NO_TENSOR", "data_inputs", "is_size_arithmetic"]
 
 NO_TENSOR = "fxfeat_no_tensor"  # node.meta key: the shape probe found no tensor in the node's value
 
@@ -51,3 +53,23 @@ def data_inputs(node: fx.Node) -> list[fx.Node]:
         if node.target in _SHAPE_DONOR_METHODS:
             return [node.args[0]] if isinstance(node.args[0], fx.Node) else []
     return [arg for arg in node.all_input_nodes if not arg.meta.get(NO_TENSOR)]
+
+
+_SIZE_METHODS = {"size", "dim", "ndimension", "numel", "nelement"}
+_ARITHMETIC = {getattr(operator, name) for name in (
+    "getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "pow", "eq", "ne", "lt", "le", "gt", "ge",
+    "and_", "or_", "not_", "truth")}
+
+
+def is_size_arithmetic(node: fx.Node) -> bool:
+    """Whether ``node`` computes only with sizes: a tensor's ``shape`` (or ``size()``, ``dim()``...), items of it,
+    ``len`` of it, and arithmetic or comparisons on those and constants."""
+    if node.op == "call_method":
+        return node.target in _SIZE_METHODS
+    if node.op != "call_function":
+        return False
+    if node.target is getattr:
+        return len(node.args) > 1 and node.args[1] == "shape"
+    if node.target is len or node.target in _ARITHMETIC:
+        return all(is_size_arithmetic(arg) for arg in node.all_input_nodes)
+    return False

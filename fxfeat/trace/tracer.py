@@ -35,7 +35,8 @@ import torch.fx as fx
 from torch import nn
 
 from fxfeat.errors import FxFeatWarning, InvalidModelError, TraceFailedError
-from fxfeat.trace.values import ValueTracer, check_input_shape, example_batch
+from fxfeat.trace.checks import readable_checks
+from fxfeat.trace.values import DEFAULT_INPUT_SIZE, ValueTracer, check_input_shape, example_batch
 
 __all__ = [
     "NORM_LAYERS", "ModuleCall", "TracedModel", "describe_node", "eager_model", "evaluation_mode",
@@ -337,7 +338,7 @@ def trace_model(
         graph, targets = _trace(tracer, root)
         opaque_types: dict[type, str] = {}
     except Exception:
-        example = example_batch(model, example_size or (3, 224, 224))
+        example = example_batch(model, example_size or DEFAULT_INPUT_SIZE)
         tracer, graph, targets, opaque_types = _trace_with_values(
             root, max_opaque, leaf_types, autowrap_functions, example)
         _guard_shape_decisions(root, graph, tracer, example, leaf_types, autowrap_functions, set(opaque_types))
@@ -412,6 +413,7 @@ def _trace(tracer: fx.Tracer, root: nn.Module) -> tuple[fx.Graph, dict[str, obje
     ``get_attr`` targets name, constants included."""
     with _undoing_module_writes(root):
         graph = tracer.trace(root, concrete_args=_default_arguments(root))
+        readable_checks(graph)
         targets = {node.target: operator.attrgetter(node.target)(root)
                    for node in graph.nodes if node.op in ("call_module", "get_attr")}
     return graph, targets

@@ -39,12 +39,13 @@ from torch.fx.proxy import Attribute, TraceError
 from fxfeat.errors import InputShapeError
 from fxfeat.trace.metadata import data_inputs
 
-__all__ = ["EXAMPLE_BATCH", "Decision", "ValueTracer", "check_input_shape", "example_batch"]
+__all__ = ["DEFAULT_INPUT_SIZE", "EXAMPLE_BATCH", "Decision", "ValueTracer", "check_input_shape", "example_batch"]
 
 _UNKNOWN = object()  # the value of a node that could not be computed
 _VALUE = "_fxfeat_value"  # where a proxy keeps its value
 # Tensor factories that take sizes: called with sizes read from proxies, they become graph nodes.
 _FACTORIES = ("empty", "zeros", "ones", "full", "rand", "randn", "arange", "linspace", "eye")
+DEFAULT_INPUT_SIZE = (3, 224, 224)  # (C, H, W) of the probes where neither the user nor the model gives one
 EXAMPLE_BATCH = 2  # as the shape probes: a batch of one would hide which dimension is the batch
 
 
