@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import numbers
-
 from collections import OrderedDict
 
 import torch

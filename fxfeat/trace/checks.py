@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import operator
 import re
-from typing import List
 
 import torch
 import torch.fx as fx
@@ -42,7 +41,7 @@ _CONDITIONS = {operator.eq, operator.ne, operator.lt, operator.le, operator.gt, 
                operator.or_, operator.not_, operator.truth}
 
 
-def model_check(condition: bool, message: str, values: List[int]) -> None:
+def model_check(condition: bool, message: str, values: list[int]) -> None:
     """Raise :class:`~fxfeat.errors.InputShapeError` with ``message`` (each ``{}`` replaced by the next of
     ``values``) unless ``condition`` holds. TorchScript compiles it, with a ``RuntimeError``."""
     if not condition:
