@@ -13,6 +13,6 @@ from fxfeat.trace.tracer import (
 from fxfeat.trace.values import DEFAULT_INPUT_SIZE
 
 __all__ = [
-    "DEFAULT_INPUT_SIZE", "ModuleCall", "TracedModel", "describe_node", "eager_model", "evaluation_mode", "model_state_kept", "trace_model",
-    "trace_training_graph",
+    "DEFAULT_INPUT_SIZE", "ModuleCall", "TracedModel", "describe_node", "eager_model", "evaluation_mode",
+    "model_state_kept", "trace_model", "trace_training_graph",
 ]

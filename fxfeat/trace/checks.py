@@ -16,11 +16,11 @@ Example:
     >>> readable_checks(graph)
     1
     >>> module = fx.GraphModule({}, graph)
-    >>> module(torch.ones(1, 1, 9, 9))
-    Traceback (most recent call last):
-    ...
-    fxfeat.errors.InputShapeError: height 9 is not 8
-    Hint: ...
+    >>> try:
+    ...     module.forward(torch.ones(1, 1, 9, 9))
+    ... except InputShapeError as error:
+    ...     print(str(error).splitlines()[0])
+    the model's own check of its input failed: height 9 is not 8
 """
 
 from __future__ import annotations
@@ -74,16 +74,7 @@ def readable_checks(graph: fx.Graph) -> int:
         if not (isinstance(condition, fx.Node) and condition.op == "call_function"
                 and condition.target in _CONDITIONS and isinstance(message, str)):
             continue
-        values: list[fx.Node] = []
-
-        def placeholder(match: re.Match) -> str:
-            value = nodes.get(match.group(1))
-            if value is not None and is_size_arithmetic(value) and not _is_whole_shape(value):
-                values.append(value)
-                return "{}"
-            return "?"
-
-        template = _PROXY.sub(placeholder, message.replace("{}", "{ }"))
+        template, values = _template(message.replace("{}", "{ }"), nodes)
         with graph.inserting_before(node):
             check = graph.call_function(model_check, (condition, template, values))
         check.meta = dict(node.meta)
@@ -91,6 +82,21 @@ def readable_checks(graph: fx.Graph) -> int:
         graph.erase_node(node)
         turned += 1
     return turned
+
+
+def _template(message: str, nodes: dict[str, fx.Node]) -> tuple[str, list[fx.Node]]:
+    """``message`` with each ``Proxy(name)`` of a size replaced by ``{}`` (and of anything else by ``?``), and the
+    size nodes in order."""
+    values: list[fx.Node] = []
+
+    def placeholder(match: re.Match) -> str:
+        value = nodes.get(match.group(1))
+        if value is not None and is_size_arithmetic(value) and not _is_whole_shape(value):
+            values.append(value)
+            return "{}"
+        return "?"
+
+    return _PROXY.sub(placeholder, message), values
 
 
 def _is_whole_shape(node: fx.Node) -> bool:
