@@ -24,7 +24,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from fxfeat.backbone import Backbone
 from fxfeat.errors import InvalidRequestError
-from fxfeat.module import _FROZEN_NORMS, FeatureGraphModule
+from fxfeat.module import FeatureGraphModule
 from fxfeat.trace.tracer import NORM_LAYERS
 
 __all__ = ["freeze"]
@@ -119,7 +119,7 @@ def freeze(extractor: FeatureGraphModule, up_to: int, norm: str | None = "eval")
 
 
 def _freeze_norms(extractor: FeatureGraphModule, calls: list[str], convert: bool) -> None:
-    kept = set(extractor.meta.get(_FROZEN_NORMS, ()))
+    kept = set(extractor.eval_mode_norms)
     for target in calls:
         module = extractor.get_submodule(target)
         if convert and _convertible(module):
@@ -130,4 +130,4 @@ def _freeze_norms(extractor: FeatureGraphModule, calls: list[str], convert: bool
             if isinstance(inner, NORM_LAYERS):
                 kept.add(path)
                 inner.eval()
-    extractor.meta[_FROZEN_NORMS] = sorted(kept)
+    extractor.eval_mode_norms = kept

@@ -59,7 +59,7 @@ class FeatureGraphModule(fx.GraphModule):
 
     # Python-side descriptions, not part of the computation: TorchScript leaves them out.
     __jit_unused_properties__ = [*getattr(fx.GraphModule, "__jit_unused_properties__", []), "feature_info",
-                                 "input_size", "mode_graphs"]
+                                 "input_size", "mode_graphs", "eval_mode_norms"]
 
     @property
     def feature_info(self) -> FeatureInfo:
@@ -118,19 +118,19 @@ class FeatureGraphModule(fx.GraphModule):
         """Set the mode of the extractor and of the modules it holds, and run the graph traced in that mode.
         Norms ``fxfeat.freeze`` froze stay in eval mode."""
         super().train(mode)
-        self._use_mode_graph()
-        for path in self.meta.get(_FROZEN_NORMS, ()):
+        self.use_mode_graph()
+        for path in self.eval_mode_norms:
             self.get_submodule(path).eval()
         return self
 
-    def _use_mode_graph(self) -> None:
-        """Make the graph of the current mode the one ``forward`` runs."""
+    def use_mode_graph(self) -> None:
+        """Make the graph of the current mode the one ``forward`` runs (after module flags were set directly)."""
         graphs = self.meta.get(_GRAPHS)
         if graphs is not None and self._graph is not graphs["train" if self.training else "eval"]:
             self.graph = graphs["train" if self.training else "eval"]
 
     def __call__(self, *args, **kwargs):
-        self._use_mode_graph()  # also when the flag was set without train(): `module.training = False`
+        self.use_mode_graph()  # also when the flag was set without train(): `module.training = False`
         size = self.meta.get(_PRESERVED, {}).get("input_size")
         image = args[0] if args else None
         if size is not None and isinstance(image, torch.Tensor) and image.dim() == len(size) + 1 and (
@@ -144,8 +144,42 @@ class FeatureGraphModule(fx.GraphModule):
     def run_quietly(self, *args, **kwargs):
         """Call the extractor without torch.fx's print of its generated code when it raises: for probes whose
         failure is an answer (does the extractor run at another size?), not an error to report."""
-        self._use_mode_graph()
+        self.use_mode_graph()
         return self.forward(*args, **kwargs)
+
+    @property
+    def eval_mode_norms(self) -> tuple[str, ...]:
+        """Paths of the norms :func:`fxfeat.freeze` keeps in eval mode whatever the extractor's mode."""
+        return tuple(self.meta.get(_FROZEN_NORMS, ()))
+
+    @eval_mode_norms.setter
+    def eval_mode_norms(self, paths) -> None:
+        self.meta[_FROZEN_NORMS] = sorted(set(paths))
+
+    def copy_as(self, cls: type[FeatureGraphModule], mode: str = "eval") -> FeatureGraphModule:
+        """A new extractor of class ``cls`` running this one's ``mode`` graph (``"eval"`` or ``"train"``) in that
+        mode, with copies of the modules and tensors that graph uses (what ``optimize_for_inference`` rewrites).
+
+        Example:
+            >>> import torchvision, fxfeat
+            >>> extractor = fxfeat.compile(torchvision.models.resnet18(), out_indices=(1,))
+            >>> copied = extractor.copy_as(FeatureGraphModule)
+            >>> copied.training, copied.get_submodule("conv1") is extractor.get_submodule("conv1")
+            (False, False)
+        """
+        state = self._state()
+        graphs = state["graphs"]
+        records = graphs.get(mode, graphs.get("both"))
+        used = {target for op, _, target, *_ in records["nodes"] if op in ("call_module", "get_attr")}
+        state.update(
+            cls=cls, training=mode == "train", graphs={"both": records},
+            targets={target: value for target, value in state["targets"].items() if target in used},
+            meta={key: value for key, value in state["meta"].items() if key != _GRAPHS},
+        )
+        module = _rebuild(copy.deepcopy(state))
+        for layer in module.modules():  # the model's own modules, copied with their flags
+            layer.training = mode == "train"
+        return module
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:

@@ -33,7 +33,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +43,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxfeat.errors import InvalidModelError, InvalidRequestError
-from fxfeat.module import _GRAPHS, FeatureGraphModule, _rebuild
+from fxfeat.module import FeatureGraphModule
 from fxfeat.passes.fold_batch_norm import fold_batch_norms
 from fxfeat.passes.fuse_onednn import fuse_residual_sums, onednn_available, use_onednn
 from fxfeat.passes.in_place import restore_in_place
@@ -121,7 +120,8 @@ class InferenceGraphModule(FeatureGraphModule):
 
 
 def inference_copy(extractor: FeatureGraphModule) -> InferenceGraphModule:
-    """An :class:`InferenceGraphModule` running ``extractor``'s eval-mode graph with copies of its weights.
+    """An :class:`InferenceGraphModule` running ``extractor``'s eval-mode graph with copies of its weights, which
+    do not require gradients.
 
     Example:
         >>> import torchvision, fxfeat
@@ -130,19 +130,8 @@ def inference_copy(extractor: FeatureGraphModule) -> InferenceGraphModule:
         >>> copied.training, copied.get_submodule("conv1") is extractor.get_submodule("conv1")
         (False, False)
     """
-    state = extractor._state()
-    graphs = state["graphs"]
-    records = graphs.get("eval", graphs.get("both"))
-    used = {target for op, _, target, *_ in records["nodes"] if op in ("call_module", "get_attr")}
-    state.update(
-        cls=InferenceGraphModule, training=False, graphs={"both": records},
-        targets={target: value for target, value in state["targets"].items() if target in used},
-        meta={key: value for key, value in state["meta"].items() if key != _GRAPHS},
-    )
-    module = _rebuild(copy.deepcopy(state))
+    module = extractor.copy_as(InferenceGraphModule, mode="eval")
     module.requires_grad_(False)
-    for layer in module.modules():  # the model's own modules, copied with their flags
-        layer.training = False
     return module
 
 

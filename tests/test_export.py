@@ -14,6 +14,7 @@ from torch import nn
 import fxfeat
 from fxfeat import export
 from fxfeat.cli import main as cli_main
+from fxfeat.export.onnx_model import rename_outputs
 from tests.conftest import timm_model
 from tests.helpers import as_list
 
@@ -126,7 +127,7 @@ def test_output_names_never_clash_with_internal_values(tmp_path):
          helper.make_tensor_value_info("out1", TensorProto.FLOAT, [2])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    export._rename_outputs(model.graph, ["out1", "permute"])  # swapped names, and one taken inside
+    rename_outputs(model.graph, ["out1", "permute"])  # swapped names, and one taken inside
     onnx.checker.check_model(model)
     onnx.save(model, tmp_path / "renamed.onnx")
     session = onnxruntime.InferenceSession(str(tmp_path / "renamed.onnx"), providers=["CPUExecutionProvider"])

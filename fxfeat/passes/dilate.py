@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from fxfeat.plan import ExtractionPlan
-from fxfeat.plan.output_stride import _FUNCTION_ARGS
+from fxfeat.plan.output_stride import FUNCTION_ARGS
 
 __all__ = ["dilate"]
 
@@ -30,7 +30,7 @@ def dilate(graph: fx.Graph, plan: ExtractionPlan) -> None:
     for edit in plan.op_edits:
         node = nodes[edit.node]
         if edit.target is None:
-            for name, position in _FUNCTION_ARGS[edit.kind].items():
+            for name, position in FUNCTION_ARGS[edit.kind].items():
                 if name == "kernel_size" or (name == "padding" and edit.runtime_padding):
                     continue
                 _set_argument(node, name, position, getattr(edit, name))

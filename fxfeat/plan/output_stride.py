@@ -40,13 +40,13 @@ from torch import fx, nn
 from fxfeat.errors import OutputStrideError
 from fxfeat.trace import describe_node
 
-__all__ = ["OpEdit", "edited_module", "plan_output_stride"]
+__all__ = ["FUNCTION_ARGS", "OpEdit", "edited_module", "plan_output_stride"]
 
 _MODULE_KINDS = {nn.Conv2d: "conv", nn.MaxPool2d: "max_pool", nn.AvgPool2d: "avg_pool"}
 _FUNCTION_KINDS = {F.conv2d: "conv", F.max_pool2d: "max_pool", F.avg_pool2d: "avg_pool"}
 # Positional indices of the arguments in the functional signatures (an op lacking one, avg_pool's dilation,
 # has no entry).
-_FUNCTION_ARGS = {
+FUNCTION_ARGS = {
     "conv": {"stride": 3, "padding": 4, "dilation": 5},
     "max_pool": {"kernel_size": 1, "stride": 2, "padding": 3, "dilation": 4},
     "avg_pool": {"kernel_size": 1, "stride": 2, "padding": 3},
@@ -99,7 +99,7 @@ def _describe_op(node: fx.Node, root: nn.Module, shapes) -> tuple[str | None, di
         )
     if node.op == "call_function" and node.target in _FUNCTION_KINDS:
         kind = _FUNCTION_KINDS[node.target]
-        positions = _FUNCTION_ARGS[kind]
+        positions = FUNCTION_ARGS[kind]
 
         def argument(name, default):
             position = positions.get(name)

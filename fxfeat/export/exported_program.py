@@ -1,0 +1,57 @@
+"""``torch.export`` of an extractor, checked against eager, with the ``feature_info`` in the program."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fxfeat.export.parity import (
+    AXES,
+    FEATURE_INFO_FILE,
+    ExportReport,
+    compare,
+    export_error,
+    flat_outputs,
+    in_eval_mode,
+    most_dynamic,
+    output_names,
+    probe_inputs,
+)
+from fxfeat.module import FeatureGraphModule
+
+__all__ = ["to_exported_program"]
+
+
+def to_exported_program(extractor: FeatureGraphModule, *, path: str | Path | None = None,
+                        input_size: tuple[int, int, int] | None = None, dynamic: bool = True,
+                        return_report: bool = False) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``extractor``, with the batch, height and width dynamic where the extractor accepts
+    other values and the exported program stays equal to eager there (``dynamic=False``: all fixed). The
+    program's ``graph_module.meta["feature_info"]`` holds the ``feature_info``; ``path`` saves the program with
+    it (``torch.export.save``; read it back with :func:`read_feature_info`). With ``return_report``, returns
+    ``(program, report)``.
+
+    Raises:
+        ExportError: ``torch.export`` failed, or the program differs from eager.
+    """
+    inputs = probe_inputs(extractor, input_size, dynamic)
+    what = "torch.export"
+
+    def attempt(dims):
+        shapes = ({AXES[dim]: torch.export.Dim.AUTO for dim in dims},)
+        try:
+            program = torch.export.export(extractor, (inputs.example,), dynamic_shapes=shapes)
+        except Exception as error:
+            raise export_error(extractor, what, error) from error
+        runnable = program.module()
+        return program, compare(extractor, lambda x: flat_outputs(runnable(x)), inputs.checked(dims), what)
+
+    with in_eval_mode(extractor):
+        program, checks, dims, notes = most_dynamic(inputs, attempt)
+    program.graph_module.meta["feature_info"] = extractor.feature_info
+    if path is not None:
+        torch.export.save(program, str(path), extra_files={FEATURE_INFO_FILE: extractor.feature_info.to_json()})
+    report = ExportReport("exported_program", "torch.export", tuple(output_names(extractor)), dims, checks,
+                          str(path) if path else None, notes)
+    return (program, report) if return_report else program
