@@ -50,8 +50,8 @@ from collections import defaultdict
 from torch import nn
 
 from fxfeat.analyse.dataflow import DataFlow
-from fxfeat.analyse.levels import returning_calls
 from fxfeat.analyse.shapes import NodeShape
+from fxfeat.analyse.structure import returning_calls
 from fxfeat.trace import TracedModel
 
 __all__ = ["bridge_branches"]
