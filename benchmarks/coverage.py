@@ -90,9 +90,9 @@ def _worker(connection, without_registry: bool = False) -> None:
 
     torch.set_num_threads(1)
     if without_registry:
-        import fxfeat.trace.tracer
+        import fxfeat.trace.registries
 
-        fxfeat.trace.tracer._library_notrace_hints = lambda: ((), ())
+        fxfeat.trace.registries.READ_LIBRARY_REGISTRIES = False
     from benchmarks.coverage_check import check_model, describe_error
     from benchmarks.coverage_libraries import LIBRARIES, check_library_model
 

@@ -24,7 +24,6 @@ import copy
 import functools
 import inspect
 import operator
-import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -34,10 +33,14 @@ from torch import nn
 
 from fxfeat.errors import FxFeatWarning, InvalidModelError, TraceFailedError
 from fxfeat.trace.checks import readable_checks
+from fxfeat.trace.registries import library_notrace_hints
 from fxfeat.trace.state import model_state_kept, undoing_module_writes
 from fxfeat.trace.values import DEFAULT_INPUT_SIZE, ValueTracer, check_input_shape, example_batch
 
-__all__ = ["NORM_LAYERS", "ModuleCall", "TracedModel", "describe_node", "trace_model", "trace_training_graph"]
+__all__ = [
+    "NORM_LAYERS", "ModuleCall", "TracedModel", "describe_node", "trace_model",
+    "trace_training_graph",
+]
 
 _CONTAINER_FORWARDS = {nn.Sequential.forward, nn.ModuleList.forward, nn.ModuleDict.forward}
 
@@ -140,23 +143,6 @@ def _proxy_node_names(value: object) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _library_notrace_hints() -> tuple[tuple[type, ...], tuple]:
-    """Modules and functions a model library already loaded declares as not traceable.
-
-    timm keeps such a registry for its own layers (``timm.layers._fx``); honouring it keeps "same"-padding
-    convolutions and similar layers whole. Registered *blocks* (modules holding convolutions or linear layers)
-    are still traced through, falling back to opaque if they fail: their insides hold levels and strides, and
-    some are registered only for a torch.fx issue fxfeat handles (in-place ops). The registry is only read if
-    the model's library imported it.
-    """
-    registry = sys.modules.get("timm.layers._fx")
-    if registry is None:
-        return (), ()
-    modules = tuple(getattr(registry, "get_notrace_modules", list)())
-    functions = tuple(getattr(registry, "get_notrace_functions", list)())
-    return modules, functions
-
-
 _LAYERS = (nn.modules.conv._ConvNd, nn.Linear)
 # Batch and instance norms of any library: one op whose running statistics and training flag live in the module,
 # kept whole so that the module's own flag decides how it normalises (``fxfeat.freeze`` keeps them in eval mode).
@@ -229,7 +215,7 @@ def trace_model(
     Raises:
         TraceFailedError: the model's own ``forward`` cannot be traced.
     """
-    leaf_types, autowrap_functions = _library_notrace_hints()
+    leaf_types, autowrap_functions = library_notrace_hints()
     root = _traceable_root(model)
     example = None
     try:
@@ -269,7 +255,7 @@ def trace_training_graph(traced: TracedModel) -> tuple[fx.Graph, dict[str, objec
     restored. Returns the graph and what its ``call_module`` and ``get_attr`` targets name.
     """
     model = traced.root
-    leaf_types, autowrap_functions = _library_notrace_hints()
+    leaf_types, autowrap_functions = library_notrace_hints()
     root = _traceable_root(model)
     with model_state_kept(model), torch.no_grad():
         model.train()
