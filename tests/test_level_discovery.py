@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxfeat
-import fxfeat.trace.tracer
+import fxfeat.trace.registries
 from tests.conftest import timm_model
 from tests.helpers import assert_bit_equal_to_eager
 
@@ -109,5 +109,5 @@ def test_discovery_does_not_need_timms_registry(name, monkeypatch):
     model = timm_model(name)
     del model.feature_info
     with_registry = fxfeat.compile(model, levels="auto").feature_info.module_name()
-    monkeypatch.setattr(fxfeat.trace.tracer, "_library_notrace_hints", lambda: ((), ()))
+    monkeypatch.setattr(fxfeat.trace.registries, "READ_LIBRARY_REGISTRIES", False)
     assert fxfeat.compile(model, levels="auto").feature_info.module_name() == with_registry
