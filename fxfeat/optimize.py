@@ -45,10 +45,11 @@ from torch.fx.passes.shape_prop import ShapeProp
 from fxfeat.errors import InvalidModelError, InvalidRequestError
 from fxfeat.module import FeatureGraphModule
 from fxfeat.passes.fold_batch_norm import fold_batch_norms
-from fxfeat.passes.fuse_onednn import fuse_residual_sums, onednn_available, use_onednn
+from fxfeat.passes.fuse_onednn import fuse_residual_sums, use_onednn
 from fxfeat.passes.in_place import restore_in_place
 from fxfeat.passes.inline_norms import inline_norm_layers
 from fxfeat.passes.remove_no_ops import remove_no_ops
+from fxfeat.runtime.onednn import onednn_available
 from fxfeat.trace.values import example_batch
 
 __all__ = ["CompileSettings", "InferenceGraphModule", "inference_copy", "optimize_for_inference"]

@@ -15,10 +15,12 @@ from torch.fx.passes.shape_prop import ShapeProp
 import fxfeat
 from fxfeat.optimize import inference_copy
 from fxfeat.passes.fold_batch_norm import fold_batch_norms
-from fxfeat.passes.fuse_onednn import OneDNNConv2d, OneDNNConv2dAdd, OneDNNLinear, fuse_residual_sums, use_onednn
-from fxfeat.passes.in_place import add_in_place, restore_in_place
+from fxfeat.passes.fuse_onednn import fuse_residual_sums, use_onednn
+from fxfeat.passes.in_place import restore_in_place
 from fxfeat.passes.inline_norms import inline_norm_layers
 from fxfeat.passes.remove_no_ops import remove_no_ops
+from fxfeat.runtime.in_place import add_in_place
+from fxfeat.runtime.onednn import OneDNNConv2d, OneDNNConv2dAdd, OneDNNLinear
 
 
 def _randomise_statistics(model: nn.Module) -> None:

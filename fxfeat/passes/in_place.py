@@ -43,28 +43,9 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from fxfeat.analyse.aliases import Aliases, annotate_aliases
 from fxfeat.passes.graph_edits import call_counts, finished
+from fxfeat.runtime.in_place import add_in_place, mul_in_place
 
-__all__ = ["Overwrites", "add_in_place", "is_tensor", "mul_in_place", "restore_in_place"]
-
-
-def _fits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``a op b`` has ``a``'s shape, dtype and device, so that writing it into ``a`` changes nothing.
-    (Broadcasting by hand: ``torch.broadcast_shapes`` costs more than a small addition.)"""
-    if a.dtype != b.dtype or a.device != b.device or b.dim() > a.dim():
-        return False
-    return a.shape == b.shape or all(m == 1 or m == n for m, n in zip(reversed(b.shape), reversed(a.shape)))
-
-
-@fx.wrap
-def add_in_place(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a + b``, written into ``a`` when that gives the same tensor (``a`` has the sum's shape and dtype)."""
-    return a.add_(b) if _fits(a, b) else a + b
-
-
-@fx.wrap
-def mul_in_place(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a * b``, written into ``a`` when that gives the same tensor (``a`` has the product's shape and dtype)."""
-    return a.mul_(b) if _fits(a, b) else a * b
+__all__ = ["Overwrites", "is_tensor", "restore_in_place"]
 
 
 # torch.nn modules whose output is always a new tensor: layers, norms, poolings, activations (out of place).
