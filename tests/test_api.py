@@ -23,7 +23,7 @@ def test_out_indices_semantics(resnet18):
     every = fxfeat.compile(resnet18).feature_info
     assert every.out_indices == (0, 1, 2, 3, 4)
     assert fxfeat.compile(resnet18, out_indices=2).feature_info.out_indices == (3, 4)
-    assert fxfeat.compile(resnet18, out_indices=(-1, 1)).feature_info.out_indices == (1, 4)
+    assert fxfeat.compile(resnet18, out_indices=(1, -1)).feature_info.out_indices == (1, 4)
     info = fxfeat.compile(resnet18, out_indices=(1, 3)).feature_info
     assert info.channels() == [64, 256] and info.reduction() == [4, 16] and len(info) == 5
 
