@@ -33,7 +33,8 @@ import torch
 from torch import nn
 
 import fxfeat
-from benchmarks.references import eager_references, same_layout, timm_feature_model
+from benchmarks.references import as_list, eager_references, equal_maps, timm_feature_model
+from fxfeat.models import build_model
 
 __all__ = ["check_model", "compare_levels", "describe_error", "randomise_inert_weights"]
 
@@ -50,19 +51,6 @@ def describe_error(error: BaseException) -> str:
     return text[:300]
 
 
-def _as_list(outputs) -> list[torch.Tensor]:
-    if isinstance(outputs, dict):
-        return list(outputs.values())
-    if isinstance(outputs, torch.Tensor):
-        return [outputs]
-    return list(outputs)
-
-
-def _equal(reference: torch.Tensor, output: torch.Tensor) -> bool:
-    reference = same_layout(reference, output)
-    return reference.shape == output.shape and torch.equal(reference, output)
-
-
 def compare_levels(references: list[torch.Tensor], outputs: list[torch.Tensor]) -> dict[str, Any]:
     """Match timm's level tensors with fxfeat's outputs.
 
@@ -70,7 +58,7 @@ def compare_levels(references: list[torch.Tensor], outputs: list[torch.Tensor]) 
         ``identical`` (same count, equal in order), ``contained`` (each reference equals some output),
         ``found`` (for each reference, the index of the equal output or ``None``).
     """
-    found = [next((j for j, output in enumerate(outputs) if _equal(reference, output)), None)
+    found = [next((j for j, output in enumerate(outputs) if equal_maps(reference, output)), None)
              for reference in references]
     identical = len(references) == len(outputs) and all(j == i for i, j in enumerate(found))
     return dict(identical=identical, contained=all(j is not None for j in found), found=found)
@@ -82,14 +70,7 @@ def _levels(info) -> list[dict[str, Any]]:
 
 
 def _build(library: str, name: str, **kwargs) -> nn.Module:
-    torch.manual_seed(0)
-    if library == "timm":
-        import timm
-
-        return randomise_inert_weights(timm.create_model(name, pretrained=False, **kwargs).eval())
-    import torchvision
-
-    return randomise_inert_weights(torchvision.models.get_model(name, weights=None, **kwargs).eval())
+    return randomise_inert_weights(build_model(f"{library}:{name}", **kwargs))
 
 
 def randomise_inert_weights(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -144,13 +125,13 @@ def _compile(model: nn.Module, **kwargs):
 
 def _run(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     with torch.no_grad():
-        return _as_list(module(x))
+        return as_list(module(x))
 
 
 def _eager_equal(model: nn.Module, extractor, x: torch.Tensor) -> bool:
     outputs = _run(extractor, x)
     references = eager_references(model, extractor.feature_info, x)
-    return len(outputs) == len(references) and all(_equal(r, o) for r, o in zip(references, outputs))
+    return len(outputs) == len(references) and all(equal_maps(r, o) for r, o in zip(references, outputs))
 
 
 def _second_size(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.references import eager_references, same_layout
+from benchmarks.references import as_list, eager_references, equal_maps
 
 __all__ = ["check_library_model", "hugging_face_backbone_maps", "library_cases", "summarise_libraries",
            "markdown_section"]
@@ -178,24 +178,24 @@ def check_library_model(library: str, name: str) -> dict[str, Any]:
                             for e in extractor.feature_info.get_dicts()]
         with torch.no_grad():
             outputs = extractor(x)
-            outputs = list(outputs.values()) if isinstance(outputs, dict) else list(outputs)
+            outputs = as_list(outputs)
             try:
                 maps = reference(x)
             except Exception as error:
                 return dict(result, error=f"reference: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
-        found = [next((i for i, output in enumerate(outputs) if _equal(same_layout(map_, output), output)), None)
+        found = [next((i for i, output in enumerate(outputs) if equal_maps(map_, output)), None)
                  for map_ in maps]
         result.update(references=[list(map_.shape[1:]) for map_ in maps], found=found,
                       contained=all(i is not None for i in found),
                       identical=found == list(range(len(outputs))) if library != "pretrainedmodels" else
                       found == [len(outputs) - 1])  # features() is one map: the deepest level
         references = eager_references(model, extractor.feature_info, x)
-        result["eager_equal"] = all(_equal(same_layout(r, o), o) for r, o in zip(references, outputs))
+        result["eager_equal"] = all(equal_maps(r, o) for r, o in zip(references, outputs))
         if library == "pretrainedmodels":
             try:
                 unpooled = fxfeat.compile(model, mode="unpooled", input_size=size).eval()
                 with torch.no_grad():
-                    result["unpooled_equal"] = _equal(maps[0], unpooled(x))
+                    result["unpooled_equal"] = torch.equal(maps[0], unpooled(x))
             except fxfeat.FxFeatError as error:
                 result["unpooled_equal"] = False
                 result["unpooled_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
@@ -219,10 +219,6 @@ def _declared_size(library: str, name: str) -> tuple[int, int, int]:
         if isinstance(size, (list, tuple)) and len(size) == 3:
             return tuple(size) if size[0] in (1, 3) else (size[2], size[0], size[1])
     return (3, 224, 224)
-
-
-def _equal(reference: torch.Tensor, output: torch.Tensor) -> bool:
-    return reference.shape == output.shape and torch.equal(reference, output)
 
 
 def summarise_libraries(results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -38,7 +38,7 @@ def _alarm(signum, frame):
 
 def check_model(spec: str) -> dict:
     """Compile ``spec`` (``timm:NAME`` / ``torchvision:NAME``) with the defaults, optimise it, compare outputs."""
-    from fxfeat.cli import build_model
+    from fxfeat.models import build_model
 
     torch.manual_seed(0)
     record: dict = dict(model=spec)

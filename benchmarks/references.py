@@ -8,7 +8,40 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["eager_references", "load_matching_weights", "same_layout", "timm_feature_model"]
+__all__ = [
+    "as_list", "captured_outputs", "eager_references", "equal_maps", "load_matching_weights", "same_layout",
+    "timm_feature_model",
+]
+
+
+def as_list(outputs) -> list[torch.Tensor]:
+    """A model's or extractor's outputs as a list: one tensor, a list or tuple, or a dict's values in order."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, dict):
+        return list(outputs.values())
+    return list(outputs)
+
+
+def captured_outputs(model: nn.Module, paths, x: torch.Tensor, flows_on: bool = False) -> dict[str, list]:
+    """Run ``model(x)`` with forward hooks on the modules ``paths``; each one's outputs, one per call, tensors
+    cloned (a later in-place op must not reach them). With ``flows_on`` the model goes on with the recorded clone,
+    so that gradients reach the model through the recorded tensors themselves (as an extractor's outputs carry
+    them in train mode). Hooks are removed whatever happens."""
+    records: dict[str, list] = defaultdict(list)
+
+    def record(path: str, out):
+        records[path].append(out.clone() if isinstance(out, torch.Tensor) else out)
+        return records[path][-1] if flows_on else None
+
+    handles = [model.get_submodule(path).register_forward_hook(lambda _m, _i, out, path=path: record(path, out))
+               for path in dict.fromkeys(paths)]
+    try:
+        model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return records
 
 
 def _source_key(key: str, state: dict[str, torch.Tensor]) -> str | None:
@@ -55,6 +88,12 @@ def timm_feature_model(name: str, model: torch.nn.Module, **kwargs) -> torch.nn.
     if not load_matching_weights(reference, model):
         raise ValueError(f"the weights of {name} do not map onto its features_only model")
     return reference
+
+
+def equal_maps(reference: torch.Tensor, output: torch.Tensor) -> bool:
+    """Whether ``reference`` equals ``output`` (``torch.equal``) once in its layout (:func:`same_layout`)."""
+    reference = same_layout(reference, output)
+    return reference.shape == output.shape and torch.equal(reference, output)
 
 
 def same_layout(reference: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -110,19 +149,9 @@ def eager_references(model: nn.Module, feature_info, x: torch.Tensor) -> list[to
     computed by functions after its module's output (``module_output`` false: ``torch.relu(self.down(x))``).
     """
     entries = feature_info.get_dicts()
-    records: dict[str, list[torch.Tensor]] = defaultdict(list)
-    handles = []
     hooked = [entry for entry in entries if entry["module"] and entry.get("module_output", True)]
-    for path in {entry["module"] for entry in hooked}:
-        module = model.get_submodule(path)
-        handles.append(module.register_forward_hook(
-            lambda m, i, o, path=path: records[path].append(o.clone() if isinstance(o, torch.Tensor) else o)))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with torch.no_grad():
+        records = captured_outputs(model, [entry["module"] for entry in hooked], x)
     missing = [e["node"] for e in entries if e not in hooked or len(records[e["module"]]) != 1
                or not isinstance(records[e["module"]][0], torch.Tensor)]
     with torch.no_grad():

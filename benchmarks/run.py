@@ -72,7 +72,7 @@ def _reference(eager, setting: Setting, modules: list[str], classifier: str | No
 
 
 def run(args: argparse.Namespace) -> dict:
-    from fxfeat.cli import build_model
+    from fxfeat.models import build_model
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format

@@ -24,15 +24,13 @@ import time
 
 import torch
 
+from benchmarks.references import captured_outputs
+
 
 def _hooked(model, extractor, x):
-    info, captured = extractor.feature_info, {}
-    handles = [model.get_submodule(m).register_forward_hook(
-        lambda _m, _i, out, m=m: captured.setdefault(m, out.clone())) for m in info.module_name()]
-    model(x)
-    for handle in handles:
-        handle.remove()
-    return [captured[info[i]["module"]] for i in info.out_indices]
+    info = extractor.feature_info
+    captured = captured_outputs(model, info.module_name(), x, flows_on=True)
+    return [captured[info[i]["module"]][0] for i in info.out_indices]
 
 
 def check_compile_leaves_state(device):

@@ -48,7 +48,7 @@ def split_spec(spec: str) -> tuple[str, str]:
     return "factory", spec
 
 
-def build_model(spec: str, weights: str = "random", seed: int = 0) -> nn.Module:
+def build_model(spec: str, weights: str = "random", seed: int = 0, **kwargs) -> nn.Module:
     """The model ``spec`` names, in eval mode.
 
     Args:
@@ -60,6 +60,8 @@ def build_model(spec: str, weights: str = "random", seed: int = 0) -> nn.Module:
             of a checkpoint (a state dict, or a dict holding one under ``state_dict``/``model``; ``.safetensors``
             files too) loaded into the randomly built model.
         seed: the random seed for ``"random"`` weights and before loading a checkpoint.
+        kwargs: arguments for the library's constructor (``timm.create_model``, ``torchvision.models.get_model``:
+            ``drop_path_rate=0.1``, ``replace_stride_with_dilation=[...]``).
 
     Raises:
         InvalidModelError: unknown library, model name or factory.
@@ -67,7 +69,7 @@ def build_model(spec: str, weights: str = "random", seed: int = 0) -> nn.Module:
     """
     library, name = split_spec(spec)
     if weights not in ("random", "pretrained"):
-        model = build_model(spec, "random", seed)
+        model = build_model(spec, "random", seed, **kwargs)
         _load_checkpoint(model, weights, spec)
         return model.eval()
     pretrained = weights == "pretrained"
@@ -82,7 +84,7 @@ def build_model(spec: str, weights: str = "random", seed: int = 0) -> nn.Module:
     else:
         _check_name(library, name)
         try:
-            model = _library_model(library, name, pretrained)
+            model = _library_model(library, name, pretrained, **kwargs)
         except Exception as error:  # the library's download error: a socket, HTTP or hub error
             if not pretrained:
                 raise
@@ -95,14 +97,14 @@ def build_model(spec: str, weights: str = "random", seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def _library_model(library: str, name: str, pretrained: bool) -> nn.Module:
+def _library_model(library: str, name: str, pretrained: bool, **kwargs) -> nn.Module:
     if library == "timm":
         import timm
 
-        return timm.create_model(name, pretrained=pretrained)
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
     import torchvision
 
-    return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None)
+    return torchvision.models.get_model(name, weights="DEFAULT" if pretrained else None, **kwargs)
 
 
 def _check_name(library: str, name: str) -> None:

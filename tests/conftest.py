@@ -10,7 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fxfeat.cli import build_model
+from fxfeat.models import build_model
 
 
 @pytest.fixture(autouse=True)
@@ -19,19 +19,13 @@ def _seed():
 
 
 def timm_model(name: str, **kwargs):
-    """A timm model with random weights, in eval mode."""
-    import timm
-
-    torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, **kwargs).eval()
+    """A timm model with random weights (seed 0), in eval mode."""
+    return build_model(f"timm:{name}", **kwargs)
 
 
 def torchvision_model(name: str, **kwargs):
-    """A torchvision model with random weights, in eval mode."""
-    import torchvision
-
-    torch.manual_seed(0)
-    return torchvision.models.get_model(name, weights=None, **kwargs).eval()
+    """A torchvision model with random weights (seed 0), in eval mode."""
+    return build_model(f"torchvision:{name}", **kwargs)
 
 
 __all__ = ["build_model", "timm_model", "torchvision_model"]

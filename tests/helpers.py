@@ -7,11 +7,9 @@ import math
 import torch
 from torch import nn
 
-from benchmarks.references import eager_references, same_layout
+from benchmarks.references import as_list, eager_references, same_layout
 
-
-def as_list(outputs) -> list[torch.Tensor]:
-    return list(outputs.values()) if isinstance(outputs, dict) else list(outputs)
+__all__ = ["as_list", "assert_bit_equal_to_eager", "assert_feature_info_matches"]
 
 
 def assert_bit_equal_to_eager(model: nn.Module, extractor: nn.Module, x: torch.Tensor) -> None:

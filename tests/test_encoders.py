@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 import fxfeat
-from benchmarks.coverage_check import _equal
+from benchmarks.references import equal_maps
 from tests.helpers import as_list, assert_bit_equal_to_eager
 
 smp = pytest.importorskip("segmentation_models_pytorch")
@@ -37,7 +37,7 @@ def test_encoder_levels_are_exactly_its_returned_maps(name):
         with torch.no_grad():
             outputs = as_list(extractor(x))
         assert len(outputs) == len(expected)
-        assert all(_equal(reference, output) for reference, output in zip(expected, outputs))
+        assert all(equal_maps(reference, output) for reference, output in zip(expected, outputs))
 
 
 @pytest.mark.parametrize("architecture", ["Unet", "FPN", "DeepLabV3Plus"])
@@ -50,7 +50,7 @@ def test_encoder_decoder_levels_contain_the_encoder_stages(architecture):
         outputs = as_list(extractor(x))
     stages = _returned_maps(model.encoder, x)
     deepest_per_reduction = {tuple(stage.shape[-2:]): stage for stage in stages}  # DeepLabV3+ dilates layer4
-    assert all(any(_equal(stage, output) for output in outputs) for stage in deepest_per_reduction.values())
+    assert all(any(equal_maps(stage, output) for output in outputs) for stage in deepest_per_reduction.values())
     assert all(info["module"].startswith("encoder.") for info in extractor.feature_info.get_dicts())
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fxfeat
+from benchmarks.references import captured_outputs
 from tests.random_cnn import generate
 
 CI_SEEDS = range(40)
@@ -26,14 +27,8 @@ def outputs_nodes(extractor) -> list[str]:
 def check_generated(seed: int) -> None:
     model, expected, architecture = generate(seed)
     x = torch.randn(2, *INPUT_SIZE)
-    references = {}
-    handles = [model.get_submodule(path).register_forward_hook(
-        lambda module, inputs, output, path=path: references.__setitem__(path, output.clone()))
-        for path in expected]
     with torch.no_grad():
-        model(x)
-    for handle in handles:
-        handle.remove()
+        references = {path: outputs[-1] for path, outputs in captured_outputs(model, expected, x).items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fxfeat.FxFeatWarning)  # `out[:, :c] += x` blocks are made opaque
         extractor = fxfeat.compile(model, levels="auto", input_size=INPUT_SIZE).eval()

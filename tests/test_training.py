@@ -19,6 +19,7 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
 import fxfeat
+from benchmarks.references import captured_outputs
 from fxfeat.trace.align import align_training_graph
 from tests.conftest import timm_model, torchvision_model
 from tests.helpers import as_list
@@ -52,17 +53,10 @@ def _model(library: str, name: str, kwargs: dict) -> nn.Module:
 def _hooked_features(model: nn.Module, extractor, x: torch.Tensor) -> list[torch.Tensor]:
     """The eager model's values at the extractor's levels, laid out as the extractor returns them."""
     info = extractor.feature_info
-    captured = {}
-    handles = [model.get_submodule(module).register_forward_hook(  # a clone: later in-place ops must not reach it
-        lambda _m, _i, out, module=module: captured.setdefault(module, out.clone())) for module in info.module_name()]
-    try:
-        model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
+    captured = captured_outputs(model, info.module_name(), x, flows_on=True)
     features = []
     for index in info.out_indices:
-        entry, value = info[index], captured[info[index]["module"]]
+        entry, value = info[index], captured[info[index]["module"]][0]
         assert entry.get("module_output", True), f"{entry['node']} is computed after its module: no hook sees it"
         if entry["native_fmt"] == "NLC":  # tokens -> NCHW map, prefix tokens dropped (at the compile size)
             channels, height, width = entry["shape"]

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import fxfeat
-from benchmarks.coverage_check import _equal
-from benchmarks.references import same_layout
+from benchmarks.references import equal_maps, same_layout
 
 transformers = pytest.importorskip("transformers")
 T = transformers
@@ -116,14 +115,14 @@ def check(name: str) -> None:
                                                                        outputs)]
         assert len(outputs) == len(hidden)
         if name in ("SwinModel", "Swinv2Model"):  # what SwinBackbone returns, without its extra norms
-            assert all(_equal(a, b) for a, b in zip(backbone_maps(model, x), outputs))
+            assert all(equal_maps(a, b) for a, b in zip(backbone_maps(model, x), outputs))
     for entry, output in zip(extractor.feature_info.get_dicts(), outputs):
         if entry["reduction"] > 2:  # the models' hidden states start after their stems
-            assert any(_equal(state, output) for state in hidden), entry
+            assert any(equal_maps(state, output) for state in hidden), entry
     if name in ISOTROPIC:  # the last three blocks, as timm's default for ViTs
         assert len(outputs) == 3 and len(extractor.feature_info) == model.config.num_hidden_layers
     else:  # one level per stage, the deepest one being the model's last hidden state
-        assert any(_equal(hidden[-1], output) for output in outputs)
+        assert any(equal_maps(hidden[-1], output) for output in outputs)
         reductions = extractor.feature_info.reduction()
         assert all(a < b for a, b in zip(reductions, reductions[1:])), reductions
     pooler = getattr(model.base_model(x), "pooler_output", None)
@@ -158,7 +157,7 @@ def test_a_model_configured_for_one_channel_is_probed_with_one():
     x = torch.randn(2, 1, 96, 128)
     with torch.no_grad():
         hidden = model(x, output_hidden_states=True).hidden_states
-        assert _equal(hidden[-1], list(extractor(x))[-1])
+        assert equal_maps(hidden[-1], list(extractor(x))[-1])
 
 
 def test_the_probe_size_comes_from_the_config():
