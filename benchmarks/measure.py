@@ -8,19 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.references import same_layout
+from benchmarks.references import as_list, same_layout
 
 # Relative tolerance of the correctness check (allclose with atol = tolerance * max |reference|).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 2e-2}
-
-
-def as_tensors(value) -> list[torch.Tensor]:
-    """A method's output as a list of tensors (dicts in key order, a tensor as a one-element list)."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return list(value.values())
-    return list(value)
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -53,7 +44,7 @@ def peak_memory_and_outputs(fn, x: torch.Tensor) -> tuple[float, list[torch.Tens
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         start = time.perf_counter()
-        outputs = as_tensors(fn(x))
+        outputs = as_list(fn(x))
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         return (torch.cuda.max_memory_allocated() - before) / 2**20, outputs, seconds, None
@@ -61,7 +52,7 @@ def peak_memory_and_outputs(fn, x: torch.Tensor) -> tuple[float, list[torch.Tens
 
     start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_flops=True) as profiler:
-        outputs = as_tensors(fn(x))
+        outputs = as_list(fn(x))
     seconds = time.perf_counter() - start
     events = [e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"]
     current = peak = 0

@@ -25,7 +25,7 @@ import torch
 
 import fxfeat
 from benchmarks.coverage import timm_families
-from benchmarks.measure import as_tensors
+from benchmarks.references import as_list
 
 
 class _TimedOut(Exception):
@@ -53,8 +53,8 @@ def check_model(spec: str) -> dict:
         record["optimize_s"] = round(time.perf_counter() - started, 3)
         x = torch.randn(2, *extractor.input_size)
         with torch.no_grad():
-            expected = as_tensors(extractor(x))
-        actual = as_tensors(fast(x))
+            expected = as_list(extractor(x))
+        actual = as_list(fast(x))
     except Exception as error:
         record.update(status="failed", error=f"{type(error).__name__}: {str(error)[:200]}")
         return record
@@ -71,8 +71,8 @@ def check_model(spec: str) -> dict:
     if not close:  # the rewrite, or float32 itself? The same passes in float64 must agree to rounding
         reference64 = copy.deepcopy(extractor).double()
         with torch.no_grad():
-            truth = as_tensors(reference64(x.double()))
-        rewritten64 = as_tensors(fxfeat.optimize_for_inference(reference64)(x.double()))
+            truth = as_list(reference64(x.double()))
+        rewritten64 = as_list(fxfeat.optimize_for_inference(reference64)(x.double()))
         record["extractor_error_fp64"], record["optimized_error_fp64"], record["rewrite_error_fp64"] = (
             max(((o.double() - t).abs().max() / t.abs().max()).item() for o, t in zip(outputs, truth))
             for outputs in (expected, actual, rewritten64))

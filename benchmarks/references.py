@@ -8,19 +8,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxfeat.export.parity import flat_outputs as as_list  # one tensor, a list, or a dict's values
+
 __all__ = [
     "as_list", "captured_outputs", "eager_references", "equal_maps", "load_matching_weights", "same_layout",
     "timm_feature_model",
 ]
-
-
-def as_list(outputs) -> list[torch.Tensor]:
-    """A model's or extractor's outputs as a list: one tensor, a list or tuple, or a dict's values in order."""
-    if isinstance(outputs, torch.Tensor):
-        return [outputs]
-    if isinstance(outputs, dict):
-        return list(outputs.values())
-    return list(outputs)
 
 
 def captured_outputs(model: nn.Module, paths, x: torch.Tensor, flows_on: bool = False) -> dict[str, list]:

@@ -6,18 +6,7 @@ from pathlib import Path
 
 import torch
 
-from fxfeat.export.parity import (
-    AXES,
-    FEATURE_INFO_FILE,
-    ExportReport,
-    compare,
-    export_error,
-    flat_outputs,
-    in_eval_mode,
-    most_dynamic,
-    output_names,
-    probe_inputs,
-)
+from fxfeat.export import parity
 from fxfeat.module import FeatureGraphModule
 
 __all__ = ["to_exported_program"]
@@ -35,23 +24,25 @@ def to_exported_program(extractor: FeatureGraphModule, *, path: str | Path | Non
     Raises:
         ExportError: ``torch.export`` failed, or the program differs from eager.
     """
-    inputs = probe_inputs(extractor, input_size, dynamic)
+    inputs = parity.probe_inputs(extractor, input_size, dynamic)
     what = "torch.export"
 
     def attempt(dims):
-        shapes = ({AXES[dim]: torch.export.Dim.AUTO for dim in dims},)
+        shapes = ({parity.AXES[dim]: torch.export.Dim.AUTO for dim in dims},)
         try:
             program = torch.export.export(extractor, (inputs.example,), dynamic_shapes=shapes)
         except Exception as error:
-            raise export_error(extractor, what, error) from error
+            raise parity.export_error(extractor, what, error) from error
         runnable = program.module()
-        return program, compare(extractor, lambda x: flat_outputs(runnable(x)), inputs.checked(dims), what)
+        checks = parity.compare(extractor, lambda x: parity.flat_outputs(runnable(x)), inputs.checked(dims), what)
+        return program, checks
 
-    with in_eval_mode(extractor):
-        program, checks, dims, notes = most_dynamic(inputs, attempt)
+    with parity.in_eval_mode(extractor):
+        program, checks, dims, notes = parity.most_dynamic(inputs, attempt)
     program.graph_module.meta["feature_info"] = extractor.feature_info
     if path is not None:
-        torch.export.save(program, str(path), extra_files={FEATURE_INFO_FILE: extractor.feature_info.to_json()})
-    report = ExportReport("exported_program", "torch.export", tuple(output_names(extractor)), dims, checks,
-                          str(path) if path else None, notes)
+        info = {parity.FEATURE_INFO_FILE: extractor.feature_info.to_json()}
+        torch.export.save(program, str(path), extra_files=info)
+    report = parity.ExportReport("exported_program", "torch.export", tuple(parity.output_names(extractor)), dims,
+                                 checks, str(path) if path else None, notes)
     return (program, report) if return_report else program

@@ -12,17 +12,7 @@ import torch
 from torch import nn
 
 from fxfeat.errors import ExportError, InvalidRequestError, MissingDependencyError
-from fxfeat.export.parity import (
-    AXES,
-    ExportReport,
-    compare,
-    export_error,
-    in_eval_mode,
-    most_dynamic,
-    output_names,
-    probe_inputs,
-    refuse_optimized,
-)
+from fxfeat.export import parity
 from fxfeat.feature_info import FeatureInfo
 from fxfeat.module import FeatureGraphModule
 
@@ -79,17 +69,17 @@ def export_onnx(extractor: nn.Module, example: torch.Tensor, path: Path, exporte
         warnings.simplefilter("ignore")  # the exporters' progress and deprecation chatter
         if exporter == "dynamo":
             torch.onnx.export(extractor, (example,), str(path), dynamo=True, external_data=False,
-                              dynamic_shapes=({AXES[dim]: torch.export.Dim.AUTO for dim in dims},), **common)
+                              dynamic_shapes=({parity.AXES[dim]: torch.export.Dim.AUTO for dim in dims},), **common)
         else:
             torch.onnx.export(extractor, (example,), str(path), dynamo=False,
-                              dynamic_axes={INPUT_NAME: {AXES[dim]: dim for dim in dims}}, **common)
+                              dynamic_axes={INPUT_NAME: {parity.AXES[dim]: dim for dim in dims}}, **common)
 
 
 def to_onnx(extractor: FeatureGraphModule, path: str | Path, *, input_size: tuple[int, int, int] | None = None,
-            dynamic: bool = True, opset: int | None = None, exporter: str | None = None) -> ExportReport:
+            dynamic: bool = True, opset: int | None = None, exporter: str | None = None) -> parity.ExportReport:
     """Export ``extractor`` to the ONNX file ``path`` and check it with ONNX Runtime.
 
-    The input is named ``image``; the outputs are named after the levels (:func:`output_names`). With
+    The input is named ``image``; the outputs are named after the levels (:func:`parity.output_names`). With
     ``dynamic``, the batch, height and width are dynamic where the extractor accepts other values and the
     exported model stays equal to eager there; otherwise they are fixed to the example's, with a warning (a
     token model with a fixed grid: batch only). The ``feature_info`` is stored as JSON in the model's metadata
@@ -106,9 +96,9 @@ def to_onnx(extractor: FeatureGraphModule, path: str | Path, *, input_size: tupl
     if exporter not in (None, "dynamo", "torchscript"):
         raise InvalidRequestError(f"exporter must be 'dynamo', 'torchscript' or None; got {exporter!r}.",
                                   hint="leave it None to try both.")
-    refuse_optimized(extractor, "ONNX")
-    inputs = probe_inputs(extractor, input_size, dynamic)
-    names, path = output_names(extractor), Path(path)
+    parity.refuse_optimized(extractor, "ONNX")
+    inputs = parity.probe_inputs(extractor, input_size, dynamic)
+    names, path = parity.output_names(extractor), Path(path)
     failures: list[str] = []
 
     def attempt(dims):
@@ -124,24 +114,24 @@ def to_onnx(extractor: FeatureGraphModule, path: str | Path, *, input_size: tupl
                     onnx.save(model, str(path))
                     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
                 except Exception as error:
-                    raise export_error(extractor, what, error) from error
+                    raise parity.export_error(extractor, what, error) from error
 
                 def run(x, session=session):  # on the CPU, whatever the extractor's device
                     outputs = session.run(None, {INPUT_NAME: x.detach().cpu().numpy()})
                     return [torch.from_numpy(output).to(x.device) for output in outputs]
 
-                return candidate, compare(extractor, run, inputs.checked(dims), what)
+                return candidate, parity.compare(extractor, run, inputs.checked(dims), what)
             except ExportError as error:
                 failures.append(str(error).split("\nHint:")[0])
         raise ExportError(" / ".join(failures[-2:] if not exporter else failures[-1:]),
                           hint="try another format (to_torchscript, to_exported_program), dynamic=False, or fewer "
                           "levels (out_indices) to leave the failing op out.")
 
-    with in_eval_mode(extractor):
-        used, checks, dims, notes = most_dynamic(inputs, attempt)
+    with parity.in_eval_mode(extractor):
+        used, checks, dims, notes = parity.most_dynamic(inputs, attempt)
     tried = [failure for failure in failures if failure.startswith("ONNX (dynamo") and used != "dynamo"]
     notes += tuple(f"the dynamo exporter failed: {failure}" for failure in tried[-1:])
-    return ExportReport("onnx", used, tuple(names), dims, checks, str(path), notes)
+    return parity.ExportReport("onnx", used, tuple(names), dims, checks, str(path), notes)
 
 
 def read_onnx_feature_info(path: str | Path) -> FeatureInfo:

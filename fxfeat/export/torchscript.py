@@ -8,18 +8,7 @@ from pathlib import Path
 import torch
 
 from fxfeat.errors import InvalidRequestError
-from fxfeat.export.parity import (
-    FEATURE_INFO_FILE,
-    ExportReport,
-    compare,
-    export_error,
-    flat_outputs,
-    in_eval_mode,
-    most_dynamic,
-    output_names,
-    probe_inputs,
-    refuse_optimized,
-)
+from fxfeat.export import parity
 from fxfeat.module import FeatureGraphModule
 
 __all__ = ["to_torchscript"]
@@ -41,9 +30,9 @@ def to_torchscript(extractor: FeatureGraphModule, method: str = "script", *, pat
     if method not in ("script", "trace"):
         raise InvalidRequestError(f"method must be 'script' or 'trace'; got {method!r}.", hint="method='script'.")
     what = f"TorchScript ({method})"
-    refuse_optimized(extractor, what)
-    inputs = probe_inputs(extractor, input_size, dynamic=True)
-    with in_eval_mode(extractor), warnings.catch_warnings():
+    parity.refuse_optimized(extractor, what)
+    inputs = parity.probe_inputs(extractor, input_size, dynamic=True)
+    with parity.in_eval_mode(extractor), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
         try:
             if method == "script":
@@ -52,14 +41,15 @@ def to_torchscript(extractor: FeatureGraphModule, method: str = "script", *, pat
                 with torch.no_grad():  # the inference path, as eager runs it (nn.MultiheadAttention's fast path)
                     module = torch.jit.trace(extractor, inputs.example, strict=False, check_trace=False)
         except Exception as error:
-            raise export_error(extractor, what, error) from error
+            raise parity.export_error(extractor, what, error) from error
 
         def check(dims):
-            return module, compare(extractor, lambda x: flat_outputs(module(x)), inputs.checked(dims), what)
+            checks = parity.compare(extractor, lambda x: parity.flat_outputs(module(x)), inputs.checked(dims), what)
+            return module, checks
 
-        module, checks, dims, notes = most_dynamic(inputs, check)
+        module, checks, dims, notes = parity.most_dynamic(inputs, check)
     if path is not None:
-        torch.jit.save(module, str(path), _extra_files={FEATURE_INFO_FILE: extractor.feature_info.to_json()})
-    report = ExportReport("torchscript", method, tuple(output_names(extractor)), dims, checks,
-                          str(path) if path else None, notes)
+        torch.jit.save(module, str(path), _extra_files={parity.FEATURE_INFO_FILE: extractor.feature_info.to_json()})
+    report = parity.ExportReport("torchscript", method, tuple(parity.output_names(extractor)), dims, checks,
+                                 str(path) if path else None, notes)
     return (module, report) if return_report else module
