@@ -159,7 +159,7 @@ def _mode_graphs(traced: TracedModel, analysis: GraphAnalysis, plan) -> tuple[di
         if missing:
             raise AlignmentError(f"no train-mode counterpart for node(s) {sorted(missing)}")
         added = {node.name for node in aligned.nodes if node.name.startswith("training_")}
-        annotate_aliases(aligned, traced.root, tensors=set(analysis.shapes) | added)
+        annotate_aliases(aligned, traced.root, tensor_nodes=set(analysis.shapes) | added)
         train_graph = run_passes(aligned, plan, _PASSES)
     except Exception as error:
         warnings.warn(

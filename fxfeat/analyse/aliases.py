@@ -65,10 +65,10 @@ _AUGMENTED_ASSIGNMENTS = {
 _NOT_WRITES = {"requires_grad_", "retain_grad_", "share_memory_"}  # end in "_" but leave the values alone
 
 
-def annotate_aliases(graph: fx.Graph, root: nn.Module, tensors: set[str]) -> None:
+def annotate_aliases(graph: fx.Graph, root: nn.Module, tensor_nodes: set[str] | None) -> None:
     """Record in ``node.meta``, which copies of the graph keep, what takes the model or the probe to decide:
     which ``call_module`` nodes write in place (modules with ``inplace=True``), and which nodes are views
-    (``tensors``, the tensor-valued nodes, tells a slice from indexing with a tensor)."""
+    (``tensor_nodes``, the names of the tensor-valued nodes, tells a slice from indexing with a tensor)."""
     for node in graph.nodes:
         if node.op == "call_module":
             try:
@@ -76,7 +76,7 @@ def annotate_aliases(graph: fx.Graph, root: nn.Module, tensors: set[str]) -> Non
             except AttributeError:
                 continue
             node.meta[_IN_PLACE_META] = getattr(module, "inplace", False) is True
-        node.meta[_VIEW_META] = _is_view(node, tensors)
+        node.meta[_VIEW_META] = _is_view(node, tensor_nodes)
 
 
 @functools.lru_cache(maxsize=512)
@@ -118,10 +118,10 @@ def writes_first_argument(node: fx.Node) -> bool:
     return False
 
 
-def _is_view(node: fx.Node, tensors: set[str] | None) -> bool:
+def _is_view(node: fx.Node, tensor_nodes: set[str] | None) -> bool:
     """Whether ``node``'s result shares storage with its first argument.
 
-    ``tensors`` (names of tensor-valued nodes, when known) tells a tensor's ``getitem`` (basic indexing: a
+    ``tensor_nodes`` (names of tensor-valued nodes, when known) tells a tensor's ``getitem`` (basic indexing: a
     view) from a tuple's (an element: a different tensor, unless the tuple comes from ``split``/``chunk``).
     """
     if not node.args or not isinstance(node.args[0], fx.Node):
@@ -133,10 +133,10 @@ def _is_view(node: fx.Node, tensors: set[str] | None) -> bool:
         return False
     if node.target is not operator.getitem:
         return node.target in _VIEW_FUNCTIONS
-    if tensors is not None and source.name not in tensors:  # an element of a tuple or list
+    if tensor_nodes is not None and source.name not in tensor_nodes:  # an element of a tuple or list
         return (source.op == "call_method" and source.target in _VIEW_METHODS) or source.target in _VIEW_FUNCTIONS
     # Indexing with a tensor copies; a node in the index may be one (or an int computed from a shape).
-    return not any(isinstance(item, fx.Node) and (tensors is None or item.name in tensors)
+    return not any(isinstance(item, fx.Node) and (tensor_nodes is None or item.name in tensor_nodes)
                    for item in _flatten(node.args[1]))
 
 

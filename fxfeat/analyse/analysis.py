@@ -23,6 +23,7 @@ from fxfeat.analyse.levels import (
 )
 from fxfeat.analyse.shapes import NodeShape, propagate_shapes
 from fxfeat.trace import TracedModel
+from fxfeat.trace.metadata import output_node
 
 __all__ = ["GraphAnalysis", "analyse"]
 
@@ -38,7 +39,7 @@ class GraphAnalysis:
             of a tensor (``x[:, :c].add_(y)``) has the shape of the whole tensor, which it stands for.
         dataflow: the data-flow graph.
         aliases: storage sharing and in-place writes.
-        tensors: for each write whose value is not what later code reads (a write into a slice), the node that
+        write_tensors: for each write whose value is not what later code reads (a write into a slice), the node that
             code reads after it.
         returned_versions: for each write that is the last version of a tensor a module call returns, those
             calls' keys.
@@ -59,7 +60,7 @@ class GraphAnalysis:
     shapes: dict[str, NodeShape]
     dataflow: DataFlow
     aliases: Aliases
-    tensors: dict[str, str]
+    write_tensors: dict[str, str]
     returned_versions: dict[str, list[str]]
     chain: tuple[str, ...]
     levels: tuple[Level, ...]
@@ -84,7 +85,7 @@ class GraphAnalysis:
             fmt=shape.fmt if shape else None,
             shape=shape.shape if shape else (),
             candidates=self.candidates.get(shape.reduction, ()) if shape and shape.is_spatial else (),
-            tensor=self.tensors.get(node),
+            tensor=self.write_tensors.get(node),
             grid=shape.grid if shape else None,
         )
 
@@ -100,7 +101,7 @@ def _declared_feature_info(model: Any) -> tuple[dict[str, Any], ...] | None:
 def _write_tensors(traced: TracedModel, aliases: Aliases, shapes: dict[str, NodeShape]) -> dict[str, str]:
     """Writes whose value is not the tensor later code reads (a write into a slice returns the slice; the code
     goes on with the whole tensor), mapped to the node that code reads after them."""
-    tensors: dict[str, str] = {}
+    write_tensors: dict[str, str] = {}
     read_directly: set[str] = set()
     for node in traced.graph.nodes:
         for argument in node.all_input_nodes:
@@ -108,8 +109,8 @@ def _write_tensors(traced: TracedModel, aliases: Aliases, shapes: dict[str, Node
             if version == argument.name:
                 read_directly.add(version)
             elif aliases.is_write(version) and argument.name in shapes:
-                tensors.setdefault(version, argument.name)
-    return {write: read for write, read in tensors.items() if write not in read_directly}
+                write_tensors.setdefault(version, argument.name)
+    return {write: read for write, read in write_tensors.items() if write not in read_directly}
 
 
 def _level_chain(traced: TracedModel, dataflow: DataFlow, chain: tuple[str, ...], shapes: dict[str, NodeShape]
@@ -173,7 +174,7 @@ def _main_chain(traced: TracedModel, dataflow: DataFlow) -> tuple[str, ...]:
     auxiliary logits or maps, a segmenter's main and auxiliary outputs), each returned tensor is a sink: the
     chain is that of the one computed furthest from the input (the longest dominator chain; the first returned
     on a tie), followed by the output node, so a shallower auxiliary output does not cut the chain short."""
-    output = next(node for node in reversed(traced.graph.nodes) if node.op == "output")
+    output = output_node(traced.graph)
     returned = [name for name in dict.fromkeys(node.name for node in output.all_input_nodes)
                 if dataflow.depends_on_input(name)]
     if len(returned) < 2:
@@ -185,10 +186,10 @@ def _main_chain(traced: TracedModel, dataflow: DataFlow) -> tuple[str, ...]:
 def analyse(traced: TracedModel, input_size: tuple[int, int, int]) -> GraphAnalysis:
     """Run every analysis on ``traced`` with probes of ``input_size`` (C, H, W)."""
     shapes = propagate_shapes(traced.graph_module, input_size)
-    annotate_aliases(traced.graph, traced.root, tensors=set(shapes))
+    annotate_aliases(traced.graph, traced.root, tensor_nodes=set(shapes))
     aliases = Aliases(traced.graph)
-    tensors = _write_tensors(traced, aliases, shapes)
-    shapes = {**shapes, **{write: shapes[base] for write, base in tensors.items()}}
+    write_tensors = _write_tensors(traced, aliases, shapes)
+    shapes = {**shapes, **{write: shapes[base] for write, base in write_tensors.items()}}
     dataflow = DataFlow(traced.graph, aliases)
     chain = _main_chain(traced, dataflow)
     versions = returned_versions(traced, aliases)
@@ -197,7 +198,7 @@ def analyse(traced: TracedModel, input_size: tuple[int, int, int]) -> GraphAnaly
     fully_convolutional = (head.classifier is not None and head.global_pool is not None and head.unpooled
                            is not None and chain.index(head.unpooled) < chain.index(head.classifier)
                            < chain.index(head.global_pool))
-    search = find_levels(traced, level_chain, shapes, versions, tensors,
+    search = find_levels(traced, level_chain, shapes, versions, write_tensors,
                          head_begins_after=head.unpooled if fully_convolutional else None)
     return GraphAnalysis(
         traced=traced,
@@ -205,7 +206,7 @@ def analyse(traced: TracedModel, input_size: tuple[int, int, int]) -> GraphAnaly
         shapes=shapes,
         dataflow=dataflow,
         aliases=aliases,
-        tensors=tensors,
+        write_tensors=write_tensors,
         returned_versions=versions,
         chain=chain,
         levels=search.levels,

@@ -57,6 +57,7 @@ from torch import nn
 from fxfeat.analyse.shapes import NodeShape, TokenGrid
 from fxfeat.analyse.structure import Structure, outermost_path, returned_versions, returning_calls
 from fxfeat.trace import TracedModel
+from fxfeat.trace.metadata import output_node
 
 __all__ = [
     "Level", "LevelSearch", "StrideChange", "find_levels", "outermost_path", "returned_maps", "returned_versions",
@@ -197,7 +198,7 @@ def _trunk(structure: Structure, changes: list[StrideChange]) -> str:
 def returned_maps(traced: TracedModel, shapes: dict[str, NodeShape]) -> list[tuple[str, str | None]]:
     """The maps (and token grids) the model returns, in return order, each with the key of the dict that holds it
     (``None`` in a list or tuple); the input itself and empty placeholders (zero channels) are left out."""
-    output = next(node for node in reversed(traced.graph.nodes) if node.op == "output")
+    output = output_node(traced.graph)
     found: dict[str, str | None] = {}
 
     def visit(value: object, key: str | None) -> None:
@@ -218,7 +219,7 @@ def returned_maps(traced: TracedModel, shapes: dict[str, NodeShape]) -> list[tup
 
 def find_levels(
     traced: TracedModel, chain: tuple[str, ...], shapes: dict[str, NodeShape],
-    versions: dict[str, list[str]] | None = None, tensors: dict[str, str] | None = None,
+    versions: dict[str, list[str]] | None = None, write_tensors: dict[str, str] | None = None,
     head_begins_after: str | None = None,
 ) -> LevelSearch:
     """Discover the levels of a model (see the module docstring for the rule).
@@ -228,11 +229,11 @@ def find_levels(
         chain: its dominator chain.
         shapes: shape of every node; a write into a view of a tensor has the shape of the whole tensor.
         versions: calls whose returned tensor is last written by a write, by write (:func:`returned_versions`).
-        tensors: for writes standing for another node's tensor, that node.
+        write_tensors: for writes standing for another node's tensor, that node.
         head_begins_after: the node after which a fully-convolutional head begins (its classifier is a convolution
             applied to the map before the global pool): no level lies after it.
     """
-    structure = Structure(traced, chain, shapes, versions or {}, tensors)
+    structure = Structure(traced, chain, shapes, versions or {}, write_tensors)
     changes = _stride_changes(structure)
     structure.trunk = _trunk(structure, changes)
     dilated = _dilated_changes(structure)
@@ -280,7 +281,7 @@ def find_levels(
     for name in chain:
         if structure.is_map(name) and structure.is_returned(name):
             by_reduction[shapes[name].reduction].append(name)
-    tensors = tensors or {}
+    write_tensors = write_tensors or {}
     result = tuple(
         Level(
             node=name,
@@ -290,7 +291,7 @@ def find_levels(
             fmt=shapes[name].fmt,
             shape=shapes[name].shape,
             candidates=tuple(by_reduction[shapes[name].reduction]),
-            tensor=tensors.get(name),
+            tensor=write_tensors.get(name),
             grid=shapes[name].grid,
             key=keys.get(name),
             module_output=structure.is_returned(name),

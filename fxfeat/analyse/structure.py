@@ -89,9 +89,9 @@ class Structure:
     """Positions, module-call spans and repetition facts over the dominator chain."""
 
     def __init__(self, traced: TracedModel, chain: tuple[str, ...], shapes: dict[str, NodeShape],
-                 versions: dict[str, list[str]], tensors: dict[str, str] | None = None):
+                 versions: dict[str, list[str]], write_tensors: dict[str, str] | None = None):
         self.traced = traced
-        self.tensors = tensors or {}  # writes standing for another node's tensor: that node
+        self.write_tensors = write_tensors or {}  # writes standing for another node's tensor: that node
         self.chain = chain
         self.shapes = shapes
         self.position = {name: i for i, name in enumerate(chain)}
@@ -316,7 +316,7 @@ class Structure:
         level = current = name
         for following in self.chain[self.position[name] + 1:]:
             read = {arg.name for arg in self.nodes[following].all_input_nodes}
-            if current not in read and self.tensors.get(current) not in read:  # a write stands for its tensor
+            if current not in read and self.write_tensors.get(current) not in read:  # a write stands for its tensor
                 break
             if self.is_pass_through(following):  # an nn.Identity the block calls last: the same tensor
                 current = following

@@ -24,6 +24,7 @@ from fxfeat.errors import ExportError, FxFeatWarning, InvalidRequestError
 from fxfeat.module import FeatureGraphModule
 from fxfeat.optimize import InferenceGraphModule
 from fxfeat.trace import DEFAULT_INPUT_SIZE, evaluation_mode
+from fxfeat.trace.metadata import output_node
 from fxfeat.trace.values import example_batch
 
 __all__ = [
@@ -111,7 +112,7 @@ def output_names(extractor: FeatureGraphModule) -> list[str]:
 
 
 def returned_keys(extractor: FeatureGraphModule) -> list[str] | None:
-    output = next(node for node in reversed(extractor.graph.nodes) if node.op == "output")
+    output = output_node(extractor.graph)
     returned = output.args[0]
     return list(returned) if isinstance(returned, dict) else None
 

@@ -29,6 +29,7 @@ from torch import nn
 from fxfeat.api import Inspection, compile, inspect
 from fxfeat.errors import HeadNotFoundError, InvalidRequestError, OutIndicesError
 from fxfeat.module import FeatureGraphModule
+from fxfeat.trace.metadata import output_node
 
 __all__ = ["KEYWORDS", "POOLS", "FeatureSpec", "build_extractor", "extractor_features"]
 
@@ -130,7 +131,7 @@ def extractor_features(extractor: FeatureGraphModule, pool: Any = None) -> list[
 
 
 def _returns_tensor(extractor: FeatureGraphModule) -> bool:
-    output = next(node for node in extractor.graph.nodes if node.op == "output")
+    output = output_node(extractor.graph)
     return not isinstance(output.args[0], (list, tuple, dict))
 
 

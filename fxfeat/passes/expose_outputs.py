@@ -13,6 +13,7 @@ import torch.fx as fx
 
 from fxfeat.analyse.shapes import TokenGrid
 from fxfeat.plan import ExtractionPlan
+from fxfeat.trace.metadata import output_node
 
 __all__ = ["expose_outputs"]
 
@@ -20,22 +21,22 @@ __all__ = ["expose_outputs"]
 def expose_outputs(graph: fx.Graph, plan: ExtractionPlan) -> None:
     """Replace the graph's output by the plan's outputs."""
     nodes = {node.name: node for node in graph.nodes}
-    output_node = next(node for node in reversed(graph.nodes) if node.op == "output")
+    returning = output_node(graph)
     values = []
     for output in plan.outputs:
         value = nodes[output.node]
-        with graph.inserting_before(output_node):
+        with graph.inserting_before(returning):
             if output.permute:
                 value = graph.call_method("permute", (value, *output.permute))
             elif output.tokens is not None:
-                value = _tokens_to_map(graph, value, *output.tokens, nodes, output_node)
+                value = _tokens_to_map(graph, value, *output.tokens, nodes, returning)
         values.append(value)
     if plan.return_dict:
         result = {output.name: value for output, value in zip(plan.outputs, values)}
     else:
         result = values[0] if plan.single else values
-    output_node.args = (result,)
-    output_node.type = None  # the model's return annotation no longer describes what is returned
+    returning.args = (result,)
+    returning.type = None  # the model's return annotation no longer describes what is returned
 
 
 def _grid_size(graph: fx.Graph, grid: TokenGrid, nodes: dict[str, fx.Node]) -> tuple[fx.Node, fx.Node]:
@@ -49,10 +50,10 @@ def _grid_size(graph: fx.Graph, grid: TokenGrid, nodes: dict[str, fx.Node]) -> t
     return height, width
 
 
-def _tokens_to_map(graph, tokens: fx.Node, fmt: str, grid: TokenGrid, nodes, output_node) -> fx.Node:
+def _tokens_to_map(graph, tokens: fx.Node, fmt: str, grid: TokenGrid, nodes, returning) -> fx.Node:
     """``NCHW`` map of a token sequence: prefix tokens dropped, the rest reshaped to the grid."""
     height, width = _grid_size(graph, grid, nodes)
-    with graph.inserting_before(output_node):
+    with graph.inserting_before(returning):
         batch = graph.call_method("size", (tokens, 0))
         token_dim = 1 if fmt == "NLC" else 2
         channels = graph.call_method("size", (tokens, 3 - token_dim))

@@ -198,7 +198,7 @@ def _residual_sums(module: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.No
     """``(convolution, sum, ReLU or None, whether the sum may overwrite the shortcut)`` for each fusion
     :func:`fuse_residual_sums` makes, decided on the graph before any of them (a fused call is not a module the
     data-flow analysis knows)."""
-    annotate_aliases(module.graph, module, tensors=None)
+    annotate_aliases(module.graph, module, tensor_nodes=None)
     overwrites = Overwrites(module)
     aliases, order = overwrites.aliases, overwrites.aliases.order
     calls = call_counts(module.graph)

@@ -118,7 +118,7 @@ class Overwrites:
 def restore_in_place(module: fx.GraphModule) -> int:
     """Rewrite the activations and sums of ``module``'s graph that may run in place (see the module docstring);
     ``module`` is changed in place. Returns how many nodes were rewritten."""
-    annotate_aliases(module.graph, module, tensors=None)
+    annotate_aliases(module.graph, module, tensor_nodes=None)
     readers = Overwrites(module)
     rewritten = 0
     safe_calls: dict[str, bool] = {}

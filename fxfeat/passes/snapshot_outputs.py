@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from fxfeat.analyse.aliases import Aliases
 from fxfeat.plan import ExtractionPlan
+from fxfeat.trace.metadata import output_node
 
 __all__ = ["snapshot_outputs"]
 
@@ -22,8 +23,8 @@ def snapshot_outputs(graph: fx.Graph, plan: ExtractionPlan) -> None:
     """Make each planned output independent of in-place writes after its version (see the module docstring)."""
     aliases = Aliases(graph)
     nodes = {node.name: node for node in graph.nodes}
-    output_node = next(node for node in reversed(graph.nodes) if node.op == "output")
-    returned = output_node.args[0]
+    returning = output_node(graph)
+    returned = returning.args[0]
     values = list(returned.values()) if isinstance(returned, dict) else (
         list(returned) if isinstance(returned, (list, tuple)) else [returned])
     reads = [(nodes.get(output.node), nodes.get(output.version or output.node)) for output in plan.outputs]
@@ -36,7 +37,7 @@ def snapshot_outputs(graph: fx.Graph, plan: ExtractionPlan) -> None:
         if not later:
             continue
         others = [other for i, other in enumerate(reads) if i != index and other[0] is not None]
-        if any(_needed(nodes[write], aliases, output_node, others) for write in later):
+        if any(_needed(nodes[write], aliases, returning, others) for write in later):
             copies.append((index, value, version))
         else:
             unneeded.update(later)
@@ -51,14 +52,14 @@ def snapshot_outputs(graph: fx.Graph, plan: ExtractionPlan) -> None:
         else:  # the permute to NCHW made for this output
             values[index].replace_input_with(value, copy)
     if isinstance(returned, dict):
-        output_node.args = (dict(zip(returned, values)),)
+        returning.args = (dict(zip(returned, values)),)
     elif isinstance(returned, (list, tuple)):
-        output_node.args = (type(returned)(values),)
+        returning.args = (type(returned)(values),)
     else:
-        output_node.args = (values[0],)
+        returning.args = (values[0],)
 
 
-def _needed(write: fx.Node, aliases: Aliases, output_node: fx.Node, other_reads) -> bool:
+def _needed(write: fx.Node, aliases: Aliases, returning: fx.Node, other_reads) -> bool:
     """Whether something other than the output being snapshotted sees ``write``: a user of its result, a later
     reader of the tensor it wrote, or another output read at a later version of that tensor."""
     if write.users:
@@ -68,8 +69,8 @@ def _needed(write: fx.Node, aliases: Aliases, output_node: fx.Node, other_reads)
            for value, version in other_reads):
         return True
     return any(
-        aliases.order.get(reader.name, -1) > position and reader is not output_node
-        and not (reader.op == "call_method" and reader.target == "permute" and output_node in reader.users)
+        aliases.order.get(reader.name, -1) > position and reader is not returning
+        and not (reader.op == "call_method" and reader.target == "permute" and returning in reader.users)
         for node in write.graph.nodes if aliases.base(node.name) == base
         for reader in node.users
     )

@@ -39,6 +39,7 @@ from torch import fx, nn
 
 from fxfeat.errors import OutputStrideError
 from fxfeat.trace import describe_node
+from fxfeat.trace.metadata import output_node
 
 __all__ = ["FUNCTION_ARGS", "OpEdit", "edited_module", "plan_output_stride"]
 
@@ -327,7 +328,7 @@ def check_output_stride(extractor: fx.GraphModule, plan, input_size) -> list[tup
             hint="the model ties sizes to its native grid (position embeddings, fixed reshapes, windows); "
             "use output_stride=None.",
         ) from error
-    output = next(node for node in reversed(extractor.graph.nodes) if node.op == "output")
+    output = output_node(extractor.graph)
     returned = output.args[0]
     names = [n.name for n in (returned.values() if isinstance(returned, dict) else
                               returned if isinstance(returned, (list, tuple)) else [returned])]

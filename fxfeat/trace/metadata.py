@@ -18,7 +18,7 @@ import operator
 import torch
 import torch.fx as fx
 
-__all__ = ["NO_TENSOR", "data_inputs", "is_size_arithmetic"]
+__all__ = ["NO_TENSOR", "data_inputs", "is_size_arithmetic", "output_node"]
 
 NO_TENSOR = "fxfeat_no_tensor"  # node.meta key: the shape probe found no tensor in the node's value
 
@@ -73,3 +73,8 @@ def is_size_arithmetic(node: fx.Node) -> bool:
     if node.target is len or node.target in _ARITHMETIC:
         return all(is_size_arithmetic(arg) for arg in node.all_input_nodes)
     return False
+
+
+def output_node(graph: fx.Graph) -> fx.Node:
+    """The graph's ``output`` node (the last one)."""
+    return next(node for node in reversed(graph.nodes) if node.op == "output")
