@@ -5,6 +5,7 @@ trace -> analyse -> plan -> rewrite -> build.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from dataclasses import dataclass, replace
 from operator import attrgetter
@@ -25,9 +26,10 @@ from fxfeat.passes import (
     remove_dead_code,
     run_passes,
     snapshot_outputs,
+    with_plan,
 )
 from fxfeat.plan import Request, make_plan, make_request
-from fxfeat.plan.output_stride import check_output_stride, edited_module
+from fxfeat.plan.output_stride import check_output_stride
 from fxfeat.plan.plan import NEW_CLASSIFIER, format_table
 from fxfeat.trace import (
     TracedModel,
@@ -107,7 +109,6 @@ def compile(
             request, traced, analysis = _traced_and_analysed(model, request, size_given=input_size is not None)
         plan = make_plan(analysis, request)
         graphs, targets = _mode_graphs(traced, analysis, plan)
-        targets.update(_new_modules(plan, traced.root))
         feature_info = FeatureInfo(plan.feature_info(), plan.out_indices)
         extractor = FeatureGraphModule.build(
             model, graphs, targets, feature_info, training=model.training, class_name=f"{traced.model_name}Features",
@@ -139,28 +140,32 @@ _PASSES = (bind_optional_inputs, attach_classifier, dilate, expose_outputs, remo
            remove_dead_code)
 
 
-def _targets(graph_module: torch.fx.GraphModule, graph: torch.fx.Graph) -> dict[str, object]:
-    """What the ``call_module``/``get_attr`` targets of ``graph`` name in ``graph_module``."""
-    return {node.target: attrgetter(node.target)(graph_module)
-            for node in graph.nodes if node.op in ("call_module", "get_attr")}
+def _rewritten(root: nn.Module | dict, graph: torch.fx.Graph, plan) -> torch.fx.GraphModule:
+    """A GraphModule over a copy of ``graph`` and what ``root`` holds for it, rewritten by the compile passes."""
+    module = torch.fx.GraphModule(root, copy.deepcopy(graph))
+    run_passes(module, [with_plan(pass_, plan) for pass_ in _PASSES])
+    return module
 
 
 def _mode_graphs(traced: TracedModel, analysis: GraphAnalysis, plan) -> tuple[dict[str, torch.fx.Graph], dict]:
     """The rewritten eval-mode graph and train-mode graph (the same object when they do not differ), and what
-    their targets name. The train graph is traced again in train mode, given the eval graph's node names
-    (:func:`~fxfeat.trace.align.align_training_graph`) and rewritten by the same passes with the same plan. If that
-    fails, the extractor runs the eval graph in both modes, with a warning."""
-    eval_graph = run_passes(traced.graph, plan, _PASSES)
-    eval_targets = _targets(traced.graph_module, traced.graph)
+    their targets name (the model's modules, and the copies and new modules the passes made). The train graph is
+    traced again in train mode, given the eval graph's node names (:func:`~fxfeat.trace.align.align_training_graph`)
+    and rewritten by the same passes with the same plan (and the eval rewrite's new classifier). If that fails, the
+    extractor runs the eval graph in both modes, with a warning."""
+    evaluated = _rewritten(traced.graph_module, traced.graph, plan)
+    eval_graph, trained = evaluated.graph, evaluated
     try:
         raw, raw_targets = trace_training_graph(traced)
-        aligned, train_targets = align_training_graph(traced.graph, eval_targets, raw, raw_targets)
+        model_targets = _used(traced.graph, traced.graph_module)
+        aligned, train_targets = align_training_graph(traced.graph, model_targets, raw, raw_targets)
         missing = plan.node_names() - {node.name for node in aligned.nodes}
         if missing:
             raise AlignmentError(f"no train-mode counterpart for node(s) {sorted(missing)}")
         added = {node.name for node in aligned.nodes if node.name.startswith("training_")}
         annotate_aliases(aligned, traced.root, tensor_nodes=set(analysis.shapes) | added)
-        train_graph = run_passes(aligned, plan, _PASSES)
+        shared = {NEW_CLASSIFIER: evaluated.get_submodule(NEW_CLASSIFIER)} if plan.classifier is not None else {}
+        trained = _rewritten({**train_targets, **shared}, aligned, plan)
     except Exception as error:
         warnings.warn(
             f"fxfeat could not build the train-mode graph of {traced.model_name} ({type(error).__name__}: "
@@ -169,30 +174,16 @@ def _mode_graphs(traced: TracedModel, analysis: GraphAnalysis, plan) -> tuple[di
             "still follow .train().",
             FxFeatWarning, stacklevel=3,
         )
-        train_graph, train_targets = eval_graph, eval_targets
+    train_graph = trained.graph
     if train_graph.python_code("self").src == eval_graph.python_code("self").src:
         train_graph = eval_graph
-    return {"train": train_graph, "eval": eval_graph}, {**_used(train_graph, train_targets),
-                                                        **_used(eval_graph, eval_targets)}
+    return {"train": train_graph, "eval": eval_graph}, {**_used(train_graph, trained), **_used(eval_graph, evaluated)}
 
 
-def _used(graph: torch.fx.Graph, targets: dict[str, object]) -> dict[str, object]:
-    """The entries of ``targets`` that ``graph`` uses."""
-    return {node.target: targets[node.target] for node in graph.nodes if node.op in ("call_module", "get_attr")
-            and node.target in targets}
-
-
-def _new_modules(plan, root: nn.Module) -> dict[str, nn.Module]:
-    """Modules the extractor gets instead of, or besides, the model's: edited copies for ``output_stride``
-    and a fresh classifier (timm's ``reset_classifier``)."""
-    modules = {edit.target: edited_module(root.get_submodule(edit.target), edit)
-               for edit in plan.op_edits if edit.target is not None}
-    if plan.classifier is not None:
-        _, in_features, num_classes = plan.classifier
-        like = next(root.parameters(), torch.empty(0))
-        dtype = like.dtype if like.is_floating_point() else None
-        modules[NEW_CLASSIFIER] = nn.Linear(in_features, num_classes, device=like.device, dtype=dtype)
-    return modules
+def _used(graph: torch.fx.Graph, module: torch.nn.Module) -> dict[str, object]:
+    """What the ``call_module``/``get_attr`` targets of ``graph`` name in ``module``."""
+    return {node.target: attrgetter(node.target)(module) for node in graph.nodes
+            if node.op in ("call_module", "get_attr")}
 
 
 def _checked_output_stride_info(extractor: FeatureGraphModule, plan, input_size) -> FeatureInfo:

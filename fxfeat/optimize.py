@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from fxfeat.errors import InvalidModelError, InvalidRequestError
 from fxfeat.module import FeatureGraphModule
+from fxfeat.passes.convert_layout import convert_layout
+from fxfeat.passes.driver import run_passes
 from fxfeat.passes.fold_batch_norm import fold_batch_norms
 from fxfeat.passes.fuse_onednn import fuse_residual_sums, use_onednn
 from fxfeat.passes.in_place import restore_in_place
@@ -172,7 +175,7 @@ def optimize_for_inference(
     started = time.perf_counter()
     module = inference_copy(extractor)
     example = example_batch(module, module.input_size, batch=2)  # on the parameters' device, in their dtype
-    done: dict[str, Any] = {"inline_norm_layers": inline_norm_layers(module)}
+    done: dict[str, Any] = run_passes(module, [inline_norm_layers])
     ShapeProp(module).propagate(example)  # tensor shapes and dtypes, for the passes that need them
     if channels_last is None:
         channels_last = _convolutions_dominate(module, example)
@@ -180,11 +183,10 @@ def optimize_for_inference(
     target_dtype = dtype or example.dtype
     if example.device.type == "cpu" and target_dtype == torch.float32 and not compile and onednn_available():
         passes += [fuse_residual_sums, use_onednn]
-    for pass_ in passes:
-        done[pass_.__name__] = pass_(module)
+    done.update(run_passes(module, passes))
     module.delete_all_unused_submodules()  # the folded norms, the removed no-ops: their memory
     done.update(channels_last=channels_last, dtype=str(target_dtype).removeprefix("torch."))
-    _convert(module, channels_last, dtype)
+    run_passes(module, [functools.partial(convert_layout, channels_last=channels_last, dtype=dtype)])
     done["build_s"] = round(time.perf_counter() - started, 3)
     module.meta[_OPTIMIZATIONS] = done
     if compile:
@@ -232,30 +234,6 @@ def _convolutions_dominate(module: fx.GraphModule, example: torch.Tensor) -> boo
 def _rank(node) -> int | None:
     meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
     return len(meta.shape) if hasattr(meta, "shape") else None
-
-
-@fx.wrap
-def prepare_input(x: torch.Tensor, dtype: torch.dtype | None, channels_last: bool) -> torch.Tensor:
-    """The input as the optimised graph computes: in ``dtype``, channels-last (4D inputs)."""
-    if channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x if dtype is None else x.to(dtype)
-
-
-def _convert(module: fx.GraphModule, channels_last: bool, dtype: torch.dtype | None) -> None:
-    """Convert the weights to ``dtype`` and/or channels-last, and each input at the start of the graph."""
-    if not channels_last and dtype is None:
-        return
-    if channels_last:
-        module.to(memory_format=torch.channels_last)
-    if dtype is not None:
-        module.to(dtype)
-    placeholder = next(node for node in module.graph.nodes if node.op == "placeholder")
-    with module.graph.inserting_after(placeholder):
-        prepared = module.graph.call_function(prepare_input, (placeholder, dtype, channels_last))
-    placeholder.replace_all_uses_with(prepared, delete_user_cb=lambda user: user is not prepared)
-    module.graph.lint()
-    module.recompile()
 
 
 def _compiled(module: InferenceGraphModule, example: torch.Tensor, settings: CompileSettings) -> nn.Module:

@@ -14,6 +14,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 import fxfeat
 from fxfeat.optimize import inference_copy
+from fxfeat.passes.driver import run_passes
 from fxfeat.passes.fold_batch_norm import fold_batch_norms
 from fxfeat.passes.fuse_onednn import fuse_residual_sums, use_onednn
 from fxfeat.passes.in_place import restore_in_place
@@ -21,6 +22,11 @@ from fxfeat.passes.inline_norms import inline_norm_layers
 from fxfeat.passes.remove_no_ops import remove_no_ops
 from fxfeat.runtime.in_place import add_in_place
 from fxfeat.runtime.onednn import OneDNNConv2d, OneDNNConv2dAdd, OneDNNLinear
+
+
+def _run(pass_, module) -> int:
+    """What ``pass_`` changed in ``module``, run through the driver (which lints and recompiles)."""
+    return run_passes(module, [pass_])[pass_.__name__]
 
 
 def _randomise_statistics(model: nn.Module) -> None:
@@ -88,8 +94,8 @@ class _ConvNormTwice(nn.Module):
 def test_fold_batch_norms_folds_only_single_use_layers_and_keeps_outputs():
     model = _ConvNormTwice()
     extractor, folded = _prepared(model, mode="unpooled")
-    assert fold_batch_norms(inference_copy(extractor)) == 1  # without recorded shapes too
-    assert fold_batch_norms(folded) == 1  # only conv + norm: `shared` is called twice, `head` read twice
+    assert _run(fold_batch_norms, inference_copy(extractor)) == 1  # without recorded shapes too
+    assert _run(fold_batch_norms, folded) == 1  # only conv + norm: `shared` is called twice, `head` read twice
     remaining = [node.target for node in folded.graph.nodes if node.op == "call_module"]
     assert "norm" not in remaining and {"norm_a", "norm_b", "norm_c"} <= set(remaining)
     _assert_same_outputs(folded, extractor, torch.randn(2, 3, 20, 24))
@@ -100,7 +106,7 @@ def test_fold_batch_norms_folds_only_single_use_layers_and_keeps_outputs():
 def test_folding_math_matches_the_formula():
     model, folded = _traced(nn.Sequential(nn.Conv2d(2, 3, 1, bias=False), nn.BatchNorm2d(3)), (2, 8, 8))
     conv, norm = model
-    assert fold_batch_norms(folded) == 1
+    assert _run(fold_batch_norms, folded) == 1
     scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
     layer = folded.get_submodule("0")
     torch.testing.assert_close(layer.weight, conv.weight * scale.reshape(-1, 1, 1, 1))
@@ -109,7 +115,7 @@ def test_folding_math_matches_the_formula():
 
 def test_sync_batch_norm_folds_in_eval():
     model, module = _traced(nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4)))
-    assert fold_batch_norms(module) == 1
+    assert _run(fold_batch_norms, module) == 1
     _assert_same_outputs(module, model, torch.randn(2, 3, 12, 12))
 
 
@@ -129,11 +135,11 @@ class _LinearNorm(nn.Module):
 
 def test_linear_batch_norm_folded_on_rows_only():
     model, module = _traced(_LinearNorm(tokens=False), input_size=(3, 12, 12))
-    assert fold_batch_norms(module) == 1
+    assert _run(fold_batch_norms, module) == 1
     _assert_same_outputs(module, model, torch.randn(3, 3, 12, 12))
     # (N, C, L): the norm normalises C, the layer writes L; nothing to fold
     _, module = _traced(_LinearNorm(tokens=True), input_size=(3, 12, 12))
-    assert fold_batch_norms(module) == 0
+    assert _run(fold_batch_norms, module) == 0
 
 
 def test_functional_batch_norm_of_a_library_norm_is_inlined_then_folded():
@@ -142,10 +148,10 @@ def test_functional_batch_norm_of_a_library_norm_is_inlined_then_folded():
     extractor, module = _prepared(model, input_size=(3, 64, 64), out_indices=(0, 1))
     norms = [n.target for n in module.graph.nodes if n.op == "call_module"
              and isinstance(module.get_submodule(n.target), timm.layers.BatchNormAct2d)]
-    assert inline_norm_layers(module) == len(norms) > 0
+    assert _run(inline_norm_layers, module) == len(norms) > 0
     assert sum(node.target is F.batch_norm for node in module.graph.nodes) == len(norms)
-    assert remove_no_ops(module) >= len(norms)  # each norm's `drop` (nn.Identity)
-    assert fold_batch_norms(module) == len(norms)  # despite each norm's own `x.ndim == 4` check reading the conv
+    assert _run(remove_no_ops, module) >= len(norms)  # each norm's `drop` (nn.Identity)
+    assert _run(fold_batch_norms, module) == len(norms)  # despite each norm's own `x.ndim == 4` check reading the conv
     assert not any(node.target is F.batch_norm for node in module.graph.nodes)
     _assert_same_outputs(module, extractor, torch.randn(2, 3, 80, 72))
     assert type(extractor.get_submodule(norms[0])) is timm.layers.BatchNormAct2d  # the extractor is untouched
@@ -162,8 +168,8 @@ def test_a_norm_whose_body_cannot_be_traced_stays_a_call():
     block = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), _UntraceableNorm(4), nn.Conv2d(4, 4, 3, stride=2))
     extractor, module = _prepared(block, levels=["1", "2"])
     assert any(n.op == "call_module" and n.target == "1" for n in module.graph.nodes)  # kept whole by the tracer
-    assert inline_norm_layers(module) == 0
-    assert fold_batch_norms(module) == 0  # a subclass may compute something else
+    assert _run(inline_norm_layers, module) == 0
+    assert _run(fold_batch_norms, module) == 0  # a subclass may compute something else
     _assert_same_outputs(module, extractor, torch.randn(2, 3, 16, 16))
 
 
@@ -186,7 +192,7 @@ class _NoOps(nn.Module):
 
 def test_remove_no_ops_removes_identity_and_eval_dropouts_only():
     extractor, module = _traced(_NoOps())
-    assert remove_no_ops(module) == 4
+    assert _run(remove_no_ops, module) == 4
     remaining = [node for node in module.graph.nodes if node.op in ("call_module", "call_function")]
     assert [node.target for node in remaining if node.op == "call_module"] == ["conv"]
     assert sum(node.target is F.dropout for node in remaining) == 1
@@ -222,7 +228,7 @@ class _Reads(nn.Module):
 def test_in_place_never_overwrites_a_value_read_later_the_input_or_a_parameter():
     model, module = _traced(_Reads(), input_size=(3, 8, 8))
     x = torch.randn(2, 3, 8, 8)
-    rewritten = restore_in_place(module)
+    rewritten = _run(restore_in_place, module)
     nodes = {node.name: node for node in module.graph.nodes}
     assert nodes["relu"].kwargs.get("inplace") is not True  # a is read by the sum
     assert nodes["sigmoid"].target is torch.sigmoid  # c is read by the last sum
@@ -252,7 +258,7 @@ def test_add_in_place_writes_only_when_the_sum_has_the_first_operands_shape_and_
 def test_in_place_keeps_the_outputs_of_a_resnet():
     torchvision = pytest.importorskip("torchvision")
     extractor, module = _prepared(torchvision.models.resnet18(), input_size=(3, 64, 64), out_indices=(1, 2, 4))
-    assert restore_in_place(module) == 8  # the residual sum of each block (fx traced `out += identity` as a sum)
+    assert _run(restore_in_place, module) == 8  # the residual sum of each block (fx traced `out += identity` as a sum)
     _assert_same_outputs(module, extractor, torch.randn(2, 3, 80, 64))
 
 
@@ -283,7 +289,7 @@ class _ConvActivations(nn.Module):
 @pytest.mark.parametrize("size", [(64, 64), (8, 12)])  # oneDNN's packed kernels for the larger convolutions
 def test_use_onednn_converts_layers_fuses_single_reader_activations_and_keeps_outputs(size):
     model, module = _traced(_ConvActivations(), input_size=(3, 32, 32))
-    assert use_onednn(module) == 6  # c1+ReLU6, c2+Hardswish, c3 (read twice), c4+LeakyReLU, fc+GELU(tanh), fc2
+    assert _run(use_onednn, module) == 6  # c1+ReLU6, c2+Hardswish, c3 (read twice), c4+LeakyReLU, fc+GELU(tanh), fc2
     layers = {node.target: module.get_submodule(node.target) for node in module.graph.nodes if node.op == "call_module"}
     assert set(layers) == {"c1", "c2", "c3", "c4", "fc", "fc2"}
     assert [layers[name].activation for name in ("c1", "c2", "c3", "c4", "fc", "fc2")] == [
@@ -369,7 +375,7 @@ class _Residuals(nn.Module):
 @onednn
 def test_fuse_residual_sums_overwrites_only_shortcuts_nothing_reads_afterwards():
     model, module = _traced(_Residuals(), input_size=(1, 64, 64))
-    assert fuse_residual_sums(module) == 4
+    assert _run(fuse_residual_sums, module) == 4
     fused = {node.target: node for node in module.graph.nodes
              if node.op == "call_module" and isinstance(module.get_submodule(node.target), OneDNNConv2dAdd)}
     layers = {name: module.get_submodule(name) for name in fused}
@@ -402,7 +408,7 @@ class _CheckedSum(nn.Module):
 @onednn
 def test_fuse_residual_sums_moves_shape_checks_after_the_fused_call():
     model, module = _traced(_CheckedSum(), input_size=(8, 48, 48))
-    assert fuse_residual_sums(module) == 1
+    assert _run(fuse_residual_sums, module) == 1
     order = [node.name for node in module.graph.nodes]
     assert order.index("add") < order.index("dim") < order.index("_assert")  # the sum node is now the fused call
     assert module.conv.overwrite_other and module.conv.activation == "relu"

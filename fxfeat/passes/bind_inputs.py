@@ -12,8 +12,10 @@ Example:
     >>> graph = fx.Graph()
     >>> x, flag = graph.placeholder("x"), graph.placeholder("scale", default_value=2.0)
     >>> _ = graph.output(graph.call_function(torch.mul, (x, flag)))
-    >>> bind_optional_inputs(graph)
-    >>> print([(node.op, node.args) for node in graph.nodes])
+    >>> module = fx.GraphModule({}, graph)
+    >>> bind_optional_inputs(module)
+    1
+    >>> print([(node.op, node.args) for node in module.graph.nodes])
     [('placeholder', ()), ('call_function', (x, 2.0)), ('output', (mul,))]
 """
 
@@ -40,10 +42,11 @@ def _value_when_omitted(node: fx.Node):
     return node.args[0] if node.args else inspect.Parameter.empty
 
 
-def bind_optional_inputs(graph: fx.Graph, plan: ExtractionPlan | None = None) -> None:
+def bind_optional_inputs(module: fx.GraphModule, plan: ExtractionPlan | None = None) -> int:
     """Replace every optional placeholder after the first (the image) by its default, and remove it; annotate
     the image as a tensor (a model taking ``x: Union[Tensor, Dict[str, Tensor]]`` gets an image here, and
-    TorchScript reads the annotation)."""
+    TorchScript reads the annotation). Returns how many were bound."""
+    graph, bound = module.graph, 0
     image, *placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     image.type = torch.Tensor
     for placeholder in placeholders:
@@ -54,3 +57,5 @@ def bind_optional_inputs(graph: fx.Graph, plan: ExtractionPlan | None = None) ->
             user.args = fx.node.map_arg(user.args, lambda node, p=placeholder, v=value: v if node is p else node)
             user.kwargs = fx.node.map_arg(user.kwargs, lambda node, p=placeholder, v=value: v if node is p else node)
         graph.erase_node(placeholder)
+        bound += 1
+    return bound

@@ -17,8 +17,10 @@ from fxfeat.trace.checks import is_kept_check
 __all__ = ["remove_dead_code"]
 
 
-def remove_dead_code(graph: fx.Graph, plan: ExtractionPlan | None = None) -> None:
-    """Erase every node that neither feeds the output nor writes into a tensor read later by one that does."""
+def remove_dead_code(module: fx.GraphModule, plan: ExtractionPlan | None = None) -> int:
+    """Erase every node that neither feeds the output nor writes into a tensor read later by one that does; returns
+    how many were erased."""
+    graph = module.graph
     aliases = Aliases(graph)
     live: set[fx.Node] = set()
     read_later: set[str] = set()  # storages (bases) a kept node reads after the current point
@@ -33,9 +35,10 @@ def remove_dead_code(graph: fx.Graph, plan: ExtractionPlan | None = None) -> Non
     for node in graph.nodes:
         if node not in live and is_kept_check(node, live):
             live |= _ancestors(node)
-    for node in reversed(list(graph.nodes)):
-        if node not in live:
-            graph.erase_node(node)
+    dead = [node for node in reversed(list(graph.nodes)) if node not in live]
+    for node in dead:
+        graph.erase_node(node)
+    return len(dead)
 
 
 def _ancestors(node: fx.Node) -> set[fx.Node]:

@@ -18,8 +18,9 @@ from fxfeat.trace.metadata import output_node
 __all__ = ["expose_outputs"]
 
 
-def expose_outputs(graph: fx.Graph, plan: ExtractionPlan) -> None:
-    """Replace the graph's output by the plan's outputs."""
+def expose_outputs(module: fx.GraphModule, plan: ExtractionPlan) -> int:
+    """Replace the graph's output by the plan's outputs; returns how many."""
+    graph = module.graph
     nodes = {node.name: node for node in graph.nodes}
     returning = output_node(graph)
     values = []
@@ -37,6 +38,7 @@ def expose_outputs(graph: fx.Graph, plan: ExtractionPlan) -> None:
         result = values[0] if plan.single else values
     returning.args = (result,)
     returning.type = None  # the model's return annotation no longer describes what is returned
+    return len(plan.outputs)
 
 
 def _grid_size(graph: fx.Graph, grid: TokenGrid, nodes: dict[str, fx.Node]) -> tuple[fx.Node, fx.Node]:

@@ -14,8 +14,9 @@ Example:
     >>> from fxfeat.optimize import inference_copy
     >>> extractor = fxfeat.compile(torchvision.models.resnet18(), out_indices=(1,)).eval()
     >>> folded = inference_copy(extractor)
-    >>> fold_batch_norms(folded)     # the stem's and four in layer1
-    5
+    >>> from fxfeat.passes.driver import run_passes
+    >>> run_passes(folded, [fold_batch_norms])     # the stem's and four in layer1
+    {'fold_batch_norms': 5}
     >>> x = torch.randn(1, 3, 64, 64)
     >>> torch.allclose(folded(x)[0], extractor(x)[0], rtol=1e-4, atol=1e-5)
     True
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights, fuse_linear_bn_weights
 
-from fxfeat.passes.graph_edits import call_counts, finished, value_readers
+from fxfeat.passes.graph_edits import call_counts, value_readers
 
 __all__ = ["fold_batch_norms"]
 
@@ -127,7 +128,7 @@ def fold_batch_norms(module: fx.GraphModule) -> int:
         for node in list(module.graph.nodes):
             if node.op == "get_attr" and not node.users:
                 module.graph.erase_node(node)
-    return finished(module, folded)
+    return folded
 
 
 def _channels_dim_mismatch(norm: fx.Node, module: fx.GraphModule) -> bool:

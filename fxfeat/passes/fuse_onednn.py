@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxfeat.analyse.aliases import annotate_aliases
-from fxfeat.passes.graph_edits import call_counts, finished, value_readers
+from fxfeat.passes.graph_edits import call_counts, value_readers
 from fxfeat.passes.in_place import Overwrites, is_tensor
 from fxfeat.runtime.in_place import add_in_place
 from fxfeat.runtime.onednn import OneDNNConv2d, OneDNNConv2dAdd, OneDNNLinear
@@ -144,7 +144,7 @@ def use_onednn(module: fx.GraphModule) -> int:
             activation_node.replace_all_uses_with(node)
             module.graph.erase_node(activation_node)
         replaced += 1
-    return finished(module, replaced)
+    return replaced
 
 
 _SUM_FUNCTIONS = {operator.add, torch.add, add_in_place}
@@ -191,7 +191,7 @@ def fuse_residual_sums(module: fx.GraphModule) -> int:
             relu.replace_all_uses_with(total)
             module.graph.erase_node(relu)
         fused += 1
-    return finished(module, fused)
+    return fused
 
 
 def _residual_sums(module: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Node | None, bool]]:

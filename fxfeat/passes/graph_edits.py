@@ -1,5 +1,4 @@
-"""What the inference passes share: who reads a node's values, how often each module is called, and the
-finishing step of a pass that changed a GraphModule."""
+"""What the inference passes share: who reads a node's values, and how often each module is called."""
 
 from __future__ import annotations
 
@@ -7,7 +6,7 @@ from collections import Counter
 
 import torch.fx as fx
 
-__all__ = ["call_counts", "finished", "value_readers"]
+__all__ = ["call_counts", "value_readers"]
 
 _METADATA_ATTRIBUTES = {"ndim", "shape", "dtype", "device", "is_cuda"}
 _METADATA_METHODS = {"dim", "size", "numel"}
@@ -25,11 +24,3 @@ def value_readers(node: fx.Node) -> list[fx.Node]:
 def call_counts(graph: fx.Graph) -> Counter[str]:
     """How many ``call_module`` nodes call each module path (a layer called twice keeps its own weights)."""
     return Counter(node.target for node in graph.nodes if node.op == "call_module")
-
-
-def finished(module: fx.GraphModule, changed: int) -> int:
-    """Lint and regenerate ``module``'s code if a pass ``changed`` anything; returns ``changed``."""
-    if changed:
-        module.graph.lint()
-        module.recompile()
-    return changed

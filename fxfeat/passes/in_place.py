@@ -42,7 +42,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from fxfeat.analyse.aliases import Aliases, annotate_aliases
-from fxfeat.passes.graph_edits import call_counts, finished
+from fxfeat.passes.graph_edits import call_counts
 from fxfeat.runtime.in_place import add_in_place, mul_in_place
 
 __all__ = ["Overwrites", "is_tensor", "restore_in_place"]
@@ -153,7 +153,7 @@ def restore_in_place(module: fx.GraphModule) -> int:
         if ok:
             module.get_submodule(target).inplace = True
             rewritten += calls[target]
-    return finished(module, rewritten)
+    return rewritten
 
 
 def is_tensor(node: fx.Node) -> bool:

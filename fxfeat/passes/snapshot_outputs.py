@@ -19,8 +19,10 @@ from fxfeat.trace.metadata import output_node
 __all__ = ["snapshot_outputs"]
 
 
-def snapshot_outputs(graph: fx.Graph, plan: ExtractionPlan) -> None:
-    """Make each planned output independent of in-place writes after its version (see the module docstring)."""
+def snapshot_outputs(module: fx.GraphModule, plan: ExtractionPlan) -> int:
+    """Make each planned output independent of in-place writes after its version (see the module docstring);
+    returns how many outputs needed it."""
+    graph = module.graph
     aliases = Aliases(graph)
     nodes = {node.name: node for node in graph.nodes}
     returning = output_node(graph)
@@ -57,6 +59,7 @@ def snapshot_outputs(graph: fx.Graph, plan: ExtractionPlan) -> None:
         returning.args = (type(returned)(values),)
     else:
         returning.args = (values[0],)
+    return len(copies) + len(unneeded)
 
 
 def _needed(write: fx.Node, aliases: Aliases, returning: fx.Node, other_reads) -> bool:
