@@ -112,8 +112,8 @@ def compile(
         feature_info = FeatureInfo(plan.feature_info(), plan.out_indices)
         extractor = FeatureGraphModule.build(
             model, graphs, targets, feature_info, training=model.training, class_name=f"{traced.model_name}Features",
+            input_size=request.input_size,
         )
-        extractor.input_size = request.input_size
         if plan.op_edits:  # probes the extractor, whose layers are the model's
             extractor.feature_info = _checked_output_stride_info(extractor, plan, request.input_size)
     return extractor

@@ -91,6 +91,7 @@ class FeatureGraphModule(fx.GraphModule):
         feature_info: FeatureInfo,
         training: bool,
         class_name: str,
+        input_size: tuple[int, int, int] | None = None,
     ) -> FeatureGraphModule:
         """Make the extractor from its graphs, holding the objects their ``call_module``/``get_attr`` name.
 
@@ -101,13 +102,15 @@ class FeatureGraphModule(fx.GraphModule):
             feature_info: what the outputs are.
             training: the mode the extractor starts in.
             class_name: name of the generated class.
+            input_size: ``(C, H, W)`` the extractor was compiled (probed) at.
         """
         persistent = _persistent_buffers(model)
         non_persistent = sorted(
             target for target, value in targets.items()
             if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and target not in persistent
         )
-        meta = {_PRESERVED: {"feature_info": feature_info}, _NON_PERSISTENT: non_persistent}
+        preserved = {"feature_info": feature_info, **({"input_size": tuple(input_size)} if input_size else {})}
+        meta = {_PRESERVED: preserved, _NON_PERSISTENT: non_persistent}
         if graphs["train"] is not graphs["eval"]:
             meta[_GRAPHS] = dict(graphs)
         module = _assemble(cls, targets, graphs["train" if training else "eval"], class_name, meta, training)
