@@ -13,16 +13,9 @@ from torch import nn
 
 from fxfeat.analyse import analyse
 from fxfeat.errors import RewriteError
-from fxfeat.passes import (
-    attach_classifier,
-    dilate,
-    expose_outputs,
-    remove_dead_code,
-    run_passes,
-    snapshot_outputs,
-    with_plan,
-)
+from fxfeat.passes import attach_classifier, dilate, expose_outputs, remove_dead_code, snapshot_outputs
 from fxfeat.passes.convert_layout import convert_layout
+from fxfeat.passes.driver import run_passes, with_plan
 from fxfeat.plan import make_plan, make_request
 from fxfeat.plan.plan import NEW_CLASSIFIER
 from fxfeat.trace import trace_model
