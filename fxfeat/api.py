@@ -107,16 +107,15 @@ def compile(
     with model_state_kept(model):  # its flags, buffers and the random state are as they were after compiling
         with evaluation_mode(model):
             request, traced, analysis = _traced_and_analysed(model, request, size_given=input_size is not None)
+        train_graph = _training_graph(traced)
         plan = make_plan(analysis, request)
-        graphs, targets = _mode_graphs(traced, analysis, plan)
-        feature_info = FeatureInfo(plan.feature_info(), plan.out_indices)
-        extractor = FeatureGraphModule.build(
+        evaluated, trained = _rewritten_modes(traced, analysis, plan, train_graph)
+        feature_info = _feature_info(plan, evaluated, request.input_size)
+        graphs, targets = _mode_graphs(evaluated, trained)
+        return FeatureGraphModule.build(
             model, graphs, targets, feature_info, training=model.training, class_name=f"{traced.model_name}Features",
             input_size=request.input_size,
         )
-        if plan.op_edits:  # probes the extractor, whose layers are the model's
-            extractor.feature_info = _checked_output_stride_info(extractor, plan, request.input_size)
-    return extractor
 
 
 def _traced_and_analysed(model: nn.Module, request: Request, size_given: bool,
@@ -147,25 +146,33 @@ def _rewritten(root: nn.Module | dict, graph: torch.fx.Graph, plan) -> torch.fx.
     return module
 
 
-def _mode_graphs(traced: TracedModel, analysis: GraphAnalysis, plan) -> tuple[dict[str, torch.fx.Graph], dict]:
-    """The rewritten eval-mode graph and train-mode graph (the same object when they do not differ), and what
-    their targets name (the model's modules, and the copies and new modules the passes made). The train graph is
-    traced again in train mode, given the eval graph's node names (:func:`~fxfeat.trace.align.align_training_graph`)
-    and rewritten by the same passes with the same plan (and the eval rewrite's new classifier). If that fails, the
-    extractor runs the eval graph in both modes, with a warning."""
-    evaluated = _rewritten(traced.graph_module, traced.graph, plan)
-    eval_graph, trained = evaluated.graph, evaluated
+def _training_graph(traced: TracedModel) -> tuple[torch.fx.Graph, dict] | Exception:
+    """The model traced again in train mode, with the eval graph's node names
+    (:func:`~fxfeat.trace.align.align_training_graph`), and what its targets name; or why that failed."""
     try:
         raw, raw_targets = trace_training_graph(traced)
-        model_targets = _used(traced.graph, traced.graph_module)
-        aligned, train_targets = align_training_graph(traced.graph, model_targets, raw, raw_targets)
+        return align_training_graph(traced.graph, _used(traced.graph, traced.graph_module), raw, raw_targets)
+    except Exception as error:
+        return error
+
+
+def _rewritten_modes(traced: TracedModel, analysis: GraphAnalysis, plan, train_graph
+                     ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
+    """The eval-mode and train-mode GraphModules, rewritten by the same passes with the same plan (the train
+    rewrite shares the eval rewrite's new classifier). Where the train graph could not be built or lacks a node
+    the plan needs, the extractor runs the eval graph in both modes, with a warning."""
+    evaluated = _rewritten(traced.graph_module, traced.graph, plan)
+    try:
+        if isinstance(train_graph, Exception):
+            raise train_graph
+        aligned, train_targets = train_graph
         missing = plan.node_names() - {node.name for node in aligned.nodes}
         if missing:
             raise AlignmentError(f"no train-mode counterpart for node(s) {sorted(missing)}")
         added = {node.name for node in aligned.nodes if node.name.startswith("training_")}
         annotate_aliases(aligned, traced.root, tensor_nodes=set(analysis.shapes) | added)
         shared = {NEW_CLASSIFIER: evaluated.get_submodule(NEW_CLASSIFIER)} if plan.classifier is not None else {}
-        trained = _rewritten({**train_targets, **shared}, aligned, plan)
+        return evaluated, _rewritten({**train_targets, **shared}, aligned, plan)
     except Exception as error:
         warnings.warn(
             f"fxfeat could not build the train-mode graph of {traced.model_name} ({type(error).__name__}: "
@@ -174,7 +181,14 @@ def _mode_graphs(traced: TracedModel, analysis: GraphAnalysis, plan) -> tuple[di
             "still follow .train().",
             FxFeatWarning, stacklevel=3,
         )
-    train_graph = trained.graph
+        return evaluated, evaluated
+
+
+def _mode_graphs(evaluated: torch.fx.GraphModule, trained: torch.fx.GraphModule
+                 ) -> tuple[dict[str, torch.fx.Graph], dict]:
+    """Each mode's graph (the same object when they do not differ) and what their targets name (the model's
+    modules, and the copies and new modules the passes made)."""
+    eval_graph, train_graph = evaluated.graph, trained.graph
     if train_graph.python_code("self").src == eval_graph.python_code("self").src:
         train_graph = eval_graph
     return {"train": train_graph, "eval": eval_graph}, {**_used(train_graph, trained), **_used(eval_graph, evaluated)}
@@ -186,14 +200,17 @@ def _used(graph: torch.fx.Graph, module: torch.nn.Module) -> dict[str, object]:
             if node.op in ("call_module", "get_attr")}
 
 
-def _checked_output_stride_info(extractor: FeatureGraphModule, plan, input_size) -> FeatureInfo:
-    """Probe the dilated extractor; describe its outputs by their real shapes (other levels get no shape)."""
-    shapes = check_output_stride(extractor, plan, input_size)
+def _feature_info(plan, evaluated: torch.fx.GraphModule, input_size) -> FeatureInfo:
+    """The extractor's ``feature_info``: the plan's, where ``output_stride`` rewrote the model with the shapes
+    the rewritten eval graph computes at the probe size (checked to have the planned reductions; levels not
+    returned get no shape)."""
     entries = plan.feature_info()
-    for entry in entries:
-        entry["shape"] = None
-    for index, shape in zip(plan.out_indices, shapes):  # shapes of the returned (already permuted) tensors
-        entries[index]["shape"] = shape
+    if plan.op_edits:
+        shapes = check_output_stride(evaluated, plan, input_size)
+        for entry in entries:
+            entry["shape"] = None
+        for index, shape in zip(plan.out_indices, shapes):  # shapes of the returned (already permuted) tensors
+            entries[index]["shape"] = shape
     return FeatureInfo(entries, plan.out_indices)
 
 
