@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
 from benchmarks.references import as_list, eager_references, same_layout
 
-__all__ = ["as_list", "assert_bit_equal_to_eager", "assert_feature_info_matches"]
+__all__ = ["as_list", "assert_bit_equal_to_eager", "assert_feature_info_matches", "with_zoo"]
 
 
 def assert_bit_equal_to_eager(model: nn.Module, extractor: nn.Module, x: torch.Tensor) -> None:
@@ -40,3 +41,9 @@ def assert_feature_info_matches(extractor: nn.Module, x: torch.Tensor, slack: in
         for size, full in zip(output.shape[-2:], (height, width)):
             expected = math.ceil(full / reduction)
             assert expected - slack <= size <= expected, (entry, tuple(output.shape), (height, width))
+
+
+def with_zoo(default, zoo) -> list:
+    """Parameters for a test run on ``default`` in ``make test`` and on ``zoo`` too, marked ``zoo``, in
+    ``make test-zoo``."""
+    return [*default, *(pytest.param(case, marks=pytest.mark.zoo) for case in zoo)]

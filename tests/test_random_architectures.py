@@ -13,6 +13,7 @@ import torch
 
 import fxfeat
 from benchmarks.references import captured_outputs
+from tests.helpers import with_zoo
 from tests.random_cnn import generate
 
 CI_SEEDS = range(40)
@@ -50,14 +51,8 @@ def check_generated(seed: int) -> None:
         assert head.unpooled == last, f"{architecture}: {head}"  # a head conv after the trunk is forward_features
 
 
-@pytest.mark.parametrize("seed", CI_SEEDS)
+@pytest.mark.parametrize("seed", with_zoo(CI_SEEDS, ZOO_SEEDS))
 def test_generated_architecture(seed):
-    check_generated(seed)
-
-
-@pytest.mark.zoo
-@pytest.mark.parametrize("seed", ZOO_SEEDS)
-def test_generated_architecture_zoo(seed):
     check_generated(seed)
 
 

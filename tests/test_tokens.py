@@ -14,7 +14,7 @@ import fxfeat
 from benchmarks.coverage_check import compare_levels, randomise_inert_weights
 from benchmarks.references import timm_feature_model
 from tests.conftest import timm_model, torchvision_model
-from tests.helpers import as_list, assert_bit_equal_to_eager
+from tests.helpers import as_list, assert_bit_equal_to_eager, with_zoo
 
 # (model, input size, create_model kwargs, three block indices, a second size the model accepts or None, the
 # prefix tokens its blocks see).
@@ -133,14 +133,8 @@ def check_hierarchical(name: str) -> None:
     assert_bit_equal_to_eager(model, extractor, x)
 
 
-@pytest.mark.parametrize("name", HIERARCHICAL)
+@pytest.mark.parametrize("name", with_zoo(HIERARCHICAL, HIERARCHICAL_ZOO))
 def test_hierarchical_token_levels_contain_timm_features_only(name):
-    check_hierarchical(name)
-
-
-@pytest.mark.zoo
-@pytest.mark.parametrize("name", HIERARCHICAL_ZOO)
-def test_hierarchical_zoo(name):
     check_hierarchical(name)
 
 

@@ -14,6 +14,7 @@ import torch
 
 import fxfeat
 from benchmarks.references import equal_maps, same_layout
+from tests.helpers import with_zoo
 
 transformers = pytest.importorskip("transformers")
 T = transformers
@@ -132,14 +133,8 @@ def check(name: str) -> None:
             assert torch.equal(pooled(x), pooler.flatten(1))
 
 
-@pytest.mark.parametrize("name", CI)
+@pytest.mark.parametrize("name", with_zoo(CI, ZOO))
 def test_transformers_models(name):
-    check(name)
-
-
-@pytest.mark.zoo
-@pytest.mark.parametrize("name", ZOO)
-def test_transformers_zoo(name):
     check(name)
 
 
