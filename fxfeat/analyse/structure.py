@@ -239,12 +239,16 @@ class Structure:
                 return key  # (a container whose stage downsamples at its end is a container of stages)
         return None
 
-    def is_pass_through(self, name: str) -> bool:
-        """A module or function that returns its input, or its input with a border (``nn.Identity``, paddings)."""
+    def _is_kind(self, name: str, modules: tuple[type, ...], functions: set) -> bool:
+        """Whether node ``name`` calls one of ``modules`` or ``functions``."""
         node = self.nodes[name]
         if node.op == "call_module":
-            return isinstance(self.traced.root.get_submodule(node.target), _PASS_THROUGH_MODULES)
-        return node.op == "call_function" and node.target in _PASS_THROUGH_FUNCTIONS
+            return isinstance(self.traced.root.get_submodule(node.target), modules)
+        return node.op == "call_function" and node.target in functions
+
+    def is_pass_through(self, name: str) -> bool:
+        """A module or function that returns its input, or its input with a border (``nn.Identity``, paddings)."""
+        return self._is_kind(name, _PASS_THROUGH_MODULES, _PASS_THROUGH_FUNCTIONS)
 
     def is_returned(self, name: str) -> bool:
         """A module call returns node ``name``, which is not a pass-through (``nn.Identity``) nor a padding (the
@@ -257,10 +261,7 @@ class Structure:
 
     def is_pooling(self, name: str) -> bool:
         """Whether node ``name`` is a (non-adaptive) pooling: it only subsamples the map it is given."""
-        node = self.nodes[name]
-        if node.op == "call_module":
-            return isinstance(self.traced.root.get_submodule(node.target), _POOLING_MODULES)
-        return node.op == "call_function" and node.target in _POOLING_FUNCTIONS
+        return self._is_kind(name, _POOLING_MODULES, _POOLING_FUNCTIONS)
 
     def inside_stem(self, name: str) -> bool:
         """Whether ``name`` lies inside the stem (the call making the first stride change, other than the
