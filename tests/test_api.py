@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from torch import nn
@@ -137,9 +134,3 @@ def test_extractor_is_a_graph_module_that_survives_deepcopy(resnet18):
     assert isinstance(clone, fxfeat.FeatureGraphModule) and clone.feature_info.channels() == [64]
 
 
-def test_inspect_cli():
-    result = subprocess.run(
-        [sys.executable, "-m", "fxfeat", "inspect", "torchvision:resnet18"], capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr
-    assert "layer4" in result.stdout and "reduction" in result.stdout

@@ -205,32 +205,6 @@ def test_a_probe_too_small_to_resolve_the_levels_is_refused():
     assert fxfeat.compile(model, input_size=(3, 64, 64)).feature_info.reduction() == [2, 4, 8, 16, 32]
 
 
-def test_cli_names_an_unknown_model_without_a_traceback(capsys):
-    from fxfeat.cli import main
-
-    with pytest.raises(SystemExit) as exited:
-        main(["inspect", "timm:resnet5O"])
-    assert exited.value.code == 2
-    error = capsys.readouterr().err
-    assert "timm has no model named 'resnet5O'" in error and "resnet50" in error and "Traceback" not in error
-
-
-def test_cli_help_says_it_all_and_a_library_without_a_model_is_named(capsys):
-    from fxfeat.cli import main
-
-    with pytest.raises(SystemExit):
-        main(["--help"])
-    printed = " ".join(capsys.readouterr().out.split())
-    assert "pretrained weights unless --weights random or --weights PATH." in printed
-    assert "python -m fxfeat export timm:resnet50 --onnx out.onnx" in printed
-    for spec in ("timm:", "timm", "hf:"):
-        with pytest.raises(SystemExit) as exited:
-            main(["export", spec, "--onnx", "out.onnx"])
-        assert exited.value.code == 2
-        error = capsys.readouterr().err
-        assert f"{spec!r} names a library but no model" in error and "torchvision has no model" not in error
-
-
 class _Declares(nn.Module):
     """A model with a timm-style feature_info, one of whose modules it does not have."""
 

@@ -13,7 +13,6 @@ from torch import nn
 
 import fxfeat
 from fxfeat import export
-from fxfeat.cli import main as cli_main
 from fxfeat.export.onnx_model import rename_outputs
 from tests.conftest import timm_model
 from tests.helpers import as_list
@@ -168,7 +167,7 @@ def test_token_model_with_a_fixed_grid_exports_with_a_dynamic_batch_only(tmp_pat
 
 
 def test_a_shape_checked_extractor_exports_with_its_check():
-    from tests.test_shape_tracing import SquareOrWide  # branches on h == w: valid at its compile size only
+    from tests.test_trace import SquareOrWide  # branches on h == w: valid at its compile size only
 
     extractor = fxfeat.compile(SquareOrWide().eval(), input_size=(3, 64, 64))
     with pytest.warns(fxfeat.FxFeatWarning, match="height and width fixed"):
@@ -262,16 +261,6 @@ def test_missing_onnx_is_a_clear_error(monkeypatch, tmp_path):
     extractor = fxfeat.compile(torchvision.models.resnet18(), out_indices=(1,), input_size=(3, 64, 64))
     with pytest.raises(fxfeat.MissingDependencyError, match=r"fxfeat\[onnx\]"):
         export.to_onnx(extractor, tmp_path / "model.onnx")
-
-
-def test_cli_export_prints_outputs_and_parity(tmp_path, capsys):
-    cli_main(["export", "torchvision:resnet18", "--out-indices", "2,4", "--input-size", "3", "96", "96",
-              "--onnx", str(tmp_path / "m.onnx"), "--torchscript", str(tmp_path / "m.pt"),
-              "--exported-program", str(tmp_path / "m.pt2")])
-    printed = capsys.readouterr().out
-    assert "layer2" in printed and "[1, 512, 3, 3]" in printed
-    assert printed.count("parity vs eager") == 9  # three checks per format
-    assert export.read_feature_info(tmp_path / "m.onnx").module_name() == ["layer2", "layer4"]
 
 
 # The matrix: every format, every mode, output_stride=16 where it applies. Under the zoo marker (minutes

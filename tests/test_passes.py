@@ -1,5 +1,5 @@
 """The compile-time passes one by one, and the driver every pass runs through (fxfeat/passes/driver.py). The
-inference passes have theirs in tests/test_inference_passes.py."""
+inference passes have theirs in tests/test_inference.py."""
 
 from __future__ import annotations
 
