@@ -134,7 +134,7 @@ class FeatureGraphModule(fx.GraphModule):
 
     def __call__(self, *args, **kwargs):
         self.use_mode_graph()  # also when the flag was set without train(): `module.training = False`
-        size = self.meta.get(_PRESERVED, {}).get("input_size")
+        size = self.input_size
         image = args[0] if args else None
         if size is not None and isinstance(image, torch.Tensor) and image.dim() == len(size) + 1 and (
                 image.shape[1] != size[0]):
