@@ -8,14 +8,13 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass, replace
-from operator import attrgetter
 
 import torch
 from torch import nn
 
 from fxfeat.analyse import GraphAnalysis, Head, analyse
 from fxfeat.analyse.aliases import annotate_aliases
-from fxfeat.errors import FxFeatWarning, ShapePropagationError
+from fxfeat.errors import FxFeatWarning
 from fxfeat.feature_info import FeatureInfo
 from fxfeat.module import FeatureGraphModule
 from fxfeat.passes import (
@@ -28,18 +27,11 @@ from fxfeat.passes import (
     snapshot_outputs,
     with_plan,
 )
-from fxfeat.plan import Request, make_plan, make_request
+from fxfeat.plan import make_plan, make_request
 from fxfeat.plan.output_stride import check_output_stride
 from fxfeat.plan.plan import NEW_CLASSIFIER, format_table
-from fxfeat.trace import (
-    TracedModel,
-    eager_model,
-    evaluation_mode,
-    model_state_kept,
-    trace_model,
-    trace_training_graph,
-)
-from fxfeat.trace.align import AlignmentError, align_training_graph
+from fxfeat.trace import TracedModes, eager_model, evaluation_mode, graph_targets, model_state_kept, trace_modes
+from fxfeat.trace.align import AlignmentError
 
 __all__ = ["compile", "inspect", "Inspection"]
 
@@ -106,33 +98,17 @@ def compile(
     )
     with model_state_kept(model):  # its flags, buffers and the random state are as they were after compiling
         with evaluation_mode(model):
-            request, traced, analysis = _traced_and_analysed(model, request, size_given=input_size is not None)
-        train_graph = _training_graph(traced)
+            modes = trace_modes(model, request.input_size, size_given=input_size is not None)
+            request = replace(request, input_size=modes.input_size)
+            analysis = analyse(modes.traced, request.input_size)
         plan = make_plan(analysis, request)
-        evaluated, trained = _rewritten_modes(traced, analysis, plan, train_graph)
+        evaluated, trained = _rewritten_modes(modes, analysis, plan)
         feature_info = _feature_info(plan, evaluated, request.input_size)
         graphs, targets = _mode_graphs(evaluated, trained)
         return FeatureGraphModule.build(
-            model, graphs, targets, feature_info, training=model.training, class_name=f"{traced.model_name}Features",
-            input_size=request.input_size,
+            model, graphs, targets, feature_info, training=model.training,
+            class_name=f"{modes.traced.model_name}Features", input_size=request.input_size,
         )
-
-
-def _traced_and_analysed(model: nn.Module, request: Request, size_given: bool,
-                         ) -> tuple[Request, TracedModel, GraphAnalysis]:
-    """The model traced and analysed at the request's input size, and the request. Where the size is the one the
-    model declares (or the default) and the probe fails at the graph's first convolution because that takes
-    another number of channels (timm's ``in_chans=1`` models keep a 3-channel ``pretrained_cfg``), the
-    convolution's number is used instead: the request's ``input_size`` says which."""
-    traced = trace_model(model, example_size=request.input_size)
-    try:
-        return request, traced, analyse(traced, request.input_size)
-    except ShapePropagationError as error:
-        if size_given or error.input_channels is None:
-            raise
-        request = replace(request, input_size=(error.input_channels, *request.input_size[1:]))
-    traced = trace_model(model, example_size=request.input_size)
-    return request, traced, analyse(traced, request.input_size)
 
 
 _PASSES = (bind_optional_inputs, attach_classifier, dilate, expose_outputs, remove_dead_code, snapshot_outputs,
@@ -146,26 +122,17 @@ def _rewritten(root: nn.Module | dict, graph: torch.fx.Graph, plan) -> torch.fx.
     return module
 
 
-def _training_graph(traced: TracedModel) -> tuple[torch.fx.Graph, dict] | Exception:
-    """The model traced again in train mode, with the eval graph's node names
-    (:func:`~fxfeat.trace.align.align_training_graph`), and what its targets name; or why that failed."""
-    try:
-        raw, raw_targets = trace_training_graph(traced)
-        return align_training_graph(traced.graph, _used(traced.graph, traced.graph_module), raw, raw_targets)
-    except Exception as error:
-        return error
-
-
-def _rewritten_modes(traced: TracedModel, analysis: GraphAnalysis, plan, train_graph
+def _rewritten_modes(modes: TracedModes, analysis: GraphAnalysis, plan
                      ) -> tuple[torch.fx.GraphModule, torch.fx.GraphModule]:
     """The eval-mode and train-mode GraphModules, rewritten by the same passes with the same plan (the train
     rewrite shares the eval rewrite's new classifier). Where the train graph could not be built or lacks a node
     the plan needs, the extractor runs the eval graph in both modes, with a warning."""
+    traced = modes.traced
     evaluated = _rewritten(traced.graph_module, traced.graph, plan)
     try:
-        if isinstance(train_graph, Exception):
-            raise train_graph
-        aligned, train_targets = train_graph
+        if isinstance(modes.training, Exception):
+            raise modes.training
+        aligned, train_targets = modes.training
         missing = plan.node_names() - {node.name for node in aligned.nodes}
         if missing:
             raise AlignmentError(f"no train-mode counterpart for node(s) {sorted(missing)}")
@@ -191,13 +158,8 @@ def _mode_graphs(evaluated: torch.fx.GraphModule, trained: torch.fx.GraphModule
     eval_graph, train_graph = evaluated.graph, trained.graph
     if train_graph.python_code("self").src == eval_graph.python_code("self").src:
         train_graph = eval_graph
-    return {"train": train_graph, "eval": eval_graph}, {**_used(train_graph, trained), **_used(eval_graph, evaluated)}
-
-
-def _used(graph: torch.fx.Graph, module: torch.nn.Module) -> dict[str, object]:
-    """What the ``call_module``/``get_attr`` targets of ``graph`` name in ``module``."""
-    return {node.target: attrgetter(node.target)(module) for node in graph.nodes
-            if node.op in ("call_module", "get_attr")}
+    return {"train": train_graph, "eval": eval_graph}, {**graph_targets(train_graph, trained),
+                                                       **graph_targets(eval_graph, evaluated)}
 
 
 def _feature_info(plan, evaluated: torch.fx.GraphModule, input_size) -> FeatureInfo:
@@ -324,7 +286,9 @@ def inspect(
     model = eager_model(model)
     request = make_request(model, levels=levels, input_size=input_size, out_indices=out_indices)
     with model_state_kept(model), evaluation_mode(model):
-        request, traced, analysis = _traced_and_analysed(model, request, size_given=input_size is not None)
+        modes = trace_modes(model, request.input_size, size_given=input_size is not None, train_mode=False)
+        request = replace(request, input_size=modes.input_size)
+        analysis = analyse(modes.traced, request.input_size)
     plan = make_plan(analysis, request)
     reports = tuple(
         LevelReport(
@@ -334,12 +298,12 @@ def inspect(
         for i, level in enumerate(plan.levels)
     )
     return Inspection(
-        model_name=traced.model_name,
+        model_name=modes.traced.model_name,
         input_size=request.input_size,
         source=plan.source,
         levels=reports,
         total_parameters=sum(p.numel() for p in model.parameters()),
-        opaque_modules=dict(traced.opaque_modules),
+        opaque_modules=dict(modes.traced.opaque_modules),
         head=analysis.head,
         decoder=analysis.decoder,
         out_indices=plan.out_indices,

@@ -323,3 +323,65 @@ def test_shape_aware_tracing_time_does_not_grow_with_the_classes_python_has_load
     subclasses = [type(f"_Unrelated{index}", (nn.Module,), {}) for index in range(20000)]
     crowded = compile_seconds()
     assert len(subclasses) == 20000 and crowded < 5 * alone, (alone, crowded)
+
+
+class _Gray(nn.Module):
+    """A model built for one input channel; ``square_only`` adds Python on the input's size (shape-aware tracing)."""
+
+    def __init__(self, square_only: bool = False):
+        super().__init__()
+        self.square_only = square_only
+        self.stem = nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        if self.square_only and x.shape[-1] != x.shape[-2]:
+            x = x[..., : x.shape[-2], : x.shape[-2]]
+        return self.down(self.stem(x).relu()).mean((2, 3))
+
+
+class _CoordinateChannels(nn.Module):
+    """An RGB model whose first convolution reads the image and two coordinate channels (5 in all)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(5, 8, 3, stride=2, padding=1)
+        self.down = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        rows = torch.linspace(-1, 1, x.shape[-2]).view(1, 1, -1, 1).expand(x.shape[0], 1, -1, x.shape[-1])
+        columns = torch.linspace(-1, 1, x.shape[-1]).view(1, 1, 1, -1).expand(x.shape[0], 1, x.shape[-2], -1)
+        return self.down(self.stem(torch.cat([x, rows, columns], 1)).relu()).mean((2, 3))
+
+
+@pytest.mark.parametrize("square_only, traced_at", [(False, [(3, 64, 64)]), (True, [(3, 64, 64), (1, 64, 64)])])
+def test_the_trace_stage_resolves_the_input_channels_once(monkeypatch, square_only, traced_at):
+    # A model built for another number of channels than it declares (timm's in_chans=1 keeps a 3-channel
+    # pretrained_cfg): the trace stage reads the first convolution's number where a probe fails there, and traces
+    # again only a graph whose Python ran on an example of the declared size. Nothing later goes back to tracing.
+    import fxfeat.trace.modes as modes_module
+
+    sizes = []
+    trace_model = modes_module.trace_model
+
+    def recording(model, example_size):
+        sizes.append(example_size)
+        return trace_model(model, example_size=example_size)
+
+    monkeypatch.setattr(modes_module, "trace_model", recording)
+    model = _Gray(square_only).eval()
+    modes = modes_module.trace_modes(model, (3, 64, 64), size_given=False)
+    assert modes.input_size == (1, 64, 64) and sizes == traced_at
+    assert square_only == (modes.traced.example is not None and modes.traced.example.shape[1] == 1)
+    assert modes_module.trace_modes(model, (3, 64, 64), size_given=True).input_size == (3, 64, 64)
+    sizes.clear()
+    extractor = fxfeat.compile(model)  # the size the model declares (the default here): one trace in eval mode
+    assert extractor.input_size == (1, 224, 224) and sizes == [(3, 224, 224), (1, 224, 224)][: len(traced_at)]
+    assert_bit_equal_to_eager(model, extractor, torch.randn(2, 1, 224, 224))
+
+
+def test_a_first_convolution_reading_more_than_the_image_keeps_the_declared_channels():
+    model = _CoordinateChannels().eval()
+    extractor = fxfeat.compile(model, input_size=None)
+    assert extractor.input_size == (3, 224, 224) and extractor.feature_info.channels() == [8, 16]
+    assert_bit_equal_to_eager(model, extractor, torch.randn(2, 3, 96, 128))

@@ -10,9 +10,7 @@ Token sequences (``NLC``/``NCL``) take their grid from the data: the map they we
 sequence (or the attention heads split from one) they were computed from, with the class, distillation or
 register tokens in front counted as a *prefix*. Tokens whose grid cannot be traced to a map are not spatial.
 
-Probes run on the ``meta`` device (shapes without arithmetic; shape-preserving ops such as normalisations and
-activations pass their input through) and fall back to real tensors when an op has no meta implementation or
-mixes devices.
+The probes are :func:`fxfeat.trace.probe.run_probe`'s: on the ``meta`` device where the graph allows.
 
 Example:
     >>> import torch, torchvision
@@ -26,25 +24,18 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 from dataclasses import dataclass, replace
 
-import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from fxfeat.errors import ShapePropagationError
 from fxfeat.trace import describe_node
 from fxfeat.trace.metadata import NO_TENSOR
-from fxfeat.trace.values import EXAMPLE_BATCH, example_batch
+from fxfeat.trace.probe import PROBE_BATCH, ProbeFailed, first_convolution_channels, run_probe
 
 __all__ = ["NodeShape", "TokenGrid", "propagate_shapes", "second_probe_size", "reduction_of"]
 
-PROBE_BATCH = EXAMPLE_BATCH  # the probes run on the batch size of shape-aware tracing's example
 _MAX_PREFIX_TOKENS = 16
 
 
@@ -126,93 +117,11 @@ def second_probe_size(height: int, width: int) -> tuple[int, int]:
     return height + 64, width + 128
 
 
-# Ops whose output has the shape, dtype and device of their first argument. On the meta device many of them
-# run as slow Python decompositions; since a meta tensor holds no data, the probe passes the input through.
-_SHAPE_PRESERVING_MODULES = (
-    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.Identity, nn.Dropout, nn.Dropout2d,
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid,
-    nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
-)
-_SHAPE_PRESERVING_FUNCTIONS = {
-    F.relu, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.dropout,
-    F.layer_norm, F.group_norm, F.batch_norm, torch.relu, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh,
-}
-
-
-def _is_meta(value: object) -> bool:
-    return isinstance(value, torch.Tensor) and value.device.type == "meta"
-
-
-class _NodeFailed(Exception):
-    """A probe failed at ``node``; ``__cause__`` is the op's own error."""
-
-    def __init__(self, node: fx.Node):
-        super().__init__(node.format_node())
-        self.node = node
-
-
-class _ShapeProp(ShapeProp):
-    """``ShapeProp`` that skips the arithmetic of shape-preserving ops on meta tensors and reports the node
-    that failed (with the op's own error as the cause)."""
-
-    def run_node(self, n):
-        try:
-            return super().run_node(n)
-        except Exception as error:
-            raise _NodeFailed(n) from (error.__cause__ or error)  # ShapeProp wraps the op's error
-
-    def call_module(self, target, args, kwargs):
-        if args and _is_meta(args[0]) and isinstance(self.fetch_attr(target), _SHAPE_PRESERVING_MODULES):
-            return args[0]
-        return super().call_module(target, args, kwargs)
-
-    def call_function(self, target, args, kwargs):
-        if args and _is_meta(args[0]) and target in _SHAPE_PRESERVING_FUNCTIONS:
-            return args[0]
-        return super().call_function(target, args, kwargs)
-
-
-class _MetaShapeProp(nn.Module):
-    """Runs the propagation inside ``torch.func.functional_call`` so parameters can be swapped for meta ones."""
-
-    def __init__(self, graph_module: fx.GraphModule):
-        super().__init__()
-        self.graph_module = graph_module
-
-    def forward(self, example: torch.Tensor):
-        return _ShapeProp(self.graph_module).propagate(example)
-
-
-def _run_probe(graph_module: fx.GraphModule, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    """Per-node shapes (batch included) of one propagation; meta first, real tensors as the fallback."""
-    wrapper = _MetaShapeProp(graph_module)
-    meta_state = {
-        name: torch.empty_like(tensor, device="meta")
-        for name, tensor in [*wrapper.named_parameters(), *wrapper.named_buffers()]
-    }
-    with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback before re-raising
-        try:
-            example = example_batch(graph_module, input_shape, PROBE_BATCH, device="meta")
-            torch.func.functional_call(wrapper, meta_state, (example,))
-        except Exception:
-            example = example_batch(graph_module, input_shape, PROBE_BATCH)
-            with torch.no_grad():
-                _ShapeProp(graph_module).propagate(example)
-    shapes = {}
-    for node in graph_module.graph.nodes:
-        meta = node.meta.pop("tensor_meta", None)
-        if isinstance(meta, TensorMetadata):
-            shapes[node.name] = tuple(int(d) for d in meta.shape)
-        # A value holding no tensor (a size, a shape tuple a leaf function returns) is metadata, not data flow.
-        node.meta[NO_TENSOR] = meta is None and node.op in ("call_function", "call_method", "call_module")
-    return shapes
-
-
 def _probe(graph_module, input_shape, what: str) -> dict[str, tuple[int, ...]]:
     try:
-        return _run_probe(graph_module, input_shape)
+        return run_probe(graph_module, input_shape)
     except Exception as error:
-        node = error.node if isinstance(error, _NodeFailed) else None
+        node = error.node if isinstance(error, ProbeFailed) else None
         cause = error.__cause__ if node is not None else error
         where = f" at {describe_node(node)}" if node else ""
         channels = first_convolution_channels(graph_module, node)
@@ -228,21 +137,6 @@ def _probe(graph_module, input_shape, what: str) -> dict[str, tuple[int, ...]]:
         raise failure from cause
 
 
-def first_convolution_channels(graph_module: fx.GraphModule, node: fx.Node | None) -> int | None:
-    """The input channels of the graph's first convolution if ``node`` calls it (the convolution, or a module
-    kept whole that holds it: Hugging Face's embeddings check the channels first), else ``None``.
-
-    A probe failing there most likely had the wrong number of channels: a model built for another number than
-    it declares (timm's ``in_chans=1`` keeps the 3-channel ``input_size`` of its ``pretrained_cfg``).
-    """
-    for candidate in graph_module.graph.nodes:
-        if candidate.op == "call_module":
-            convolution = next((layer for layer in graph_module.get_submodule(candidate.target).modules()
-                                if isinstance(layer, nn.modules.conv._ConvNd)), None)
-            if convolution is not None:
-                return convolution.in_channels if candidate is node else None
-    return None
-
 
 def propagate_shapes(graph_module: fx.GraphModule, input_size: tuple[int, int, int]) -> dict[str, NodeShape]:
     """Shape, layout and reduction of every tensor-valued node at ``input_size`` (C, H, W).
@@ -254,7 +148,7 @@ def propagate_shapes(graph_module: fx.GraphModule, input_size: tuple[int, int, i
     first = _probe(graph_module, (channels, height, width), "first")
     other_height, other_width = second_probe_size(height, width)
     try:
-        second = _run_probe(graph_module, (channels, other_height, other_width))
+        second = run_probe(graph_module, (channels, other_height, other_width))
     except Exception:  # models with fixed-size position embeddings or windows accept one size only
         second = None
     sizes = ((height, width), (other_height, other_width)) if second is not None else ((height, width),)

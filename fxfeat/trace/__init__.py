@@ -1,10 +1,19 @@
-"""Stage 1 of the pipeline: trace a model with ``torch.fx``, recording which module call made each node."""
+"""Stage 1 of the pipeline: trace a model with ``torch.fx``, recording which module call made each node; for
+:func:`fxfeat.compile`, in both modes and with the input size the model takes (:mod:`fxfeat.trace.modes`)."""
 
+from fxfeat.trace.modes import TracedModes, trace_modes
 from fxfeat.trace.state import eager_model, evaluation_mode, model_state_kept
-from fxfeat.trace.tracer import ModuleCall, TracedModel, describe_node, trace_model, trace_training_graph
+from fxfeat.trace.tracer import (
+    ModuleCall,
+    TracedModel,
+    describe_node,
+    graph_targets,
+    trace_model,
+    trace_training_graph,
+)
 from fxfeat.trace.values import DEFAULT_INPUT_SIZE
 
 __all__ = [
-    "DEFAULT_INPUT_SIZE", "ModuleCall", "TracedModel", "describe_node", "eager_model", "evaluation_mode",
-    "model_state_kept", "trace_model", "trace_training_graph",
+    "DEFAULT_INPUT_SIZE", "ModuleCall", "TracedModel", "TracedModes", "describe_node", "eager_model",
+    "evaluation_mode", "graph_targets", "model_state_kept", "trace_model", "trace_modes", "trace_training_graph",
 ]

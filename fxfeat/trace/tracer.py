@@ -38,7 +38,7 @@ from fxfeat.trace.state import model_state_kept, undoing_module_writes
 from fxfeat.trace.values import DEFAULT_INPUT_SIZE, ValueTracer, check_input_shape, example_batch
 
 __all__ = [
-    "NORM_LAYERS", "ModuleCall", "TracedModel", "describe_node", "trace_model",
+    "NORM_LAYERS", "ModuleCall", "TracedModel", "describe_node", "graph_targets", "trace_model",
     "trace_training_graph",
 ]
 
@@ -274,9 +274,14 @@ def _trace(tracer: fx.Tracer, root: nn.Module) -> tuple[fx.Graph, dict[str, obje
     with undoing_module_writes(root):
         graph = tracer.trace(root, concrete_args=_default_arguments(root))
         readable_checks(graph)
-        targets = {node.target: operator.attrgetter(node.target)(root)
-                   for node in graph.nodes if node.op in ("call_module", "get_attr")}
+        targets = graph_targets(graph, root)
     return graph, targets
+
+
+def graph_targets(graph: fx.Graph, root: nn.Module) -> dict[str, object]:
+    """What the ``call_module`` and ``get_attr`` targets of ``graph`` name in ``root``."""
+    return {node.target: operator.attrgetter(node.target)(root)
+            for node in graph.nodes if node.op in ("call_module", "get_attr")}
 
 
 def _traceable_root(model: nn.Module) -> nn.Module:
