@@ -99,10 +99,14 @@ def test_modes_export(kwargs, tmp_path):
     _check_every_format(extractor, tmp_path, [torch.randn(2, 3, 128, 128), torch.randn(*SECOND_SIZE)])
 
 
-def test_onnx_names_outputs_and_keeps_feature_info(tmp_path):
+@pytest.mark.parametrize("exporter", [None, "torchscript"])
+def test_onnx_names_outputs_and_keeps_feature_info(tmp_path, exporter):
+    # The TorchScript-based exporter read output names from the fx module's graph as from a TorchScript one
+    # ("'Graph' object has no attribute 'outputs'"), so it failed wherever an axis was dynamic.
     extractor = fxfeat.compile(torchvision.models.resnet18().eval(), out_indices=(1, 3), input_size=(3, 96, 96))
     path = tmp_path / "resnet.onnx"
-    report = export.to_onnx(extractor, path)
+    report = export.to_onnx(extractor, path, exporter=exporter)
+    assert report.exporter == (exporter or report.exporter) and set(report.dynamic) == {"batch", "height", "width"}
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [output.name for output in session.get_outputs()] == ["layer1", "layer3"] == list(report.output_names)
     assert [item.name for item in session.get_inputs()] == ["image"]

@@ -64,14 +64,18 @@ def rename_outputs(graph, names: list[str]) -> None:
 
 def export_onnx(extractor: nn.Module, example: torch.Tensor, path: Path, exporter: str,
                  dims: tuple[str, ...], opset: int | None) -> None:
-    common = dict(input_names=[INPUT_NAME], opset_version=opset)  # outputs are named afterwards (_rename_outputs)
+    """Write ``extractor`` to ``path`` with one exporter; its outputs are named afterwards (:func:`rename_outputs`).
+    The TorchScript-based exporter is given placeholder output names: without them it reads the names from the
+    module's ``graph`` as if it were a TorchScript graph, and an fx ``GraphModule``'s is not."""
+    common = dict(input_names=[INPUT_NAME], opset_version=opset)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # the exporters' progress and deprecation chatter
         if exporter == "dynamo":
             torch.onnx.export(extractor, (example,), str(path), dynamo=True, external_data=False,
                               dynamic_shapes=({parity.AXES[dim]: torch.export.Dim.AUTO for dim in dims},), **common)
         else:
-            torch.onnx.export(extractor, (example,), str(path), dynamo=False,
+            outputs = [f"output_{index}" for index in range(len(parity.output_names(extractor)))]
+            torch.onnx.export(extractor, (example,), str(path), dynamo=False, output_names=outputs,
                               dynamic_axes={INPUT_NAME: {parity.AXES[dim]: dim for dim in dims}}, **common)
 
 
