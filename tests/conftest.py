@@ -29,3 +29,9 @@ def torchvision_model(name: str, **kwargs):
 
 
 __all__ = ["build_model", "timm_model", "torchvision_model"]
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    """torchvision's resnet18 in eval mode, random weights; one per test module."""
+    return torchvision_model("resnet18")

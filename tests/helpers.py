@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import fxfeat
 from benchmarks.references import as_list, eager_references, same_layout
 
 __all__ = ["as_list", "assert_bit_equal_to_eager", "assert_feature_info_matches", "with_zoo"]
@@ -47,3 +48,13 @@ def with_zoo(default, zoo) -> list:
     """Parameters for a test run on ``default`` in ``make test`` and on ``zoo`` too, marked ``zoo``, in
     ``make test-zoo``."""
     return [*default, *(pytest.param(case, marks=pytest.mark.zoo) for case in zoo)]
+
+
+def raises_fxfeat_error(error_type, fn, *args, **kwargs) -> str:
+    """Call ``fn``; it must raise ``error_type``, an ``FxFeatError`` with a hint. Returns the message."""
+    with pytest.raises(error_type) as caught:
+        fn(*args, **kwargs)
+    assert isinstance(caught.value, fxfeat.FxFeatError)
+    text = str(caught.value)
+    assert "Hint:" in text
+    return text

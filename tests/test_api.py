@@ -7,38 +7,8 @@ import torch
 from torch import nn
 
 import fxfeat
-from tests.conftest import timm_model, torchvision_model
+from tests.conftest import timm_model
 from tests.helpers import assert_bit_equal_to_eager
-
-
-@pytest.fixture(scope="module")
-def resnet18():
-    return torchvision_model("resnet18")
-
-
-def test_out_indices_semantics(resnet18):
-    every = fxfeat.compile(resnet18).feature_info
-    assert every.out_indices == (0, 1, 2, 3, 4)
-    assert fxfeat.compile(resnet18, out_indices=2).feature_info.out_indices == (3, 4)
-    assert fxfeat.compile(resnet18, out_indices=(1, -1)).feature_info.out_indices == (1, 4)
-    info = fxfeat.compile(resnet18, out_indices=(1, 3)).feature_info
-    assert info.channels() == [64, 256] and info.reduction() == [4, 16] and len(info) == 5
-
-
-def test_return_dict_keys_follow_module_names(resnet18):
-    extractor = fxfeat.compile(resnet18, out_indices=(0, 4), return_dict=True).eval()
-    with torch.no_grad():
-        out = extractor(torch.randn(1, 3, 224, 224))
-    assert list(out) == ["relu", "layer4"]
-    assert_bit_equal_to_eager(resnet18, extractor, torch.randn(1, 3, 224, 224))
-
-
-def test_levels_by_module_path_and_node_name(resnet18):
-    extractor = fxfeat.compile(resnet18, levels=["layer2", "layer3_1_relu_1", "layer3.0"])
-    info = extractor.feature_info
-    assert info.module_name() == ["layer2", "layer3", "layer3.0"]
-    assert info.channels() == [128, 256, 256] and info.reduction() == [8, 16, 16]
-    assert_bit_equal_to_eager(resnet18, extractor, torch.randn(1, 3, 224, 224))
 
 
 def test_feature_info_matches_timm_semantics():
@@ -104,12 +74,6 @@ def test_channels_last_levels_are_detected_and_returned_nchw_or_native():
         for a, b in zip(nchw.eval()(x), native.eval()(x)):
             assert torch.equal(a, b.permute(0, 3, 1, 2))
     assert_bit_equal_to_eager(model, nchw, x)
-
-
-def test_input_size_defaults_to_the_model_config():
-    model = timm_model("resnet50")
-    model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, 160, 160))
-    assert fxfeat.compile(model).feature_info.get("shape")[-1] == (2048, 5, 5)
 
 
 @pytest.mark.parametrize("name, size", [("resnet18", (97, 131)), ("vit_tiny_patch16_224", (224, 224))])

@@ -13,7 +13,14 @@ from torch import nn
 
 from fxfeat.analyse import analyse
 from fxfeat.errors import RewriteError
-from fxfeat.passes import attach_classifier, dilate, expose_outputs, remove_dead_code, snapshot_outputs
+from fxfeat.passes import (
+    attach_classifier,
+    bind_optional_inputs,
+    dilate,
+    expose_outputs,
+    remove_dead_code,
+    snapshot_outputs,
+)
 from fxfeat.passes.convert_layout import convert_layout
 from fxfeat.passes.driver import run_passes, with_plan
 from fxfeat.plan import make_plan, make_request
@@ -87,6 +94,29 @@ def test_convert_layout_converts_the_input_at_the_start():
     assert run_passes(module, [lambda m: convert_layout(m, channels_last=True, dtype=torch.float64)])
     out = module(torch.randn(1, 3, 8, 8))
     assert out.dtype == torch.float64 and out.is_contiguous(memory_format=torch.channels_last)
+
+
+class _OptionalInputs(nn.Module):
+    def forward(self, x, scale=2.0, *args, offset=1.0, **kwargs):
+        return x * scale + offset
+
+
+class _RequiredSecondInput(nn.Module):
+    def forward(self, x, y):
+        return x + y
+
+
+def test_bind_optional_inputs_gives_each_optional_input_its_default_and_keeps_required_ones():
+    module = fx.symbolic_trace(_OptionalInputs())
+    assert bind_optional_inputs(module) == 4  # scale, *args, offset, **kwargs
+    module.recompile()
+    [image] = [node for node in module.graph.nodes if node.op == "placeholder"]
+    assert image.name == "x" and image.type is torch.Tensor
+    x = torch.randn(2, 3)
+    assert torch.equal(module(x), _OptionalInputs()(x))
+    required = fx.symbolic_trace(_RequiredSecondInput())
+    assert bind_optional_inputs(required) == 0
+    assert [node.name for node in required.graph.nodes if node.op == "placeholder"] == ["x", "y"]
 
 
 def test_the_driver_names_the_pass_that_failed():
