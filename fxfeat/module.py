@@ -30,7 +30,6 @@ Example:
 from __future__ import annotations
 
 import copy
-from operator import attrgetter
 from typing import Any
 
 import torch
@@ -39,6 +38,7 @@ from torch import nn
 
 from fxfeat.errors import InputShapeError
 from fxfeat.feature_info import FeatureInfo
+from fxfeat.trace.tracer import graph_targets
 
 __all__ = ["FeatureGraphModule"]
 
@@ -195,9 +195,7 @@ class FeatureGraphModule(fx.GraphModule):
         """What an equal extractor is rebuilt from (see :func:`_rebuild`)."""
         targets = {}
         for graph in {id(g): g for g in self.mode_graphs.values()}.values():
-            for node in graph.nodes:
-                if node.op in ("call_module", "get_attr"):
-                    targets[node.target] = attrgetter(node.target)(self)
+            targets.update(graph_targets(graph, self))
         meta = {key: value for key, value in self.meta.items() if key != _GRAPHS}
         graphs = self.mode_graphs
         same = graphs["train"] is graphs["eval"]

@@ -63,10 +63,11 @@ def rename_outputs(graph, names: list[str]) -> None:
 
 
 def export_onnx(extractor: nn.Module, example: torch.Tensor, path: Path, exporter: str,
-                 dims: tuple[str, ...], opset: int | None) -> None:
-    """Write ``extractor`` to ``path`` with one exporter; its outputs are named afterwards (:func:`rename_outputs`).
-    The TorchScript-based exporter is given placeholder output names: without them it reads the names from the
-    module's ``graph`` as if it were a TorchScript graph, and an fx ``GraphModule``'s is not."""
+                 dims: tuple[str, ...], opset: int | None, outputs: int) -> None:
+    """Write ``extractor`` (with ``outputs`` outputs) to ``path`` with one exporter; its outputs are named
+    afterwards (:func:`rename_outputs`). The TorchScript-based exporter is given placeholder output names: without
+    them it reads the names from the module's ``graph`` as if it were a TorchScript graph, and an fx
+    ``GraphModule``'s is not."""
     common = dict(input_names=[INPUT_NAME], opset_version=opset)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # the exporters' progress and deprecation chatter
@@ -74,8 +75,8 @@ def export_onnx(extractor: nn.Module, example: torch.Tensor, path: Path, exporte
             torch.onnx.export(extractor, (example,), str(path), dynamo=True, external_data=False,
                               dynamic_shapes=({parity.AXES[dim]: torch.export.Dim.AUTO for dim in dims},), **common)
         else:
-            outputs = [f"output_{index}" for index in range(len(parity.output_names(extractor)))]
-            torch.onnx.export(extractor, (example,), str(path), dynamo=False, output_names=outputs,
+            placeholders = [f"output_{index}" for index in range(outputs)]
+            torch.onnx.export(extractor, (example,), str(path), dynamo=False, output_names=placeholders,
                               dynamic_axes={INPUT_NAME: {parity.AXES[dim]: dim for dim in dims}}, **common)
 
 
@@ -110,7 +111,7 @@ def to_onnx(extractor: FeatureGraphModule, path: str | Path, *, input_size: tupl
             what = f"ONNX ({candidate} exporter)"
             try:
                 try:
-                    export_onnx(extractor, inputs.example, path, candidate, dims, opset)
+                    export_onnx(extractor, inputs.example, path, candidate, dims, opset, len(names))
                     model = onnx.load(str(path))
                     rename_outputs(model.graph, names)
                     onnx.helper.set_model_props(model, {FEATURE_INFO_KEY: extractor.feature_info.to_json(),
