@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch.fx as fx
 from torch import nn
 
+from fxfeat.trace import ThreadConfinedTracer
+
 __all__ = ["inline_norm_layers"]
 
 
@@ -60,7 +62,7 @@ def inline_norm_layers(module: fx.GraphModule) -> int:
         if not isinstance(layer, nn.modules.batchnorm._NormBase) or _defined_by_torch(layer) or layer.training:
             continue
         try:
-            body = fx.Tracer().trace(layer)
+            body = ThreadConfinedTracer().trace(layer)  # one thread at a time, as every trace (trace/lock.py)
         except Exception:  # anything the tracer cannot follow keeps the call
             continue
         placeholders = [n for n in body.nodes if n.op == "placeholder"]

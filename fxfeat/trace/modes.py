@@ -26,6 +26,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxfeat.trace.align import align_training_graph
+from fxfeat.trace.lock import trace_lock
 from fxfeat.trace.probe import resolved_input_size
 from fxfeat.trace.tracer import TracedModel, graph_targets, trace_model, trace_training_graph
 
@@ -50,6 +51,7 @@ class TracedModes:
     input_size: tuple[int, int, int]
 
 
+@trace_lock()
 def trace_modes(model: nn.Module, input_size: tuple[int, int, int], size_given: bool, train_mode: bool = True,
                 ) -> TracedModes:
     """Trace ``model`` (in eval mode) in eval mode and, with ``train_mode``, in train mode, and resolve its input

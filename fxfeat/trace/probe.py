@@ -20,15 +20,13 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
 
+from fxfeat.trace.lock import trace_lock
 from fxfeat.trace.metadata import NO_TENSOR
 from fxfeat.trace.values import EXAMPLE_BATCH, example_batch
 
@@ -67,10 +65,25 @@ class _ShapeProp(ShapeProp):
     that failed (with the op's own error as the cause)."""
 
     def run_node(self, n):
+        """Run ``n`` and record its ``tensor_meta`` and ``type`` as ``ShapeProp`` does, without its printing of a
+        failing op's traceback to ``sys.stderr`` (silencing it would mean redirecting every thread's stderr)."""
         try:
-            return super().run_node(n)
+            result = fx.Interpreter.run_node(self, n)
         except Exception as error:
-            raise ProbeFailed(n) from (error.__cause__ or error)  # ShapeProp wraps the op's error
+            raise ProbeFailed(n) from error
+        tensors = []
+
+        def metadata(value):
+            if not isinstance(value, torch.Tensor):
+                return value
+            tensors.append(value)
+            return _extract_tensor_metadata(value)
+
+        meta = fx.node.map_aggregate(result, metadata)
+        if tensors:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
 
     def call_module(self, target, args, kwargs):
         if args and _is_meta(args[0]) and isinstance(self.fetch_attr(target), _SHAPE_PRESERVING_MODULES):
@@ -94,21 +107,23 @@ class _MetaShapeProp(nn.Module):
         return _ShapeProp(self.graph_module).propagate(example)
 
 
+@trace_lock()
 def run_probe(graph_module: fx.GraphModule, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    """Per-node shapes (batch included) of one propagation; meta first, real tensors as the fallback."""
+    """Per-node shapes (batch included) of one propagation; meta first, real tensors as the fallback. The meta
+    tensors stand in for the parameters and buffers of ``graph_module``'s modules (the model's own) for the
+    duration, under :func:`~fxfeat.trace.lock.trace_lock`."""
     wrapper = _MetaShapeProp(graph_module)
     meta_state = {
         name: torch.empty_like(tensor, device="meta")
         for name, tensor in [*wrapper.named_parameters(), *wrapper.named_buffers()]
     }
-    with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback before re-raising
-        try:
-            example = example_batch(graph_module, input_shape, PROBE_BATCH, device="meta")
-            torch.func.functional_call(wrapper, meta_state, (example,))
-        except Exception:
-            example = example_batch(graph_module, input_shape, PROBE_BATCH)
-            with torch.no_grad():
-                _ShapeProp(graph_module).propagate(example)
+    try:
+        example = example_batch(graph_module, input_shape, PROBE_BATCH, device="meta")
+        torch.func.functional_call(wrapper, meta_state, (example,))
+    except Exception:
+        example = example_batch(graph_module, input_shape, PROBE_BATCH)
+        with torch.no_grad():
+            _ShapeProp(graph_module).propagate(example)
     shapes = {}
     for node in graph_module.graph.nodes:
         meta = node.meta.pop("tensor_meta", None)

@@ -1,6 +1,8 @@
 """The model's state around what fxfeat does with it: the training flags, buffers and random state restored after
 tracing and probing, eval mode for the duration of a trace or an export, the attributes tracing writes undone,
-and the eager module inside torch's wrappers. The user's model is never changed by fxfeat.
+and the eager module inside torch's wrappers. The user's model is never changed by fxfeat. Each change lasts while
+its thread holds :func:`~fxfeat.trace.lock.trace_lock`, so that another thread compiling or exporting the same
+model neither sees it nor saves it as the state to restore.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from fxfeat.errors import FxFeatWarning, InvalidModelError
+from fxfeat.trace.lock import trace_lock
 
 __all__ = ["eager_model", "evaluation_mode", "model_state_kept", "undoing_module_writes"]
 
@@ -37,15 +40,16 @@ def model_state_kept(model: nn.Module) -> Iterator[None]:
     CPU's and those of the model's GPUs). Tracing in train mode and probing run the model's layers: batch norms
     update their statistics and dropout draws masks. The model must not change, and a seeded training run must
     not depend on whether a model was compiled."""
-    buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
-    devices = sorted({t.device.index or 0 for t in (*model.parameters(), *model.buffers()) if t.is_cuda})
-    try:
-        with _flags_kept(model), torch.random.fork_rng(devices=devices):
-            yield
-    finally:
-        with torch.no_grad():
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
+    with trace_lock():
+        buffers = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+        devices = sorted({t.device.index or 0 for t in (*model.parameters(), *model.buffers()) if t.is_cuda})
+        try:
+            with _flags_kept(model), torch.random.fork_rng(devices=devices):
+                yield
+        finally:
+            with torch.no_grad():
+                for buffer, saved in buffers:
+                    buffer.copy_(saved)
 
 
 @contextlib.contextmanager
@@ -55,7 +59,7 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
     Raises:
         InvalidModelError: the module refuses to change mode (``torch.export``'s ``ExportedProgram.module()``).
     """
-    with _flags_kept(model):
+    with trace_lock(), _flags_kept(model):
         try:
             model.eval()
         except NotImplementedError as error:
@@ -122,21 +126,23 @@ def undoing_module_writes(model: nn.Module) -> Iterator[None]:
     """Undo, on exit, what tracing wrote into the modules' attributes and plain containers (a cache that stored a
     proxy, a counter, a buffer assigned in ``forward``): the user's model is never changed, and a second trace
     starts from the same state."""
-    saved = []
-    for module in model.modules():
-        attributes = dict(module.__dict__)
-        contents = {key: copy.copy(value) for key, value in attributes.items() if type(value) in (dict, list, set)}
-        saved.append((module, attributes, contents))
-    try:
-        yield
-    finally:
-        for module, attributes, contents in saved:
-            module.__dict__.clear()
-            module.__dict__.update(attributes)
-            for key, snapshot in contents.items():
-                container = attributes[key]
-                if isinstance(container, list):
-                    container[:] = snapshot
-                else:
-                    container.clear()
-                    container.update(snapshot)
+    with trace_lock():
+        saved = []
+        for module in model.modules():
+            attributes = dict(module.__dict__)
+            contents = {key: copy.copy(value) for key, value in attributes.items()
+                        if type(value) in (dict, list, set)}
+            saved.append((module, attributes, contents))
+        try:
+            yield
+        finally:
+            for module, attributes, contents in saved:
+                module.__dict__.clear()
+                module.__dict__.update(attributes)
+                for key, snapshot in contents.items():
+                    container = attributes[key]
+                    if isinstance(container, list):
+                        container[:] = snapshot
+                    else:
+                        container.clear()
+                        container.update(snapshot)

@@ -33,6 +33,7 @@ from torch import nn
 
 from fxfeat.errors import FxFeatWarning, InvalidModelError, TraceFailedError
 from fxfeat.trace.checks import readable_checks
+from fxfeat.trace.lock import ThreadConfinedTracer, trace_lock
 from fxfeat.trace.registries import library_notrace_hints
 from fxfeat.trace.state import model_state_kept, undoing_module_writes
 from fxfeat.trace.values import DEFAULT_INPUT_SIZE, ValueTracer, check_input_shape, example_batch
@@ -155,7 +156,7 @@ def _holds_layers(module: nn.Module) -> bool:
     return any(isinstance(child, _LAYERS) for child in module.modules() if child is not module)
 
 
-class _RecordingTracer(fx.Tracer):
+class _RecordingTracer(ThreadConfinedTracer):
     """An ``fx.Tracer`` that records module calls and treats chosen submodules as leaves."""
 
     def __init__(self, opaque_types: set[type], leaf_types: tuple[type, ...], autowrap_functions: tuple):
@@ -199,6 +200,7 @@ def describe_node(node: fx.Node) -> str:
     return f"node {node.name!r} ({node.op} {getattr(node.target, '__name__', node.target)})"
 
 
+@trace_lock()
 def trace_model(
     model: nn.Module, max_opaque: int = 64, example_size: tuple[int, int, int] | None = None
 ) -> TracedModel:
@@ -210,7 +212,7 @@ def trace_model(
     spatial size, the graph is only valid for the example's and starts with a check that says so. A submodule
     that still cannot be traced (data-dependent control flow) is made opaque, innermost first, together with every
     other instance of its class (they fail the same way, and each failure costs a new trace); each one is reported
-    with an :class:`~fxfeat.errors.FxFeatWarning`.
+    with an :class:`~fxfeat.errors.FxFeatWarning`. Threads trace one at a time (:mod:`fxfeat.trace.lock`).
 
     Raises:
         TraceFailedError: the model's own ``forward`` cannot be traced.
@@ -247,6 +249,7 @@ def trace_model(
     return TracedModel(model, graph_module, tracer.calls, node_calls, opaque, frozenset(opaque_types), example)
 
 
+@trace_lock()
 def trace_training_graph(traced: TracedModel) -> tuple[fx.Graph, dict[str, object]]:
     """Trace ``traced.root`` again as its ``.train()`` runs, the way ``traced`` was traced (plain or shape-aware,
     the same opaque modules): dropout, drop path and stochastic depth written as ``if self.training:`` or

@@ -37,6 +37,7 @@ import torch.fx as fx
 from torch.fx.proxy import Attribute, TraceError
 
 from fxfeat.errors import InputShapeError
+from fxfeat.trace.lock import ThreadConfinedTracer, trace_lock
 from fxfeat.trace.metadata import data_inputs
 
 __all__ = ["DEFAULT_INPUT_SIZE", "EXAMPLE_BATCH", "Decision", "ValueTracer", "check_input_shape", "example_batch"]
@@ -139,7 +140,7 @@ def _holds(test, value: Any) -> bool:
     return bool(found)
 
 
-class ValueTracer(fx.Tracer):
+class ValueTracer(ThreadConfinedTracer):
     """An ``fx.Tracer`` whose proxies carry their values on ``example`` (see the module docstring).
 
     Attributes:
@@ -158,15 +159,18 @@ class ValueTracer(fx.Tracer):
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
         """Trace ``root``; tensor factories given sizes read from proxies (``torch.zeros(b, 1, h, w)``) are
-        recorded as graph nodes, so the sizes follow the input instead of being taken from the example."""
-        originals = {name: getattr(torch, name) for name in _FACTORIES}
-        for name, function in originals.items():
-            setattr(torch, name, self._recording(function))
-        try:
-            return super().trace(root, concrete_args)
-        finally:
+        recorded as graph nodes, so the sizes follow the input instead of being taken from the example. The
+        factories are torch's, shared by every thread: they are replaced under :func:`~fxfeat.trace.lock.trace_lock`
+        (and the replacements call the factory itself for arguments without proxies, as other threads pass)."""
+        with trace_lock():
+            originals = {name: getattr(torch, name) for name in _FACTORIES}
             for name, function in originals.items():
-                setattr(torch, name, function)
+                setattr(torch, name, self._recording(function))
+            try:
+                return super().trace(root, concrete_args)
+            finally:
+                for name, function in originals.items():
+                    setattr(torch, name, function)
 
     def _recording(self, function):
         def factory(*args, **kwargs):
@@ -211,13 +215,16 @@ class ValueTracer(fx.Tracer):
         value must run the module for real, so these two are shadowed on the instance by pass-throughs. (Putting
         the original methods back on ``nn.Module`` instead cost about 0.3 ms a time with timm loaded: assigning a
         class attribute invalidates the method caches of every subclass, and each ``GraphModule`` is a class.)
+        The shadows found on the instance (:class:`~fxfeat.trace.lock.ThreadConfinedTracer`'s) are put back.
         """
+        shadowed = {name: vars(self)[name] for name in ("call_module", "getattr") if name in vars(self)}
         self.call_module = lambda module, forward, args, kwargs: forward(*args, **kwargs)
         self.getattr = lambda attr, attr_val, parameter_proxy_cache: attr_val
         try:
             yield
         finally:
             del self.call_module, self.getattr
+            vars(self).update(shadowed)
 
     def _evaluate(self, kind: str, target, args, kwargs) -> Any:
         """The value of a new node, computed from its arguments' values (``_UNKNOWN`` if that fails)."""
