@@ -289,3 +289,156 @@ def test_zoo_models_export_in_every_mode(library, name, dilatable, tmp_path):
             other_size = (size[0], size[1] + 32, size[2] + 64)
             _check_every_format(extractor, tmp_path, [torch.randn(2, *size), torch.randn(3, *size),
                                                       torch.randn(2, *other_size)], spatial_dynamic=False)
+
+
+# Weights as ONNX external data: protobuf writes no file over 2 GiB, so bigger models keep their weights in
+# `<name>.data` beside the .onnx. The fast tests force the layout (external_data=True, or a lower limit); the zoo
+# test below exports a real model over 2 GiB.
+
+
+def _external_locations(path) -> list[tuple[str, int, int]]:
+    """Each externally stored weight of the ONNX file ``path``: its file, offset and length, read from the proto."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    infos = [ExternalDataInfo(t) for t in model.graph.initializer if uses_external_data(t)]
+    return [(info.location, int(info.offset or 0), int(info.length)) for info in infos]
+
+
+def _assert_one_data_file(path, report) -> None:
+    """The weights lie in ``<path>.data`` only, which holds them once (no stale or appended copy), beside a small
+    .onnx; nothing else is left in the directory."""
+    data = path.with_name(path.name + ".data")
+    assert sorted(p.name for p in path.parent.iterdir()) == sorted([path.name, data.name])
+    assert report.data_path == str(data) and f"(weights in {data})" in str(report)
+    stored = _external_locations(path)
+    assert {location for location, _, _ in stored} == {data.name}
+    assert data.stat().st_size == max(offset + length for _, offset, length in stored)
+    assert data.stat().st_size < 1.05 * sum(length for _, _, length in stored) + 64 * 1024
+    assert path.stat().st_size < data.stat().st_size / 20
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_onnx_external_data_beside_the_model_with_either_exporter(tmp_path, exporter):
+    # The dynamo exporter writes its own data file (kept, only the proto is saved again); the TorchScript-based one
+    # writes the weights inline under 2 GB (saved again with them outside).
+    extractor = fxfeat.compile(torchvision.models.resnet18().eval(), out_indices=(1, 3), input_size=(3, 64, 64))
+    path = tmp_path / "out" / "resnet.onnx"
+    path.parent.mkdir()
+    report = export.to_onnx(extractor, path, exporter=exporter, external_data=True)
+    assert report.exporter == exporter and len(report.checks) == 3
+    _assert_one_data_file(path, report)
+    x = torch.randn(3, 3, 80, 96)
+    for a, b in zip(_onnx_outputs(path, x), _eager(extractor, x)):
+        _assert_close(a, b)
+    # The two files travel together: moved elsewhere, the model still finds its weights (a relative location).
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for file in list(path.parent.iterdir()):
+        file.rename(moved / file.name)
+    for a, b in zip(_onnx_outputs(moved / path.name, x), _eager(extractor, x)):
+        _assert_close(a, b)
+    # feature_info is read without the weights; without its data file the model does not load.
+    (moved / f"{path.name}.data").unlink()
+    assert export.read_onnx_feature_info(moved / path.name).get_dicts() == extractor.feature_info.get_dicts()
+    with pytest.raises(Exception, match=r"resnet\.onnx\.data"):
+        _onnx_outputs(moved / path.name, x)
+
+
+def test_onnx_external_data_by_size_and_the_stale_data_file(tmp_path, monkeypatch):
+    from fxfeat.export import onnx_model
+
+    extractor = fxfeat.compile(torchvision.models.resnet18().eval(), out_indices=(1,), input_size=(3, 64, 64))
+    path, data = tmp_path / "model.onnx", tmp_path / "model.onnx.data"
+    monkeypatch.setattr(onnx_model, "SINGLE_FILE_LIMIT", 64 * 1024)  # resnet18's layer1 as if it were over 2 GiB
+    report = export.to_onnx(extractor, path, dynamic=False)  # external_data=None: decided by size
+    _assert_one_data_file(path, report)
+    size = data.stat().st_size
+    report = export.to_onnx(extractor, path, dynamic=False, external_data=True)  # again: replaced, not appended
+    assert data.stat().st_size == size and report.checks[0].max_abs_error < 1e-4
+    with pytest.raises(fxfeat.ExportError, match=r"over protobuf's 2 GiB limit[\s\S]*Hint: .*model\.onnx\.data"):
+        export.to_onnx(extractor, path, dynamic=False, external_data=False)  # refused before exporting
+    assert data.stat().st_size == size  # and the earlier export is left whole
+    monkeypatch.undo()
+    report = export.to_onnx(extractor, path, dynamic=False)  # under the limit: one file, the old data file gone
+    assert report.data_path is None and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+    assert not _external_locations(path)
+    x = torch.randn(2, 3, 64, 64)
+    for a, b in zip(_onnx_outputs(path, x), _eager(extractor, x)):
+        _assert_close(a, b)
+    with pytest.raises(fxfeat.InvalidRequestError, match="external_data"):
+        export.to_onnx(extractor, path, external_data="yes")
+
+
+def test_onnx_one_file_per_weight_becomes_one_data_file(tmp_path):
+    # The TorchScript-based exporter writes a model over 2 GB with one file per weight, named after it, beside
+    # the model; finish() gathers them in one data file and leaves none of them.
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fxfeat.export.onnx_model import finish
+
+    weights = [numpy_helper.from_array(np.full((64, 64), value, dtype=np.float32), name)
+               for value, name in [(1.0, "w1"), (2.0, "w2")]]
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["image", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["out"])],
+        "g", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 64])], initializer=weights)
+    exported, checked = tmp_path / "exported" / "m.onnx", tmp_path / "checked" / "m.onnx"
+    exported.parent.mkdir()
+    checked.parent.mkdir()
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(exported),
+                    save_as_external_data=True, all_tensors_to_one_file=False, size_threshold=0)
+    assert sorted(p.name for p in exported.parent.iterdir()) == ["m.onnx", "w1", "w2"]
+    data = finish(exported, checked, ["features"], {"fxfeat.exporter": "torchscript"}, None)
+    assert data is None and sorted(p.name for p in checked.parent.iterdir()) == ["m.onnx"]  # 32 KB: one file
+    outside = checked.with_name("n.onnx")
+    assert finish(exported, outside, ["features"], {}, True) == outside.with_name("n.onnx.data")
+    assert {location for location, _, _ in _external_locations(outside)} == {"n.onnx.data"}
+    session = onnxruntime.InferenceSession(str(outside), providers=["CPUExecutionProvider"])
+    (out,) = session.run(["features"], {"image": np.ones((1, 64), dtype=np.float32)})
+    assert out.tolist() == [[64 * 64 * 2.0] * 64]
+
+
+class _GiantTower(nn.Module):
+    """A convolutional tower of 2.2 GB (two 1x1 convolutions of 16600 channels, 1.1 GB each: real towers spread
+    their weights over many tensors, and ONNX Runtime's optimiser refuses a single weight over 2 GiB), cheap to run
+    at 16 x 16 and quick to fill (seeded uniform, no init)."""
+
+    def __init__(self, width: int = 16600):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 4, stride=4)
+        self.middle, self.last = (self._huge(width, seed, stride) for seed, stride in ((1, 2), (2, 1)))
+
+    @staticmethod
+    def _huge(width: int, seed: int, stride: int) -> nn.Conv2d:
+        conv = nn.Conv2d(width, width, 1, stride=stride, device="meta").to_empty(device="cpu")
+        with torch.no_grad():
+            conv.weight.uniform_(-(width ** -0.5), width ** -0.5, generator=torch.Generator().manual_seed(seed))
+            conv.bias.zero_()
+        return conv
+
+    def forward(self, x):
+        return self.last(self.middle(self.stem(x).relu()).relu()).relu()
+
+
+# Under the zoo marker: a 2.2 GB model takes about 1 min per exporter on 2 CPU cores (the TorchScript-based one
+# writes one file per weight, gathered again) and 9 GB of memory (ONNX Runtime's session alone 5.4 GB).
+@pytest.mark.zoo
+def test_onnx_model_over_2_gib_exports_with_either_exporter(tmp_path):
+    extractor = fxfeat.compile(_GiantTower().eval(), input_size=(3, 16, 16))
+    assert sum(p.numel() * 4 for p in extractor.parameters()) > 2**31
+    x = torch.randn(2, 3, 16, 16)
+    for exporter in ("dynamo", "torchscript"):
+        directory = tmp_path / exporter
+        directory.mkdir()
+        report = export.to_onnx(extractor, directory / "tower.onnx", dynamic=False, exporter=exporter)
+        _assert_one_data_file(directory / "tower.onnx", report)
+        assert (directory / "tower.onnx.data").stat().st_size > 2**31 and report.exporter == exporter
+        assert report.checks[0].max_abs_error < 1e-4
+        for a, b in zip(_onnx_outputs(directory / "tower.onnx", x), _eager(extractor, x)):
+            _assert_close(a, b)
+        assert export.read_onnx_feature_info(directory / "tower.onnx").channels() == [16600, 16600]
+    with pytest.raises(fxfeat.ExportError, match=r"2\.06 GiB, over protobuf's 2 GiB limit"):
+        export.to_onnx(extractor, tmp_path / "single.onnx", dynamic=False, external_data=False)

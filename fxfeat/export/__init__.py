@@ -6,7 +6,8 @@ through the dynamic axes, at another batch and another height and width where th
 largest difference is in the returned :class:`ExportReport`).
 A failure raises :class:`~fxfeat.ExportError` naming the format, the exporter, the extractor's node where the
 exporter's message names one, and the exporter's message. The exported files keep the ``feature_info``:
-:func:`read_feature_info` reads it back from any of them.
+:func:`read_feature_info` reads it back from any of them. An ONNX model over protobuf's 2 GiB keeps its weights
+in one external data file beside it (``model.onnx.data``; :func:`to_onnx`).
 
 Example:
     >>> import torch, torchvision, fxfeat

@@ -68,6 +68,9 @@ class ExportReport:
         checks: the parity checks run.
         path: the saved file, if any.
         notes: what the export had to give up, and the exporters tried before the one that worked.
+        data_path: the file beside ``path`` holding the weights as ONNX external data (``model.onnx.data``), if
+            they are not in ``path`` itself (over protobuf's 2 GiB, or ``external_data=True``); the two travel
+            together.
     """
 
     format: str
@@ -77,9 +80,11 @@ class ExportReport:
     checks: tuple[ParityCheck, ...]
     path: str | None = None
     notes: tuple[str, ...] = ()
+    data_path: str | None = None
 
     def __str__(self) -> str:
-        lines = [f"{self.format} ({self.exporter})" + (f" -> {self.path}" if self.path else ""),
+        lines = [f"{self.format} ({self.exporter})" + (f" -> {self.path}" if self.path else "")
+                 + (f" (weights in {self.data_path})" if self.data_path else ""),
                  f"  dynamic input dims: {', '.join(self.dynamic) or 'none'}"]
         lines += [f"  parity vs eager at {tuple(c.input_shape)}: max abs error {c.max_abs_error:.3g} "
                   f"(tolerance: rtol {RTOL}, atol {ATOL} + {RTOL} x max |output|)" for c in self.checks]
