@@ -245,7 +245,8 @@ def test_torchvision_and_hugging_face_preprocessing(tmp_path):
                              features="unpooled", progress=False, num_workers=0)
     assert summary.features == {"unpooled": (32, 4, 4)}
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["config"]["preprocessing"]["source"].startswith("hugging face ViTImageProcessor")
+    source = manifest["config"]["preprocessing"]["source"]
+    assert source.startswith("transformers AutoImageProcessor: ViTImageProcessor")
 
 
 def _jpeg(picture: Image.Image) -> bytes:
@@ -527,3 +528,31 @@ def test_embedding_reader_reads_the_output(tmp_path):
     np.testing.assert_array_equal(embeddings, np.asarray(arrays["pooled"]).astype(np.float32))
     assert list(metadata["id"]) == list(ours["id"])
     assert open_source(str(data)).describe()["count"] == reader.count
+
+
+def test_the_weights_preprocessing_size_is_the_size_compiled_for(tmp_path):
+    """torchvision's efficientnet_b3 weights are for 300x300 crops of a 320 resize: the images are preprocessed so
+    and the extractor is compiled at 300 (its rows have the shapes of a 300 probe), not at the 224 default probe."""
+    data = make_folder(tmp_path / "images", count=3)
+    summary = fxfeat.extract("torchvision:efficientnet_b3", data, tmp_path / "out", weights="random",
+                             features=["pooled", -1], progress=False, num_workers=0)
+    preprocessing = json.loads((tmp_path / "out" / "manifest.json").read_text())["config"]["preprocessing"]
+    assert (preprocessing["size"], preprocessing["resize"]) == ([300, 300], [320])
+    assert preprocessing["source"] == "torchvision EfficientNet_B3_Weights.IMAGENET1K_V1 transforms()"
+    (level,) = [name for name in summary.features if name != "pooled"]
+    assert summary.features[level][1:] == (10, 10)  # ceil(300 / 32); a 224 probe gives 7 x 7
+    assert np.asarray(fxfeat.load_features(tmp_path / "out")[0][level]).shape[1:] == summary.features[level]
+
+
+def test_a_model_built_for_another_size_than_its_preprocessing_keeps_its_own(tmp_path):
+    """timm's preprocessing of a ViT built for 64x64 still says 224 (its pretrained_cfg): the model's own input
+    check refuses 224, so the extractor is compiled at 64 and timm is asked for its preprocessing at 64."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64).eval()
+    data = make_folder(tmp_path / "images", count=2)
+    summary = fxfeat.extract(model, data, tmp_path / "out", features="unpooled", progress=False, num_workers=0)
+    assert summary.features == {"unpooled": (192, 4, 4)}
+    preprocessing = json.loads((tmp_path / "out" / "manifest.json").read_text())["config"]["preprocessing"]
+    config = dict(timm.data.resolve_model_data_config(model), input_size=(3, 64, 64))
+    reference = timm.data.create_transform(**config).transforms  # resize to 64 / crop_pct, centre crop 64
+    assert (preprocessing["size"], preprocessing["resize"]) == ([64, 64], [reference[0].size])

@@ -1,18 +1,23 @@
 """The model's own preprocessing: resize, crop and normalisation as its library defines them for evaluation.
 
-Resolved, in order, from torchvision's weights transforms (a ``torchvision:NAME`` model), a Hugging Face image
-processor's ``preprocessor_config.json`` (an ``hf:PATH`` model, or a model whose ``config._name_or_path`` is such a
-directory), timm's ``pretrained_cfg`` (``input_size``, ``interpolation``, ``crop_pct``, ``crop_mode``, ``mean``,
-``std``, as ``timm.data.resolve_data_config`` reads them), else the ImageNet defaults (shorter edge to 256, centre
-crop 224, bilinear, ImageNet mean and std). A :class:`Preprocessing` runs on uint8 ``(C, H, W)`` tensors in the
-DataLoader workers (resize with antialiasing, then crop) and normalises whole batches on the device, with the same
-floating-point operations as torchvision's ``ToTensor`` + ``Normalize``.
+Asked of the library that made the model (:mod:`fxfeat.extraction.library_preprocessing`): torchvision's weights
+transforms (a ``torchvision:NAME`` model), a Hugging Face ``AutoImageProcessor`` (an ``hf:PATH`` model, or a model
+whose ``config._name_or_path`` is a directory holding an image processor's configuration), open_clip's transform
+of the tower's ``preprocess_cfg``, timm's ``create_transform`` of ``resolve_model_data_config``; else the ImageNet
+defaults (shorter edge to size / 0.875, centre crop, bilinear, ImageNet mean and std) at the model's input size.
+
+Where the library's transform reads as resize + crop + normalise, and the reading gives what the transform gives on
+two photo-like images (within the rounding of a uint8 resize), it runs as a :class:`Preprocessing`: on uint8
+``(C, H, W)`` tensors in the DataLoader workers (resize with antialiasing, then crop), normalising whole batches on
+the device with the same floating-point operations as torchvision's ``ToTensor`` + ``Normalize``. Otherwise the
+library's own callable runs on PIL images in the workers, as a :class:`LibraryTransform`. The manifest records
+which, and the source.
 
 Example:
     >>> import timm
     >>> steps = resolve_preprocessing(timm.create_model("resnet18"))
     >>> steps.size, steps.resize, steps.interpolation, steps.source
-    ((224, 224), (235,), 'bicubic', 'timm pretrained_cfg')
+    ((224, 224), (235,), 'bicubic', 'timm resolve_model_data_config + create_transform')
     >>> import torch
     >>> steps(torch.zeros(3, 480, 640, dtype=torch.uint8)).shape
     torch.Size([3, 224, 224])
@@ -20,27 +25,36 @@ Example:
 
 from __future__ import annotations
 
-import json
 import math
-import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from fxfeat.errors import InvalidRequestError
+from fxfeat.extraction.library_preprocessing import LibraryPreprocessing, library_preprocessing
+from fxfeat.plan import make_request
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing", "resolve_preprocessing"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "LibraryTransform", "Preprocessing", "difference_in_levels",
+           "resolve_preprocessing"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _DEFAULT_CROP_FRACTION = 0.875
 _INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
                    "nearest": InterpolationMode.NEAREST, "nearest-exact": InterpolationMode.NEAREST_EXACT}
-_PIL_RESAMPLE = {0: "nearest", 1: "bicubic", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bicubic"}  # 1 LANCZOS
+_APPLIED = "fxfeat: uint8 resize and crop in the DataLoader workers, normalised on the device"
+# How far fxfeat's uint8 resize may be from a library's PIL one and still count as the same transform. PIL and
+# torchvision's antialiased uint8 kernels round apart by one or two intensity levels: on under 1% of the values,
+# on about 16% of a portrait picture squashed to a square (0.17 levels on average). A misread transform is far off:
+# one pixel more in the resize, or bilinear for bicubic, moves the average by 0.8 levels or more and the largest by 4+.
+_MAX_LEVELS, _MAX_MEAN_LEVELS = 3, 0.25
 
 
 @dataclass(frozen=True)
@@ -124,7 +138,47 @@ class Preprocessing:
         return replace(self, size=tuple(size), resize=resize)
 
     def as_dict(self) -> dict[str, Any]:
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+        return {**{key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()},
+                "applied": _APPLIED}
+
+
+@dataclass(frozen=True)
+class LibraryTransform:
+    """A library's own transform, run as it is on PIL images in the DataLoader workers: for the transforms that do
+    not read as resize + crop + normalise.
+
+    Attributes:
+        transform: the library's callable (a PIL image in, a normalised float ``(C, H, W)`` tensor out).
+        size: ``(H, W)`` of what it returns; ``channels``: its number of channels.
+        source: where it comes from; ``reason``: why it does not run as a :class:`Preprocessing`.
+    """
+
+    transform: Callable[[Any], torch.Tensor]
+    size: tuple[int, int]
+    channels: int
+    source: str
+    reason: str
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        return self.transform(image)
+
+    def with_size(self, size: tuple[int, int]) -> LibraryTransform:
+        if tuple(size) != self.size:
+            raise InvalidRequestError(
+                f"the model's preprocessing ({self.source}) makes {self.size[0]}x{self.size[1]} images and runs as "
+                f"the library's own transform, which fxfeat cannot resize to {size[0]}x{size[1]}.",
+                hint="leave input_size out, or pass transform= with a preprocessing of that size.")
+        return self
+
+    def for_channels(self, channels: int) -> LibraryTransform:
+        if channels != self.channels:
+            raise InvalidRequestError(f"the preprocessing ({self.source}) makes {self.channels} channels, the model "
+                                      f"takes {channels}.", hint="pass transform= with a preprocessing of your own.")
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "applied": "the library's own transform, on PIL images in the DataLoader "
+                "workers", "reason": self.reason, "size": list(self.size), "transform": repr(self.transform)}
 
 
 def _pad_to(image: torch.Tensor, size: tuple[int, int], fill: list[int]) -> torch.Tensor:
@@ -137,88 +191,62 @@ def _pad_to(image: torch.Tensor, size: tuple[int, int], fill: list[int]) -> torc
 
 
 def resolve_preprocessing(model: nn.Module, input_size: tuple[int, int, int] | None = None,
-                          spec: str | None = None) -> Preprocessing:
-    """The model's own evaluation preprocessing (see the module docstring), for ``input_size`` if given (the
-    resize scaled with the crop) and the number of channels it takes."""
+                          spec: str | None = None) -> Preprocessing | LibraryTransform:
+    """The model's own evaluation preprocessing (see the module docstring), for ``input_size`` if given (timm and
+    open_clip asked for that size, the others' resize scaled with the crop) and the number of channels it takes."""
     size = tuple(input_size[1:]) if input_size is not None else None
-    steps = (_torchvision_preprocessing(spec) or _hugging_face_preprocessing(model, spec)
-             or _timm_preprocessing(model, size) or _default_preprocessing(size))
+    found = library_preprocessing(model, spec, size)
+    if found is None:
+        steps = _default_preprocessing(size or tuple(make_request(model).input_size[1:]))
+    else:
+        steps = _fast_or_callable(found)
     if input_size is not None:
-        steps = steps.with_size(tuple(input_size[1:])).for_channels(input_size[0])
+        steps = steps.with_size(size).for_channels(input_size[0])
     return steps
 
 
-def _torchvision_preprocessing(spec: str | None) -> Preprocessing | None:
-    if not spec or not spec.startswith("torchvision:"):
-        return None
-    import torchvision
-
-    weights = torchvision.models.get_model_weights(spec.partition(":")[2]).DEFAULT
-    transforms = weights.transforms()
-    crop, resize = transforms.crop_size, transforms.resize_size
-    return Preprocessing(
-        size=(crop[0], crop[-1]), resize=tuple(resize), resize_mode="shorter" if len(resize) == 1 else "exact",
-        crop="center", interpolation=transforms.interpolation.value, mean=tuple(transforms.mean),
-        std=tuple(transforms.std), source=f"torchvision weights {weights}",
-    )
-
-
-def _hugging_face_preprocessing(model: nn.Module, spec: str | None) -> Preprocessing | None:
-    directory = spec.partition(":")[2] if spec and spec.startswith("hf:") else getattr(
-        getattr(model, "config", None), "_name_or_path", None)
-    path = os.path.join(directory, "preprocessor_config.json") if isinstance(directory, str) and directory else None
-    if path is None or not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as handle:
-        config = json.load(handle)
-    size = config.get("size") or {}
-    size = {"height": size, "width": size} if isinstance(size, int) else size
-    crop_size = config.get("crop_size") or {}
-    crop_size = {"height": crop_size, "width": crop_size} if isinstance(crop_size, int) else crop_size
-    interpolation = _PIL_RESAMPLE.get(config.get("resample", 2), "bilinear")
-    mean = tuple(config.get("image_mean") or IMAGENET_MEAN) if config.get("do_normalize", True) else (0.0,) * 3
-    std = tuple(config.get("image_std") or IMAGENET_STD) if config.get("do_normalize", True) else (1.0,) * 3
-    if "shortest_edge" in size:
-        edge = size["shortest_edge"]
-        if "crop_pct" in config and edge < 384:  # ConvNeXt's processor: resize to edge / crop_pct, crop to edge
-            resize, crop = (int(edge / config["crop_pct"]),), (edge, edge)
-        else:
-            resize = (edge,)
-            crop = (crop_size["height"], crop_size["width"]) if config.get("do_center_crop") and crop_size else None
-            crop = crop or (edge, edge)
-        mode = "shorter"
-    else:
-        resize, mode = (size["height"], size["width"]), "exact"
-        crop = ((crop_size["height"], crop_size["width"]) if config.get("do_center_crop") and crop_size
-                else resize)
-    return Preprocessing(size=tuple(crop), resize=tuple(resize), resize_mode=mode, crop="center",
-                         interpolation=interpolation, mean=mean, std=std,
-                         source=f"hugging face {config.get('image_processor_type', 'image processor')} "
-                         f"({path})")
+def _fast_or_callable(found: LibraryPreprocessing) -> Preprocessing | LibraryTransform:
+    """The first reading of the library's transform that gives what the transform gives on the probe images,
+    else the transform itself."""
+    images = _probe_images()
+    references = [found.transform(image) for image in images]
+    reason = "it does not read as resize + crop + normalise"
+    for reading in found.readings:
+        steps = Preprocessing(**reading, source=found.source)
+        largest, mean = difference_in_levels(steps, images, references)
+        if largest <= _MAX_LEVELS and mean <= _MAX_MEAN_LEVELS:
+            return steps
+        reason = (f"read as resize + crop + normalise ({steps.resize_mode} {list(steps.resize or [])}, crop "
+                  f"{list(steps.size)}), it differs from the transform by up to {largest:.0f} intensity levels, "
+                  f"{mean:.2f} on average")
+    shape = tuple(references[0].shape)
+    return LibraryTransform(found.transform, shape[1:], shape[0], found.source, reason)
 
 
-def _timm_preprocessing(model: nn.Module, size: tuple[int, int] | None) -> Preprocessing | None:
-    """As timm's ``resolve_data_config`` + ``transforms_imagenet_eval``; another ``size`` is resized from
-    ``size / crop_pct``, as timm's ``input_size`` argument is."""
-    config = getattr(model, "pretrained_cfg", None)
-    if not isinstance(config, dict) or not config.get("input_size"):
-        return None
-    size = size or tuple(config["input_size"][1:])
-    fraction = config.get("crop_pct") or _DEFAULT_CROP_FRACTION
-    scaled = tuple(math.floor(edge / fraction) for edge in size)
-    mode = config.get("crop_mode") or "center"
-    if mode == "squash":
-        resize, resize_mode, crop = scaled, "exact", "center"
-    elif mode == "border":
-        resize, resize_mode, crop = scaled, "longest", "center_pad"
-    elif scaled[0] == scaled[1]:
-        resize, resize_mode, crop = scaled[:1], "shorter", "center"
-    else:
-        resize, resize_mode, crop = scaled, "keep_ratio", "center"
-    return Preprocessing(size=size, resize=resize, resize_mode=resize_mode,
-                         crop=crop, interpolation=config.get("interpolation") or "bicubic",
-                         mean=tuple(config.get("mean") or IMAGENET_MEAN), std=tuple(config.get("std") or IMAGENET_STD),
-                         source="timm pretrained_cfg")
+def _probe_images() -> list[Image.Image]:
+    """Two smooth random pictures of odd sizes, landscape and portrait (photo-like, so that resizing rounds as it
+    does on photos)."""
+    images = []
+    for seed, (height, width) in enumerate(((301, 457), (389, 253))):
+        coarse = np.random.default_rng(seed).random((height // 8 + 1, width // 8 + 1, 3))
+        images.append(Image.fromarray((coarse * 255).astype(np.uint8)).resize((width, height), Image.BICUBIC))
+    return images
+
+
+def difference_in_levels(steps: Preprocessing, images: list[Image.Image], references: list[torch.Tensor],
+                         ) -> tuple[float, float]:
+    """The largest and the mean difference between ``steps`` and a transform's ``references`` on ``images``, in
+    intensity levels (1/255 before normalisation); infinite where the shapes differ."""
+    std = torch.tensor(steps.std).view(-1, 1, 1) * 255
+    largest, total, count = 0.0, 0.0, 0
+    for image, reference in zip(images, references):
+        pixels = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
+        ours = steps.normalize(steps(pixels)[None])[0]
+        if not isinstance(reference, torch.Tensor) or ours.shape != reference.shape or len(steps.std) != len(ours):
+            return math.inf, math.inf
+        levels = (ours - reference.float()).abs() * std
+        largest, total, count = max(largest, levels.max().item()), total + levels.sum().item(), count + levels.numel()
+    return largest, total / count
 
 
 def _default_preprocessing(size: tuple[int, int] | None) -> Preprocessing:

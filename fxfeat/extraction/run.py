@@ -19,16 +19,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxfeat.errors import InvalidModelError, InvalidRequestError
+from fxfeat.errors import InputShapeError, InvalidModelError, InvalidRequestError, ShapePropagationError
 from fxfeat.extraction.distributed import Ranks
 from fxfeat.extraction.features import FeatureSpec, build_extractor, extractor_features
 from fxfeat.extraction.loop import run_parts
 from fxfeat.extraction.manifest import OutputDirectory
-from fxfeat.extraction.preprocess import Preprocessing, resolve_preprocessing
+from fxfeat.extraction.preprocess import LibraryTransform, Preprocessing, resolve_preprocessing
 from fxfeat.extraction.sources import open_source
 from fxfeat.models import build_model
 from fxfeat.module import FeatureGraphModule
 from fxfeat.optimize import inference_copy, optimize_for_inference
+from fxfeat.plan import make_request
 
 __all__ = ["ExtractSummary", "extract"]
 
@@ -100,17 +101,20 @@ def extract(
 
     Args:
         model: an ``nn.Module`` (never modified), an extractor ``fxfeat.compile`` returned (its outputs are the
-            features), or a name: ``timm:NAME``, ``torchvision:NAME``, ``hf:PATH``, ``package.module:factory``.
+            features), or a name: ``timm:NAME``, ``torchvision:NAME``, ``hf:PATH`` (a dual encoder's image side),
+            ``open_clip:ARCH[/TAG]`` (the image tower), ``package.module:factory``.
         data: an image folder (recursive; first-level subfolders are class labels), a ``.txt``/``.csv`` list of
             paths, WebDataset-style ``.tar`` shards (``"train-{000..099}.tar"``) or a map-style dataset.
         out: the output directory (see docs/extract.md for the layout).
         features: ``"pooled"``, ``"unpooled"``, ``"features"`` (the pyramid levels ``out_indices`` selects), a level
             index or name, or a list of these; all computed by one forward pass.
         pool: ``"avg"``/``"max"`` turns feature maps into vectors; a dict gives it per feature name.
-        transform: ``None`` uses the model's own preprocessing (timm's ``pretrained_cfg``, torchvision's weights
-            transforms, a Hugging Face image processor's configuration, else ImageNet's); a
-            :class:`~fxfeat.extraction.preprocess.Preprocessing`; or a callable taking a PIL image (a dataset's item
-            as it is) and returning a normalised float ``(C, H, W)`` tensor.
+        transform: ``None`` uses the model's own preprocessing, asked of its library (torchvision's weights
+            transforms, a Hugging Face ``AutoImageProcessor``, open_clip's transform, timm's
+            ``resolve_model_data_config``, else ImageNet's), whose size is then the size the extractor is compiled
+            for unless ``input_size`` says otherwise; a :class:`~fxfeat.extraction.preprocess.Preprocessing`; or a
+            callable taking a PIL image (a dataset's item as it is) and returning a normalised float ``(C, H, W)``
+            tensor.
         batch_size: images per forward pass.
         num_workers: DataLoader workers decoding images (``None``: the CPUs of this process's share, at most 8).
         dtype: the dtype of the written features; on a GPU also the compute dtype (float16/bfloat16), on the CPU
@@ -159,6 +163,7 @@ def extract(
         mine = todo[ranks.rank::ranks.world]
         compute = dtype if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) else torch.float32
         runner = _inference_module(module, device, compute, optimize)
+        fast = preprocessing if isinstance(preprocessing, Preprocessing) else None
         run_info = {"device": device.type, "compute_dtype": str(compute).removeprefix("torch."),
                     "optimized": optimize, "world": ranks.world, "rank": ranks.rank, "data": source.location,
                     "model": model if isinstance(model, str) else None}
@@ -173,8 +178,8 @@ def extract(
         loop_started = time.perf_counter()
         with _progress_bar(progress and ranks.rank == 0, sum(stop - first for _, first, stop in parts),
                            ranks) as advance:
-            run_parts(runner, specs, source, parts, out=out, preprocessing=preprocessing,
-                      transform=None if isinstance(transform, Preprocessing) else transform, channels=channels,
+            run_parts(runner, specs, source, parts, out=out, preprocessing=fast,
+                      transform=None if fast is not None else preprocessing or transform, channels=channels,
                       batch_size=batch_size, num_workers=_workers(num_workers, ranks), device=device, dtype=stored,
                       on_error=on_error, tag=str(ranks.rank), run=run_info, progress=advance, on_commit=committed)
         written["loop_seconds"] = time.perf_counter() - loop_started
@@ -229,7 +234,8 @@ def _workers(num_workers: int | None, ranks: Ranks) -> int:
 
 
 def _prepared_model(model, features, pool, transform, out_indices, levels, input_size, output_stride, weights,
-                    ) -> tuple[FeatureGraphModule, list[FeatureSpec], Preprocessing | None, dict[str, Any]]:
+                    ) -> tuple[FeatureGraphModule, list[FeatureSpec], Preprocessing | LibraryTransform | None,
+                               dict[str, Any]]:
     """The extractor, its feature specs, the preprocessing (``None`` for a callable transform) and the model's
     fingerprint."""
     spec = model if isinstance(model, str) else None
@@ -246,16 +252,37 @@ def _prepared_model(model, features, pool, transform, out_indices, levels, input
                                       "out_indices, levels and output_stride choose them from a model.",
                                       hint="pass the model instead, or leave those arguments out.")
         extractor, specs = model, extractor_features(model, pool)
-    else:
-        extractor, specs = build_extractor(model, features, pool=pool, out_indices=out_indices, levels=levels,
-                                           input_size=input_size, output_stride=output_stride)
-    if isinstance(transform, Preprocessing):
-        preprocessing = transform
-    elif transform is None:
-        preprocessing = resolve_preprocessing(model, input_size or extractor.input_size, spec=spec)
-    else:
-        preprocessing = None
+        preprocessing = transform if isinstance(transform, Preprocessing) else None if transform is not None else \
+            resolve_preprocessing(model, input_size or extractor.input_size, spec=spec)
+        return extractor, specs, preprocessing, fingerprint
+    preprocessing = transform if isinstance(transform, Preprocessing) else None if transform is not None else \
+        resolve_preprocessing(model, input_size, spec=spec)
+    size = _compile_size(model, input_size, preprocessing)
+    arguments = dict(pool=pool, out_indices=out_indices, levels=levels, output_stride=output_stride)
+    try:
+        extractor, specs = build_extractor(model, features, input_size=size, **arguments)
+    except ShapePropagationError as error:
+        if size == input_size or not isinstance(getattr(error, "cause", None), InputShapeError):
+            raise
+        # The model's own check refuses its preprocessing's size (a ViT built for another size than its weights'
+        # transforms make): the size it was built for wins, and the preprocessing is made for that size.
+        extractor, specs = build_extractor(model, features, input_size=None, **arguments)
+    if transform is None:
+        if tuple(extractor.input_size[1:]) != tuple(preprocessing.size):  # asked again, of the library if it can
+            preprocessing = resolve_preprocessing(model, extractor.input_size, spec=spec)
+        preprocessing = preprocessing.for_channels(extractor.input_size[0])
     return extractor, specs, preprocessing, fingerprint
+
+
+def _compile_size(model: nn.Module, input_size: tuple[int, int, int] | None,
+                  preprocessing: Preprocessing | LibraryTransform | None) -> tuple[int, int, int] | None:
+    """The size to compile the extractor for: ``input_size`` if given, else the preprocessing's (the size of the
+    images the model is given), with the number of channels the model declares; ``None`` (the model's own) where
+    the two agree or there is no preprocessing to go by, so that compile resolves the channels itself."""
+    if input_size is not None or preprocessing is None:
+        return input_size
+    declared = make_request(model).input_size
+    return None if tuple(declared[1:]) == tuple(preprocessing.size) else (declared[0], *preprocessing.size)
 
 
 def weights_digest(model: nn.Module) -> str:
