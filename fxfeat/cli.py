@@ -1,9 +1,10 @@
 """Command line: ``python -m fxfeat inspect torchvision:resnet50``, ``python -m fxfeat export timm:NAME --onnx
 out.onnx``, ``python -m fxfeat extract timm:NAME DATA --out DIR`` and ``python -m fxfeat demo``.
 
-Models are named ``torchvision:NAME``, ``timm:NAME``, ``hf:PATH`` or ``package.module:factory``
-(:mod:`fxfeat.models`). ``inspect``, ``export`` and ``demo`` build them with random weights (no download);
-``extract`` loads the library's pretrained weights unless ``--weights random`` or ``--weights PATH``.
+Models are named ``torchvision:NAME``, ``timm:NAME``, ``hf:PATH`` (a dual encoder gives its image side),
+``open_clip:ARCH[/TAG]`` (the image tower) or ``package.module:factory`` (:mod:`fxfeat.models`). ``inspect``,
+``export`` and ``demo`` build them with random weights (no download); ``extract`` loads the library's pretrained
+weights unless ``--weights random`` or ``--weights PATH``.
 """
 
 from __future__ import annotations
@@ -21,10 +22,14 @@ __all__ = ["build_model", "main"]
 
 _DESCRIPTION = (
     "Compile PyTorch vision models into feature extractors: inspect their levels, export them, extract features "
-    "of whole datasets. Models are named torchvision:NAME, timm:NAME, hf:PATH or package.module:factory; "
+    "of whole datasets. Models are named torchvision:NAME, timm:NAME, hf:PATH (a dual encoder gives its image "
+    "side), open_clip:ARCH[/TAG] (the image tower) or package.module:factory; "
     "inspect, export and demo build them with random weights (no download), extract loads the library's "
     "pretrained weights unless --weights random or --weights PATH."
 )
+_MODEL_HELP = ("torchvision:NAME, timm:NAME, hf:PATH (a local Hugging Face model directory; a dual encoder such as "
+               "CLIP or SigLIP gives its image side), open_clip:ARCH[/TAG] (the image tower, e.g. "
+               "open_clip:ViT-B-32/laion2b_s34b_b79k) or package.module:factory")
 _EXAMPLES = (
     "examples: python -m fxfeat inspect torchvision:resnet50; python -m fxfeat export timm:resnet50 --onnx "
     "out.onnx; python -m fxfeat extract timm:resnet50 images/ --out features/; python -m fxfeat demo. "
@@ -127,12 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="fxfeat", description=_DESCRIPTION, epilog=_EXAMPLES)
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="print the levels fxfeat finds in a model")
-    inspect.add_argument("model", help="torchvision:NAME or timm:NAME")
+    inspect.add_argument("model", help=_MODEL_HELP)
     inspect.add_argument("--levels", default=None, help="'auto', or comma-separated module paths/node names")
     inspect.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
     inspect.set_defaults(run=_inspect)
     export = commands.add_parser("export", help="compile a model and export the extractor, checked against eager")
-    export.add_argument("model", help="torchvision:NAME or timm:NAME")
+    export.add_argument("model", help=_MODEL_HELP)
     export.add_argument("--onnx", metavar="PATH", help="write an ONNX file")
     export.add_argument("--torchscript", metavar="PATH", help="write a TorchScript archive")
     export.add_argument("--exported-program", metavar="PATH", help="write a torch.export archive (.pt2)")
@@ -148,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         description="Write features of every image of DATA to DIR: DIR/<feature>/part-NNNNN.npy and "
         "DIR/metadata/part-NNNNN.parquet, with DIR/manifest.json. Rerun the same command to finish an interrupted "
         "run; run it under torchrun to split the parts across processes.")
-    extract.add_argument("model", help="timm:NAME, torchvision:NAME, hf:PATH or package.module:factory")
+    extract.add_argument("model", help=_MODEL_HELP)
     extract.add_argument("data", help="an image folder, a .txt/.csv list of paths, or tar shards "
                          "('train-{000..099}.tar')")
     extract.add_argument("--out", required=True, metavar="DIR", help="the output directory")
@@ -164,12 +169,14 @@ def main(argv: list[str] | None = None) -> None:
     extract.add_argument("--shard-size", type=int, default=10_000, help="images per part")
     extract.add_argument("--overwrite", action="store_true", help="replace an earlier extraction in DIR")
     extract.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: this rank's GPU if any)")
-    extract.add_argument("--weights", default="pretrained", help="pretrained (the library's), random, or the path "
-                         "of a checkpoint")
+    extract.add_argument("--weights", default="pretrained", help="pretrained (the library's: timm's, "
+                         "torchvision's, an open_clip:ARCH/TAG's, an hf:PATH directory's), random, or the path of a "
+                         "checkpoint (a whole dual encoder's loads into its image side)")
     extract.add_argument("--on-error", choices=("skip", "raise"), default="skip",
                          help="an unreadable image: record it and go on, or stop")
     extract.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"),
-                         help="the size images are preprocessed to (default: the model's)")
+                         help="the size images are preprocessed to and the extractor compiled for (default: the "
+                         "size the model's own preprocessing makes)")
     extract.add_argument("--output-stride", type=int, choices=(8, 16, 32))
     extract.add_argument("--no-optimize", action="store_true", help="run the plain extractor "
                          "(not optimize_for_inference)")

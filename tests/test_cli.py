@@ -6,10 +6,15 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 
+import fxfeat
 from fxfeat import export
 from fxfeat.cli import main
+from fxfeat.extraction.decode import decode
+from fxfeat.extraction.preprocess import resolve_preprocessing
 
 
 def test_inspect_cli():
@@ -50,3 +55,46 @@ def test_cli_help_says_it_all_and_a_library_without_a_model_is_named(capsys):
         assert exited.value.code == 2
         error = capsys.readouterr().err
         assert f"{spec!r} names a library but no model" in error and "torchvision has no model" not in error
+
+
+def test_cli_extracts_an_open_clip_tower_and_a_dual_encoders_image_side(tmp_path):
+    """open_clip:ARCH with a whole open_clip checkpoint, and hf:PATH of a CLIP model with its image processor, with
+    the default features (pooled: the input of the projection), equal to the extractor on the same images."""
+    open_clip = pytest.importorskip("open_clip")
+    transformers = pytest.importorskip("transformers")
+    from test_extract import make_folder
+
+    data = make_folder(tmp_path / "images", count=3)
+    torch.manual_seed(0)
+    whole = open_clip.create_model("ViT-S-32").eval()
+    torch.save(whole.state_dict(), tmp_path / "whole.pt")
+    torch.manual_seed(0)
+    tower = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=64)
+    text = dict(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    clip = transformers.CLIPModel(transformers.CLIPConfig(vision_config=tower, text_config=text, projection_dim=24))
+    clip.save_pretrained(tmp_path / "clip")
+    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32).save_pretrained(tmp_path / "clip")
+    side = fxfeat.models.build_model(f"hf:{tmp_path / 'clip'}", "pretrained")
+    for spec, weights, module, source in (
+            ("open_clip:ViT-S-32", str(tmp_path / "whole.pt"), whole.visual, "open_clip image_transform"),
+            (f"hf:{tmp_path / 'clip'}", "pretrained", side, "transformers AutoImageProcessor: CLIPImageProcessor")):
+        out = tmp_path / spec.partition(":")[0]
+        main(["extract", spec, str(data), "--out", str(out), "--weights", weights, "--workers", "0", "--quiet",
+              "--dtype", "float32", "--no-optimize"])
+        arrays, metadata = fxfeat.load_features(out)
+        steps = resolve_preprocessing(module, spec=spec)
+        assert steps.source.startswith(source)
+        batch = steps.normalize(torch.stack([steps(decode(torch.frombuffer(bytearray(open(path, "rb").read()),
+                                                                           dtype=torch.uint8)))
+                                             for path in metadata["path"]]))
+        with torch.no_grad():
+            expected = fxfeat.compile(module, mode="pooled").eval()(batch)
+        torch.testing.assert_close(torch.from_numpy(np.array(arrays["pooled"])), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cli_help_names_the_new_model_specs(capsys):
+    with pytest.raises(SystemExit):
+        main(["extract", "--help"])
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "open_clip:ARCH[/TAG]" in printed and "a dual encoder such as CLIP or SigLIP gives its image side" in printed
