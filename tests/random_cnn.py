@@ -24,7 +24,10 @@ Besides (issue 23's structures, each drawn at random): a stage of another block 
 after a stage (one level per reduction: the later stage's), stages that downsample at their end (a 2x2 merging
 after their blocks, as Swin's: the level is the last block's output), an activation applied as a function between
 stages (``F.relu(stage(x))``: the level is the function's output, its module the stage), and a 1x1 convolution as
-the classifier before the global pool (unpooled is the last level, not the classifier's map).
+the classifier before the global pool (unpooled is the last level, not the classifier's map). And (issue 29) stages
+none of which downsample: every stage keeps the reduction the stem ends at, so the levels are the last map at each
+reduction, the stem's (its conv, when a max pooling follows it) and the last stage's output, not the blocks of an
+isotropic body.
 
 Example:
     >>> model, expected, architecture = generate(3)
@@ -261,6 +264,7 @@ class Architecture:
     se: bool
     sum_style: str
     keep_stage: int | None = None  # after this stage, another of another block kind at the same resolution
+    one_reduction: bool = False  # no stage downsamples: all keep the reduction the stem ends at
     merge_at_end: bool = False
     functional_act: bool = False
     conv_classifier: bool = False
@@ -268,7 +272,7 @@ class Architecture:
     def __str__(self) -> str:
         return (f"seed={self.seed} block={self.block} container={self.container} stage={self.stage_type} "
                 f"stem_pool={self.stem_pool} depths={self.depths} se={self.se} sum={self.sum_style} "
-                f"keep_stage={self.keep_stage} merge_at_end={self.merge_at_end} "
+                f"keep_stage={self.keep_stage} one_reduction={self.one_reduction} merge_at_end={self.merge_at_end} "
                 f"functional_act={self.functional_act} conv_classifier={self.conv_classifier}")
 
 
@@ -276,7 +280,8 @@ class GeneratedNet(nn.Module):
     """Stem, stages (in the chosen container), global pooling and a linear classifier.
 
     ``container="flat"`` puts the stem and every block of every stage in one ``nn.Sequential`` (torchvision's
-    MobileNetV2 and VGG ``features``); the others keep one module per stage.
+    MobileNetV2 and VGG ``features``); the others keep one module per stage. ``paths`` are the stages' outputs;
+    ``enclosing`` the called container that returns the last one too (``None`` if there is none).
     """
 
     def __init__(self, stem: nn.Module, stages: list[list[nn.Module]], channels: int, container: str,
@@ -284,6 +289,7 @@ class GeneratedNet(nn.Module):
                  conv_classifier: bool = False):
         super().__init__()
         self.container, self.functional_act = container, functional_act
+        self.enclosing = {"flat": "features", "sequential": "stages"}.get(container)
         if container in ("flat", "blocklist"):
             flat = [module for stage in stages for module in stage]
             ends = [sum(len(stage) for stage in stages[:i + 1]) for i in range(len(stages))]
@@ -361,8 +367,16 @@ def generate(seed: int) -> tuple[nn.Module, list[str], Architecture]:
              and architecture.block in ("plain", "residual", "inverted") and rng.random() < 0.9)
     keep = None if merge or rng.random() < 0.6 else rng.randrange(len(architecture.depths))
     functional = architecture.container in ("modulelist", "attributes") and rng.random() < 0.5
+    conv_classifier = rng.random() < 0.3
+    # No stage downsamples (a flat list of blocks after the stem, without stages, is an isotropic body instead:
+    # ConvMixer's layout). Stages of one block each cannot be told from blocks in containers: one has two.
+    one_reduction = (not merge and keep is None and architecture.container != "blocklist"
+                     and rng.random() < 0.4)
+    depths = architecture.depths
+    if one_reduction and max(depths) == 1:
+        depths = (*depths[:-1], 2)
     architecture = dataclasses.replace(architecture, keep_stage=keep, merge_at_end=merge, functional_act=functional,
-                                       conv_classifier=rng.random() < 0.3)
+                                       conv_classifier=conv_classifier, one_reduction=one_reduction, depths=depths)
     torch.manual_seed(seed)
     width = rng.choice((8, 12, 16))
     stem = Stem(width, architecture.stem_pool)
@@ -377,7 +391,7 @@ def generate(seed: int) -> tuple[nn.Module, list[str], Architecture]:
             channels = channels if last else channels * 2
             continue
         # With a max-pooling stem the first stage keeps the resolution (ResNet); otherwise every stage halves it.
-        stride = 1 if index == 0 and architecture.stem_pool else 2
+        stride = 1 if index == 0 and architecture.stem_pool or one_reduction else 2
         out = channels * 2 if stride == 2 else channels
         stages.append(_stage(architecture, channels, out, stride, depth))
         channels = _dense_channels(stages[-1][-1]) if architecture.block == "dense" else out
@@ -395,6 +409,12 @@ def generate(seed: int) -> tuple[nn.Module, list[str], Architecture]:
     if merge:  # stage 0 runs at the stem's reduction; the level of each merged stage is its last block
         paths = [f"{path}.blocks.{len(stage) - 2}" for path, stage in zip(model.paths[:-1], stages)]
         expected = [stem_level] * architecture.stem_pool + [*paths, model.paths[-1]]
+    elif one_reduction:  # the stem's level if it pools after its conv, then the last stage's output, named by the
+        # outermost module returning it that holds no other level
+        expected = [stem_level] * architecture.stem_pool
+        enclosing = model.enclosing
+        holds_other = enclosing is not None and any(path.startswith(enclosing + ".") for path in expected)
+        expected.append(enclosing if enclosing is not None and not holds_other else model.paths[-1])
     else:
         expected = [stem_level, *paths]
     _randomise_norms(model)

@@ -9,6 +9,7 @@ from torch import nn
 
 import fxfeat
 import fxfeat.trace.registries
+from benchmarks.references import timm_feature_model
 from tests.conftest import timm_model
 from tests.helpers import assert_bit_equal_to_eager
 
@@ -34,6 +35,22 @@ def test_discovery_agrees_with_timm(name):
     assert info.reduction() == [entry["reduction"] for entry in declared]
     # Not required by timm's contract, but the structural naming lands on the same modules.
     assert info.module_name() == [entry["module"] for entry in declared]
+
+
+def test_selective_kernel_branches_are_not_dilated_stages():
+    # SKNet's bottleneck runs an undilated and a dilated 3x3 convolution side by side, and in skresnet50d the
+    # last block's dilated branch is the last spatial convolution of the model: a dilation that no later
+    # convolution goes below, yet one beside it does. It is no dilated stage, so layer4 is one level.
+    model = timm_model("skresnet50d")
+    del model.feature_info
+    extractor = fxfeat.compile(model, levels="auto").eval()
+    reference = timm_feature_model("skresnet50d", model)
+    x = torch.randn(1, 3, 160, 192)
+    with torch.no_grad():
+        ours, theirs = extractor(x), reference(x)
+    assert extractor.feature_info.module_name() == reference.feature_info.module_name()
+    assert extractor.feature_info.reduction() == reference.feature_info.reduction()
+    assert len(ours) == len(theirs) and all(torch.equal(a, b) for a, b in zip(ours, theirs))
 
 
 # Where timm's hand-written levels follow another convention than fxfeat's rule (docs/levels.md): the levels

@@ -1,7 +1,8 @@
 """The level rule on generated CNNs whose stages are known: fxfeat returns exactly the stage outputs, bit-equal.
 
 ``tests/random_cnn.py`` builds each model from a seed (block kind, containers, stem, depths, squeeze-excite,
-in-place sums). The default suite runs a few dozen seeds; ``make test-zoo`` runs hundreds more.
+in-place sums, stages that downsample or all keep the stem's reduction). The default suite runs a few dozen seeds;
+``make test-zoo`` runs hundreds more.
 """
 
 from __future__ import annotations
@@ -68,3 +69,5 @@ def test_generator_covers_every_kind():
     for feature in ("merge_at_end", "functional_act", "conv_classifier"):
         assert {getattr(a, feature) for a in architectures} == {True, False}, feature
     assert any(a.keep_stage is not None for a in architectures)
+    # stages that all keep the stem's reduction, after a stem that pools (two levels) and one that does not (one)
+    assert {a.stem_pool for a in architectures if a.one_reduction} == {True, False}

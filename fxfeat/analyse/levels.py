@@ -9,14 +9,15 @@ the layers of a VGG stage); plain containers (``nn.Sequential``...) count, as st
    encoder, an FPN) has those maps as its levels, in the order it returns them; the rest of the rule is for
    models that return one thing.
 1. **Stride changes.** Walking the chain, a feature map whose reduction exceeds every earlier one changes the
-   stride.
+   stride. A dilation that persists counts as the stride it replaced (:mod:`fxfeat.analyse.dilation`).
 2. **Downsampling units.** The unit of a stride change is the outermost module call that contains it and no
    other change, and that is repeated, or, if it is not, holds no repeated call that ends before the change
    (a call holding such a thing is a container of stages, so the unit is inside it). ResNet's unit is
    ``layer2``, EfficientNet's ``blocks.2``, a flat ``features`` container's the strided block, DenseNet's the
    transition, a VGG stage's the max pooling, a stem's its strided convolution or pooling.
 3. **Trunk.** The innermost call holding the units of the last change and of another one: the container of the
-   stages (``blocks``, ``stages``, ``features``), or the model itself.
+   stages (``blocks``, ``stages``, ``features``), or the model itself. A module the chain leaves for a run of
+   blocks at the final reduction is a stem that holds every change, not the trunk: the trunk holds them too.
 4. **Levels.** The level of a change's old reduction is the last feature map fed into its unit; it is a
    module's output. The stem (the call making the first change, unless it is the trunk) is one unit: a map
    inside it is not a level if the stem goes on to change the stride with a convolution (ViT-era stems that
@@ -27,8 +28,9 @@ the layers of a VGG stage); plain containers (``nn.Sequential``...) count, as st
 
 6. **An isotropic body** replaces all of that: when, after the last change, the repeated children of one module
    (a ViT's ``blocks``; blocks, not single layers) each return a map or token grid at the final reduction, hold
-   most of the module outputs after the change's stem (the patch embedding), and are not one stage among stages,
-   every block's output is a level.
+   most of the module outputs after the change's stem (the patch embedding), and are not one stage among stages
+   (nor stages holding runs of blocks of their own), every block's output is a level
+   (:mod:`fxfeat.analyse.body`).
 
 7. **Branches that mix** (HRNet, NASNet) leave reductions off the chain: :mod:`fxfeat.analyse.branches` first
    inserts each reduction's last map there into the chain, and the rules above run on it.
@@ -52,8 +54,9 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch.fx as fx
-from torch import nn
 
+from fxfeat.analyse.body import isotropic_body
+from fxfeat.analyse.dilation import dilated_changes
 from fxfeat.analyse.shapes import NodeShape, TokenGrid
 from fxfeat.analyse.structure import Structure, outermost_path, returned_versions, returning_calls
 from fxfeat.trace import TracedModel
@@ -147,36 +150,12 @@ def _stride_changes(structure: Structure) -> list[StrideChange]:
     return [StrideChange(structure.chain[p], before, after, structure.unit_of(p)) for p, before, after in positions]
 
 
-def _dilated_changes(structure: Structure) -> dict[int, int]:
-    """Dilated stride changes, by chain position, with their factor: a spatial convolution inside the trunk whose
-    dilation exceeds every one before it, and that no convolution after it in the trunk goes below, replaced a
-    stride (torchvision's ``replace_stride_with_dilation``, timm's ``output_stride``): the first chain map after it
-    is a change of reduction by the dilation's growth, as the undilated model's would be. A dilation that does not
-    persist (a selective-kernel branch beside an undilated one, an ASPP head) is no such change."""
-    trunk = structure.trunk
-    convolutions = []  # (graph position, dilation) of the trunk's spatial convolutions
-    for node in structure.traced.graph.nodes:
-        if node.op != "call_module" or not (not trunk or node.target.startswith(trunk + ".")):
-            continue
-        layer = structure.traced.root.get_submodule(node.target)
-        if isinstance(layer, nn.modules.conv._ConvNd) and max(layer.kernel_size) > 1:
-            convolutions.append((structure.order[node.name], max(layer.dilation)))
-    dilated: dict[int, int] = {}
-    running = 1
-    for index, (order, dilation) in enumerate(convolutions):
-        if dilation > running and all(later >= dilation for _, later in convolutions[index:]):
-            after = next((i for i, name in enumerate(structure.chain)
-                          if structure.order[name] > order and structure.is_map(name)), None)
-            if after is not None:
-                dilated[after] = dilated.get(after, 1) * dilation // running
-            running = dilation
-    return dilated
-
-
 def _trunk(structure: Structure, changes: list[StrideChange]) -> str:
     """Path of the innermost module, called or not, that holds the last change's unit and another change (rule 3):
     the container of the stages, or of the blocks when no stages group them (a flat ``nn.ModuleList`` the
-    model's ``forward`` iterates); ``""``: the model."""
+    model's ``forward`` iterates); ``""``: the model. A module that the chain leaves for a run of blocks at the
+    final reduction (:func:`_blocks_follow`) is a stem, not the trunk (a stem that downsamples, then stages that
+    keep its reduction): the trunk holds them too."""
     if len(changes) < 2 or changes[-1].unit is None:
         return ""
     calls = structure.traced.calls
@@ -190,9 +169,27 @@ def _trunk(structure: Structure, changes: list[StrideChange]) -> str:
         if span is None or not any(span[0] <= p <= span[1] for p in earlier):
             continue
         members = {call.path for call in calls.values() if call.path.rpartition(".")[0] == path}
-        if path in called or members - units:  # a list of the downsampling layers alone (Twins' patch
-            return path  # embeddings, beside its stages) is not the trunk: it holds no block that keeps the size
+        # A list of the downsampling layers alone (Twins' patch embeddings, beside its stages) is not the trunk:
+        # it holds no block that keeps the size.
+        if (path in called or members - units) and not _blocks_follow(structure, span[1], changes[-1].after):
+            return path
     return ""
+
+
+def _blocks_follow(structure: Structure, end: int, reduction: int) -> bool:
+    """Whether, after chain position ``end``, a run of blocks holding convolutions or linear layers returns maps of
+    the chain at ``reduction``: two calls or more of one module's same-class children, wholly after ``end`` (stages,
+    or blocks; not a single head layer of the stem's class)."""
+    runs: dict[str, set[str]] = defaultdict(set)  # parent path -> its children's calls
+    for i in range(end + 1, len(structure.chain)):
+        name = structure.chain[i]
+        if not structure.is_map(name, reduction):
+            continue
+        for key in structure.stack(name):
+            if (structure.span[key][0] > end and structure.span[key][1] == i and structure.is_repeated(key)
+                    and structure.holds_weights_layer(key)):
+                runs[structure.traced.calls[key].path.rpartition(".")[0]].add(key)
+    return any(len(keys) >= 2 for keys in runs.values())
 
 
 def returned_maps(traced: TracedModel, shapes: dict[str, NodeShape]) -> list[tuple[str, str | None]]:
@@ -236,7 +233,7 @@ def find_levels(
     structure = Structure(traced, chain, shapes, versions or {}, write_tensors)
     changes = _stride_changes(structure)
     structure.trunk = _trunk(structure, changes)
-    dilated = _dilated_changes(structure)
+    dilated = dilated_changes(structure)
     if dilated:  # stages that keep the resolution by dilating what a stride would have reduced
         factor = 1
         for i in range(len(chain)):
@@ -268,7 +265,7 @@ def find_levels(
         last = structure.carried_on(last)
     if last is not None and last not in levels:
         levels.append(last)
-    body = structure.block_run(structure.change_positions[-1], running) if changes else []
+    body = isotropic_body(structure, structure.change_positions[-1], running) if changes else []
     if body:  # an isotropic body: its blocks are the levels at the final reduction
         levels = body
     keys: dict[str, str | None] = {}

@@ -137,7 +137,8 @@ class Structure:
 
     def reduction(self, name: str) -> int | None:
         """A map's reduction as if its dilated convolutions were strided: its measured reduction times the
-        dilation factors of the dilated stride changes before it (:func:`_dilated_changes`; 1 in most models)."""
+        dilation factors of the dilated stride changes before it (:func:`fxfeat.analyse.dilation.dilated_changes`;
+        1 in most models)."""
         shape = self.shapes.get(name)
         if shape is None or shape.reduction is None:
             return None
@@ -352,62 +353,6 @@ class Structure:
     def path_span(self, path: str) -> tuple[int, int] | None:
         """First and last chain positions inside module ``path``, called or not (a ``ModuleList`` is not)."""
         return self.path_spans.get(path)
-
-    def block_run(self, change: int, reduction: int) -> list[str]:
-        """The isotropic body of the model, if it has one (rule 6): the outputs of the repeated children of one
-        module that lies wholly after chain position ``change`` (the last stride change), each a block (a call
-        traced through, not one layer) returning a map or token grid at ``reduction``. The longest such run is
-        the body if it has at least two members, holds most of the module outputs the chain computes after the
-        change's stem (the calls holding the change that end before the run's module: a patch embedding), and
-        its module is not one stage among stages (:meth:`is_stage_among_stages`). Empty: no isotropic body."""
-        runs: dict[str, dict[str, str]] = defaultdict(dict)  # parent path -> {output node: child call}
-        for i in range(change + 1, len(self.chain)):
-            name = self.chain[i]
-            if not self.is_candidate(name, reduction):
-                continue
-            for key in self.stack(name):
-                parent = self.traced.calls[key].path.rpartition(".")[0]
-                if not parent or self.path_span(parent)[0] <= change or not self.is_repeated(key):
-                    continue
-                if not self.is_block(key):
-                    continue
-                if self.span[key][1] == i:
-                    runs[parent].setdefault(name, key)
-        best: list[str] = []
-        for parent, members in runs.items():
-            start = self.path_span(parent)[0]
-            stem_end = max((self.span[key][1] for key in self.stack(self.chain[change])
-                            if key in self.span and self.span[key][1] < start), default=change)
-            outputs = [i for i in range(stem_end + 1, len(self.chain)) if self.is_candidate(self.chain[i], reduction)]
-            inside = sum(1 for i in outputs if any(self.span[key][0] <= i <= self.span[key][1]
-                                                    for key in members.values()))
-            if (len(members) >= 2 and len(members) > len(best) and 2 * inside > len(outputs)
-                    and not self.is_stage_among_stages(parent, reduction)):
-                best = list(members)
-        return best
-
-    def is_block(self, key: str) -> bool:
-        """Whether call ``key`` is a block (traced through, or a leaf made of submodules) rather than one layer."""
-        call = self.traced.calls[key]
-        return not call.is_leaf or any(True for _ in self.traced.root.get_submodule(call.path).children())
-
-    def is_stage_among_stages(self, path: str, reduction: int) -> bool:
-        """Whether module ``path`` or one enclosing it has a same-class sibling whose last map on the chain, or
-        any map on the chain inside it, is at a reduction other than ``reduction`` (DenseNet's last dense block,
-        ConvNeXt's last stage, a stage after one that runs at another reduction and merges at its end)."""
-        while path:
-            parent_path, _, name = path.rpartition(".")
-            parent = self.traced.root.get_submodule(parent_path)
-            kind = type(parent.get_submodule(name))
-            for other, child in parent.named_children():
-                span = self.path_span(f"{parent_path}.{other}" if parent_path else other)
-                if other == name or type(child) is not kind or span is None:
-                    continue
-                inside = self.chain[span[0]: span[1] + 1]
-                if any(self.is_map(name) and self.reduction(name) != reduction for name in inside):
-                    return True
-            path = parent_path
-        return False
 
     def module_of(self, name: str, levels: list[str]) -> str:
         """Path of the outermost call that returns ``name`` (or the module output it :meth:`continues`) and holds
