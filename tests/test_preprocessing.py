@@ -142,6 +142,8 @@ def test_a_transform_that_does_not_read_as_resize_crop_normalise_runs_as_the_lib
                                                        is_train=False)
     image = Image.open(io.BytesIO(_jpegs()[1])).convert("RGB")
     assert torch.equal(steps(image), reference(image))
+    gray = image.convert("L")  # given to the library in the model's mode, as fxfeat's own decoding converts it
+    assert torch.equal(steps(gray), reference(gray.convert("RGB")))
     assert resolve_preprocessing(tower, (3, 160, 160)).size == (160, 160)  # asked of open_clip at that size
     folder = tmp_path / "images"
     folder.mkdir()

@@ -38,6 +38,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from fxfeat.errors import InvalidRequestError
+from fxfeat.extraction.decode import image_tensor
 from fxfeat.extraction.library_preprocessing import LibraryPreprocessing, library_preprocessing
 from fxfeat.plan import make_request
 
@@ -160,7 +161,9 @@ class LibraryTransform:
     reason: str
 
     def __call__(self, image: Any) -> torch.Tensor:
-        return self.transform(image)
+        """The library's transform of ``image`` (a PIL image, or a dataset's array or tensor), given as an RGB (or
+        the model's mode) PIL image converted as fxfeat's own decoding converts it (grayscale, RGBA, 16-bit, CMYK)."""
+        return self.transform(F.to_pil_image(image_tensor(image, self.channels)))
 
     def with_size(self, size: tuple[int, int]) -> LibraryTransform:
         if tuple(size) != self.size:
