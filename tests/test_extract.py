@@ -545,12 +545,13 @@ def test_the_weights_preprocessing_size_is_the_size_compiled_for(tmp_path):
 
 
 def test_a_model_built_for_another_size_than_its_preprocessing_keeps_its_own(tmp_path):
-    """timm's preprocessing of a ViT built for 64x64 still says 224 (its pretrained_cfg): the model's own input
-    check refuses 224, so the extractor is compiled at 64 and timm is asked for its preprocessing at 64."""
+    """timm's preprocessing of a ViT built for 64x64 still says 224 (its pretrained_cfg): the model does not run at
+    224, so the extractor is compiled at 64 and timm is asked for its preprocessing at 64, with a warning."""
     timm = pytest.importorskip("timm")
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64).eval()
     data = make_folder(tmp_path / "images", count=2)
-    summary = fxfeat.extract(model, data, tmp_path / "out", features="unpooled", progress=False, num_workers=0)
+    with pytest.warns(fxfeat.FxFeatWarning, match="does not run at the size its preprocessing .* makes, 224x224"):
+        summary = fxfeat.extract(model, data, tmp_path / "out", features="unpooled", progress=False, num_workers=0)
     assert summary.features == {"unpooled": (192, 4, 4)}
     preprocessing = json.loads((tmp_path / "out" / "manifest.json").read_text())["config"]["preprocessing"]
     config = dict(timm.data.resolve_model_data_config(model), input_size=(3, 64, 64))

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxfeat.errors import InputShapeError, InvalidModelError, InvalidRequestError, ShapePropagationError
+from fxfeat.errors import FxFeatWarning, InvalidModelError, InvalidRequestError, ShapePropagationError
 from fxfeat.extraction.distributed import Ranks
 from fxfeat.extraction.features import FeatureSpec, build_extractor, extractor_features
 from fxfeat.extraction.loop import run_parts
@@ -262,11 +263,15 @@ def _prepared_model(model, features, pool, transform, out_indices, levels, input
     try:
         extractor, specs = build_extractor(model, features, input_size=size, **arguments)
     except ShapePropagationError as error:
-        if size == input_size or not isinstance(getattr(error, "cause", None), InputShapeError):
+        if size == input_size:
             raise
-        # The model's own check refuses its preprocessing's size (a ViT built for another size than its weights'
+        # The model does not run at its preprocessing's size (a ViT built for another size than its weights'
         # transforms make): the size it was built for wins, and the preprocessing is made for that size.
         extractor, specs = build_extractor(model, features, input_size=None, **arguments)
+        warnings.warn(f"{type(model).__name__} does not run at the size its preprocessing ({preprocessing.source}) "
+                      f"makes, {size[1]}x{size[2]} ({type(error.cause).__name__}: {error.cause}); it is compiled at "
+                      f"its own {extractor.input_size[1]}x{extractor.input_size[2]} and the preprocessing made for "
+                      "that size.", FxFeatWarning, stacklevel=3)
     if transform is None:
         if tuple(extractor.input_size[1:]) != tuple(preprocessing.size):  # asked again, of the library if it can
             preprocessing = resolve_preprocessing(model, extractor.input_size, spec=spec)
