@@ -10,12 +10,19 @@ identical level lists, declared levels equal to timm's ``features_only``, ``outp
 supports it, outputs equal to eager, the median compile time, and opaque modules. It also flags every
 torchvision model whose levels changed since the previous report. A section for other libraries' models
 (efficientnet_pytorch, pretrainedmodels, Hugging Face ``*Backbone`` counterparts, segmentation_models_pytorch
-encoders) checks each against its own library's maps (:mod:`benchmarks.coverage_libraries`).
+encoders) checks each against its own library's maps (:mod:`benchmarks.coverage_libraries`). Every model's head
+features (``pooled``, ``embedding``, timm's ``unpooled``; docs/heads.md) are checked against its library's own
+outputs: timm's with the classifier and headless (``num_classes=0``), torchvision's with the classifier and with an
+``nn.Identity`` head, the other libraries' against their models' vectors; the report counts them and lists every
+miss with its reason.
 
 Usage::
 
     python -m benchmarks.coverage [--models timm:resnet50 torchvision:vgg11 ...] [--timeout 240] [--workers 2]
         [--out docs/coverage.json] [--markdown docs/coverage.md] [--refresh-families]
+
+``--models`` also takes the other libraries' models (``efficientnet_pytorch:efficientnet-b0``,
+``pretrainedmodels:dpn68``, ``transformers:ConvNextBackbone``, ``smp:resnet18``), reported in their section.
 
 The family -> smallest model table is cached in ``benchmarks/timm_families.json`` for the timm version that
 made it (building every timm model on the ``meta`` device to count its parameters takes minutes).
@@ -39,6 +46,7 @@ __all__ = ["main", "summarise", "timm_families"]
 
 FAMILIES_CACHE = Path(__file__).with_name("timm_families.json")
 DEFAULT_TIMEOUT_S = 320  # deepseek_vit_412m alone: 198 s on the Xeon VM, 264 s on the AMD EPYC one
+PARTIAL = "partial"  # tags a worker's message (PARTIAL, result so far) sent before its final result
 
 
 def timm_families(refresh: bool = False) -> dict[str, dict[str, Any]]:
@@ -68,10 +76,13 @@ def timm_families(refresh: bool = False) -> dict[str, dict[str, Any]]:
 
 def _cases(args) -> list[dict[str, str]]:
     if args.models:
+        from benchmarks.coverage_libraries import LIBRARIES
+
         cases = []
         for spec in args.models:
             library, _, name = spec.partition(":")
-            cases.append(dict(library=library, name=name, family=name if library == "timm" else "torchvision"))
+            family = name if library == "timm" or library in LIBRARIES else "torchvision"
+            cases.append(dict(library=library, name=name, family=family))
         return cases
     import torchvision
 
@@ -101,9 +112,14 @@ def _worker(connection, without_registry: bool = False) -> None:
         if case is None:
             return
         start = time.perf_counter()
+
+        def levels_checked(partial, case=case, start=start):  # kept by the pool if the head checks run too long
+            connection.send((PARTIAL, dict(partial, family=case["family"],
+                                           seconds=round(time.perf_counter() - start, 1))))
+
         try:
             check = check_library_model if case["library"] in LIBRARIES else check_model
-            result = check(case["library"], case["name"])
+            result = check(case["library"], case["name"], on_levels_checked=levels_checked)
         except Exception as error:  # a model that does not build, or a failure outside fxfeat
             result = dict(library=case["library"], name=case["name"], error=describe_error(error))
         result.update(family=case["family"], seconds=round(time.perf_counter() - start, 1))
@@ -112,7 +128,9 @@ def _worker(connection, without_registry: bool = False) -> None:
 
 class _Pool:
     """Worker processes that each check one model at a time; a model past the time limit kills its worker.
-    ``target(connection)`` is the worker loop (default: the coverage checks)."""
+    ``target(connection)`` is the worker loop (default: the coverage checks). A worker may send ``(PARTIAL,
+    result so far)`` before its final result: the pool reports that one, its head checks failed, if the worker then
+    runs past the time limit or dies."""
 
     def __init__(self, workers: int, timeout: float, without_registry: bool = False, target=None):
         self.target, self.args = (target, ()) if target is not None else (_worker, (without_registry,))
@@ -124,7 +142,7 @@ class _Pool:
         parent, child = self.context.Pipe()
         process = self.context.Process(target=self.target, args=(child, *self.args), daemon=True)
         process.start()
-        return dict(process=process, connection=parent, case=None, started=0.0)
+        return dict(process=process, connection=parent, case=None, started=0.0, partial=None)
 
     def run(self, cases: list[dict[str, str]], on_result) -> None:
         pending = list(reversed(cases))
@@ -138,7 +156,7 @@ class _Pool:
                         slot["process"].kill()
                         slot = self.slots[index] = self._start()
                         slot["connection"].send(case)
-                    slot["case"], slot["started"] = case, time.monotonic()
+                    slot["case"], slot["started"], slot["partial"] = case, time.monotonic(), None
             busy = [slot for slot in self.slots if slot["case"]]
             deadline = min(slot["started"] for slot in busy) + self.timeout
             ready = wait([slot["connection"] for slot in busy], timeout=max(0.0, deadline - time.monotonic()))
@@ -150,6 +168,9 @@ class _Pool:
                         result = slot["connection"].recv()
                     except EOFError:  # the worker died (out of memory, a crash in native code)
                         result = self._lost(slot, "the worker process died")
+                    if isinstance(result, tuple) and result[0] == PARTIAL:
+                        slot["partial"] = result[1]
+                        continue
                     on_result(result)
                     slot["case"] = None
                 elif time.monotonic() - slot["started"] >= self.timeout:
@@ -157,10 +178,15 @@ class _Pool:
                     self.slots[index] = self._start()
 
     def _lost(self, slot, reason: str) -> dict[str, Any]:
+        """The result of a model whose worker ran past the time limit or died: its partial result, if the worker
+        sent one, with the head checks failed, else the reason alone."""
         slot["process"].kill()
         slot["process"].join()
-        case = slot["case"]
-        return dict(case, error=reason, seconds=round(time.monotonic() - slot["started"], 1))
+        case, seconds = slot["case"], round(time.monotonic() - slot["started"], 1)
+        if slot["partial"] is not None:
+            return dict(slot["partial"], heads=dict(error=f"{reason} (in the head checks)", seconds=None),
+                        seconds=seconds)
+        return dict(case, error=reason, seconds=seconds)
 
     def close(self) -> None:
         for slot in self.slots:
@@ -286,6 +312,51 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
         train_graph={kind: sum(1 for r in results if r.get("auto", {}).get("train_graph", "").startswith(kind))
                      for kind in ("own", "same", "fallback")},
         compile_s_median=round(statistics.median(times), 4) if times else None,
+        **_head_summary(timm_rows, torchvision_rows),
+    )
+
+
+# The head checks' variants (benchmarks.coverage_check) as the report names them.
+HEAD_VARIANTS = {"head": "with its classifier", "headless": "headless (`num_classes=0`)",
+                 "identity_head": "`nn.Identity` head"}
+
+
+def _head_record(result: dict[str, Any], variant: str, feature: str) -> dict[str, Any] | None:
+    """One head feature's record of one variant of a model; ``None`` where it was not checked (a torchvision
+    model without an ``nn.Linear`` has no ``nn.Identity``-head variant); ``{"error": ...}`` where the model's
+    head checks failed as a whole (a time limit, a model that does not build)."""
+    heads = result.get("heads")
+    if heads is None:
+        return dict(error=result.get("error", "not checked"))
+    if variant == "identity_head" and heads.get("final_linear", "") is None:
+        return None
+    if variant in heads:
+        return heads[variant].get(feature, heads[variant] if "error" in heads[variant] else None)
+    return dict(error=heads.get("error", "not checked"))
+
+
+def _head_summary(timm_rows, torchvision_rows) -> dict[str, Any]:
+    """``{library}_{feature}_{variant}``: how many models' head features equal their library's reference."""
+    def count(rows, variant, feature) -> dict[str, int]:
+        records = [_head_record(r, variant, feature) for r in rows]
+        records = [record for record in records if record is not None]
+        return dict(hits=sum(1 for record in records if record.get("equal")), total=len(records))
+
+    rows = [*timm_rows, *torchvision_rows]
+    seconds = [r["heads"]["seconds"] for r in rows if (r.get("heads") or {}).get("seconds") is not None]
+    return dict(
+        heads_checked=sum(1 for r in rows if "heads" in r),
+        timm_pooled_head=count(timm_rows, "head", "pooled"),
+        timm_pooled_headless=count(timm_rows, "headless", "pooled"),
+        timm_embedding_head=count(timm_rows, "head", "embedding"),
+        timm_embedding_headless=count(timm_rows, "headless", "embedding"),
+        timm_unpooled_head=count(timm_rows, "head", "unpooled"),
+        torchvision_pooled_head=count(torchvision_rows, "head", "pooled"),
+        torchvision_embedding_head=count(torchvision_rows, "head", "embedding"),
+        torchvision_pooled_identity_head=count(torchvision_rows, "identity_head", "pooled"),
+        torchvision_embedding_identity_head=count(torchvision_rows, "identity_head", "embedding"),
+        heads_s_median=round(statistics.median(seconds), 2) if seconds else None,
+        heads_s_max=max(seconds) if seconds else None,
     )
 
 
@@ -377,6 +448,8 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     ]
     for key, label in labels:
         lines.append(f"| {label} | {_fraction(summary[key]['hits'], summary[key]['total'])} |")
+    if summary.get("heads_checked"):
+        lines += _head_summary_lines(summary, report.get("libraries") or [])
     lines.append(f"| median compile time (`auto`) | {summary['compile_s_median']} s |")
     lines.append(f"| models with opaque submodules | {summary['opaque_models']} |")
     if "train_graph" in summary:
@@ -392,8 +465,10 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     lines += ["", f"torchvision models whose levels changed since the previous report: "
               f"{', '.join(changed) if changed else 'none'}.", ""]
 
+    heads = bool(summary.get("heads_checked"))
     lines += ["## timm", "", "| family | model | CNN-style | identical | contained | declared | os=8 | eager | "
-              "compile s | fxfeat levels | reason |", "|" + "---|" * 11]
+              + ("pooled, embedding, unpooled / headless: pooled, embedding | " if heads else "")
+              + "compile s | fxfeat levels | reason |", "|" + "---|" * (11 + heads)]
     for r in sorted((r for r in rows if r["library"] == "timm"), key=lambda r: r["family"]):
         auto = r.get("auto", {})
         os8 = r.get("output_stride", {})
@@ -403,7 +478,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
         lines.append("| " + " | ".join([
             r["family"], r["name"], _mark(r.get("cnn_style")), _mark(auto.get("identical")),
             _mark(auto.get("contained")), _declared_text(r), os_text, _mark(r.get("eager_equal")),
-            str(auto.get("compile_s", "-")),
+            *([_heads_cell(r, TIMM_HEAD_CHECKS)] if heads else []), str(auto.get("compile_s", "-")),
             _levels_text(auto.get("levels")), miss_reason(r).replace("|", "\\|"),
         ]) + " |")
     lines += ["", "## Misses, explained", "",
@@ -426,18 +501,90 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
             what = os8.get("fxfeat", {}).get("error", "tensors differ").replace("|", chr(92) + "|")
             why = OUTPUT_STRIDE_EXPLANATIONS.get(r["family"], "**not analysed yet**")
             lines.append(f"| {r['family']} (output_stride=8) | {what} | {why} |")
-    lines += ["", "## torchvision", "", "| model | eager | compile s | fxfeat levels | error |",
-              "|---|---|---|---|---|"]
+    lines += ["", "## torchvision", "", "| model | eager | "
+              + ("pooled, embedding / `nn.Identity` head: pooled, embedding | " if heads else "")
+              + "compile s | fxfeat levels | error |", "|" + "---|" * (5 + heads)]
     for r in (r for r in rows if r["library"] == "torchvision"):
         auto = r.get("auto", {})
         error = r.get("error") or auto.get("error") or r.get("eager", {}).get("error") or ""
-        lines.append(f"| {r['name']} | {_mark(r.get('eager_equal'))} | {auto.get('compile_s', '-')} | "
+        lines.append(f"| {r['name']} | {_mark(r.get('eager_equal'))} | "
+                     + (f"{_heads_cell(r, TORCHVISION_HEAD_CHECKS)} | " if heads else "")
+                     + f"{auto.get('compile_s', '-')} | "
                      f"{_levels_text(auto.get('levels'))} | {error.replace('|', chr(92) + '|')} |")
+    if heads:
+        lines += ["", *_head_misses(rows)]
     if report.get("libraries"):
         from benchmarks.coverage_libraries import markdown_section
 
         lines += ["", *markdown_section(report["libraries"])]
     path.write_text("\n".join(lines) + "\n")
+
+
+TIMM_HEAD_CHECKS = (("head", ("pooled", "embedding", "unpooled")), ("headless", ("pooled", "embedding")))
+TORCHVISION_HEAD_CHECKS = (("head", ("pooled", "embedding")), ("identity_head", ("pooled", "embedding")))
+_HEAD_LABELS = [
+    ("timm_pooled_head", "timm: `pooled` equal to `forward_head(forward_features(x), pre_logits=True)`, with the "
+     "classifier"),
+    ("timm_pooled_headless", "timm: `pooled` equal to `forward_head(forward_features(x), pre_logits=True)`, "
+     "headless (`num_classes=0`, same weights)"),
+    ("timm_embedding_head", "timm: `embedding` equal to `model(x)`, with the classifier"),
+    ("timm_embedding_headless", "timm: `embedding` equal to `model(x)`, headless"),
+    ("timm_unpooled_head", "timm: `unpooled` (`output_fmt=\"native\"`) equal to `forward_features(x)`"),
+    ("torchvision_pooled_head", "torchvision: `pooled` equal to the model with its last `nn.Linear` replaced by "
+     "`nn.Identity`"),
+    ("torchvision_embedding_head", "torchvision: `embedding` equal to `model(x)`"),
+    ("torchvision_pooled_identity_head", "torchvision with an `nn.Identity` head: `pooled` equal to `model(x)`"),
+    ("torchvision_embedding_identity_head", "torchvision with an `nn.Identity` head: `embedding` equal to "
+     "`model(x)`"),
+]
+
+
+def _head_summary_lines(summary: dict[str, Any], libraries: list[dict[str, Any]]) -> list[str]:
+    """The summary table's rows for the head features."""
+    lines = [f"| {label} | {_fraction(summary[key]['hits'], summary[key]['total'])} |" for key, label in _HEAD_LABELS]
+    if libraries:
+        from benchmarks.coverage_libraries import head_totals
+
+        totals = head_totals(libraries)
+        lines += [
+            f"| other libraries: `embedding` equal to the model's own vector | "
+            f"{_fraction(totals['embedding']['hits'], totals['embedding']['total'])} |",
+            f"| other libraries: `pooled` equal to the library's pooled vector (where it has one) | "
+            f"{_fraction(totals['pooled']['hits'], totals['pooled']['total'])} |",
+            f"| other libraries returning no vector per image: `HeadNotFoundError`, as expected | "
+            f"{_fraction(totals['no_vector']['hits'], totals['no_vector']['total'])} |",
+        ]
+    lines.append(f"| head checks per timm / torchvision model: median, longest | {summary['heads_s_median']} s, "
+                 f"{summary['heads_s_max']} s |")
+    return lines
+
+
+def _heads_cell(result: dict[str, Any], checks) -> str:
+    """A model's head checks in a table cell: a mark per feature, variants apart."""
+    return " / ".join(" ".join(_mark(None if record is None else record.get("equal", False))
+                               for record in (_head_record(result, variant, feature) for feature in features))
+                      for variant, features in checks)
+
+
+def _head_misses(rows: list[dict[str, Any]]) -> list[str]:
+    """Every timm and torchvision head feature not equal to its reference, with what differs."""
+    from benchmarks.coverage_check import head_miss
+
+    lines = ["## Head features: misses", "",
+             "Every timm and torchvision model whose `pooled`, `embedding` or `unpooled` is not bit-equal to its "
+             "library's reference (see `benchmarks/coverage_check.py`), with what differs.", "",
+             "| model | variant | feature | what differs |", "|---|---|---|---|"]
+    for r in rows:
+        checks = TIMM_HEAD_CHECKS if r["library"] == "timm" else TORCHVISION_HEAD_CHECKS
+        for variant, features in checks:
+            for feature in features:
+                record = _head_record(r, variant, feature)
+                if record is not None and not record.get("equal"):
+                    lines.append(f"| {r['library']}:{r['name']} | {HEAD_VARIANTS[variant]} | `{feature}` | "
+                                 f"{head_miss(record).replace('|', chr(92) + '|')} |")
+    if lines[-1] == "|---|---|---|---|":
+        lines.append("| none | | | |")
+    return lines
 
 
 def _torchvision_changes(results, previous_path: Path) -> list[str]:
@@ -538,9 +685,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     summary = report["summary"]
     print(f"wrote {args.out} and {args.markdown} ({report['wall_s'] / 60:.1f} min)")
     for key in ("timm_compile", "cnn_contained", "cnn_identical", "declared_equal", "output_stride_equal",
-                "eager_equal", "torchvision_eager_equal"):
-        print(f"  {key:<24} {_fraction(summary[key]['hits'], summary[key]['total'])}")
-    print(f"  compile_s_median         {summary['compile_s_median']}")
+                "eager_equal", "torchvision_eager_equal", *(key for key, _ in _HEAD_LABELS)):
+        print(f"  {key:<36} {_fraction(summary[key]['hits'], summary[key]['total'])}")
+    print(f"  {'compile_s_median':<36} {summary['compile_s_median']}")
+    print(f"  {'heads_s_median':<36} {summary['heads_s_median']}")
     return report
 
 

@@ -14,29 +14,58 @@ For a timm model (random weights, the same for every method):
 
 A torchvision model has no declared levels: only ``auto`` and ``eager`` (at two input sizes) are checked.
 
+Then the head features (docs/heads.md), each against the library's own reference, ``torch.equal`` (fp32, eval):
+
+- timm, the model with its classifier (``heads["head"]``): ``pooled`` against
+  ``forward_head(forward_features(x), pre_logits=True)``, ``embedding`` against ``model(x)`` and ``unpooled``
+  (``output_fmt="native"``) against ``forward_features(x)``; the same model built headless, ``num_classes=0``,
+  carrying the same weights (``heads["headless"]``): ``pooled`` and ``embedding`` against its own
+  ``forward_head(..., pre_logits=True)`` and ``model(x)``. The headless model is timm's own
+  (``create_model(name, num_classes=0)``), not ``reset_classifier(0)`` on a copy: the two build the same modules
+  except RepViT's, whose ``reset_classifier`` drops the distillation head that ``num_classes=0`` keeps as an
+  identity.
+- torchvision (``heads["head"]``): ``pooled`` against the model with its last ``nn.Linear`` (registration order)
+  replaced by ``nn.Identity`` (the model itself where it has none, SqueezeNet), ``embedding`` against ``model(x)``;
+  that ``nn.Identity``-head model (``heads["identity_head"]``): both against its ``model(x)``.
+
+The features of one model come from one extractor (``levels=["unpooled", "pooled", "embedding"]``, which places
+each by the same rule as ``mode=``), or, where that one fails, from one ``mode=`` extractor each. Each feature
+records ``equal`` with the shapes (and the largest difference where they agree), or the ``error``.
+
 Example:
     >>> from benchmarks.coverage_check import check_model
     >>> result = check_model("timm", "resnet10t", output_stride=False)
     >>> result["auto"]["identical"], result["declared"]["equal"], result["eager_equal"]
     (True, True, True)
+    >>> result["heads"]["head"]["pooled"]["equal"], result["heads"]["headless"]["embedding"]["equal"]
+    (True, True)
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 import fxfeat
-from benchmarks.references import as_list, eager_references, equal_maps, timm_feature_model
+from benchmarks.references import (
+    as_list,
+    eager_references,
+    equal_maps,
+    timm_feature_model,
+    without_final_linear,
+)
 from fxfeat.models import build_model
 
-__all__ = ["check_model", "compare_levels", "describe_error", "randomise_inert_weights"]
+__all__ = ["check_model", "compare_feature", "compare_levels", "describe_error", "head_features",
+           "head_miss", "randomise_inert_weights"]
 
 SECOND_SIZE_OFFSET = (64, 128)  # a non-square second input, as fxfeat's own second probe
 
@@ -174,8 +203,16 @@ def _attempt(record: dict[str, Any], key: str, fn) -> Any:
         return None
 
 
-def check_model(library: str, name: str, *, output_stride: bool = True) -> dict[str, Any]:
-    """Every coverage check of one model (see the module docstring). Failures are recorded, not raised."""
+def check_model(library: str, name: str, *, output_stride: bool = True, heads: bool = True,
+                on_levels_checked: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Every coverage check of one model (see the module docstring). Failures are recorded, not raised.
+
+    Args:
+        output_stride: check ``output_stride=8`` against timm's dilated model.
+        heads: check the head features.
+        on_levels_checked: called with the result so far before the head checks begin (the coverage worker sends
+            it, so that a model past the time limit in its head checks keeps its level results).
+    """
     from fxfeat.trace import evaluation_mode, trace_model
 
     model = _build(library, name)
@@ -197,10 +234,8 @@ def check_model(library: str, name: str, *, output_stride: bool = True) -> dict[
         reductions = [entry["reduction"] for entry in declared]
         result["cnn_style"] = all(a < b for a, b in zip(reductions, reductions[1:]))
     timm_features = None
-    if library == "timm":
-        reference = _attempt(result, "timm", lambda: _timm_reference(name, model))
-        if reference is not None:
-            timm_features = _attempt(result, "timm", lambda: _run(reference, x))
+    if library == "timm":  # timm's features_only model (a copy of the weights) is dropped once it has run
+        timm_features = _attempt(result, "timm", lambda: _run(_timm_reference(name, model), x))
 
     auto_model = copy.copy(model)  # a shallow copy without the declared levels; the model keeps them
     auto_model.__dict__.pop("feature_info", None)
@@ -218,17 +253,133 @@ def check_model(library: str, name: str, *, output_stride: bool = True) -> dict[
         result["eager_equal"] = _attempt(
             result, "eager", lambda: all(_eager_equal(model, extractor, size) for size in sizes))
 
-    if library != "timm" or declared is None:
-        return result
-    compiled = _attempt(result, "declared", lambda: _compile(model))
-    if compiled is not None:
-        extractor, _ = compiled
-        outputs = _attempt(result, "declared", lambda: _run(extractor, x))
-        if outputs is not None and timm_features is not None:
-            result["declared"] = dict(equal=compare_levels(timm_features, outputs)["identical"])
-    if output_stride:
-        result["output_stride"] = _check_output_stride(name, model, x)
+    if library == "timm" and declared is not None:
+        compiled = _attempt(result, "declared", lambda: _compile(model))
+        if compiled is not None:
+            extractor, _ = compiled
+            outputs = _attempt(result, "declared", lambda: _run(extractor, x))
+            if outputs is not None and timm_features is not None:
+                result["declared"] = dict(equal=compare_levels(timm_features, outputs)["identical"])
+        if output_stride:
+            result["output_stride"] = _check_output_stride(name, model, x)
+    if heads:
+        if on_levels_checked is not None:
+            on_levels_checked(result)
+        start = time.perf_counter()
+        check_heads = _check_timm_heads if library == "timm" else _check_torchvision_heads
+        checked = _attempt(result, "heads", lambda: check_heads(name, model, x))
+        if checked is not None:
+            result["heads"] = checked
+        result["heads"]["seconds"] = round(time.perf_counter() - start, 2)
     return result
+
+
+def head_features(model: nn.Module, x: torch.Tensor, features: tuple[str, ...],
+                  input_size: tuple[int, int, int] | None = None, together: bool = True) -> dict[str, Any]:
+    """fxfeat's head ``features`` of ``model`` for ``x`` (``output_fmt="native"``), each a tensor or the exception
+    that compiling or running it raised: from one extractor returning them all, or, where that one fails (or
+    ``together`` is false: a model expected to have none of them), from one ``mode=`` extractor each."""
+
+    def run(**kwargs) -> list[torch.Tensor]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            extractor = fxfeat.compile(model, output_fmt="native", input_size=input_size, **kwargs).eval()
+            return _run(extractor, x)
+
+    if together:
+        try:
+            return dict(zip(features, run(levels=list(features)), strict=True))
+        except Exception as error:  # recorded per feature below
+            if len(features) == 1:
+                return {features[0]: error}
+    values: dict[str, Any] = {}
+    for feature in features:
+        try:
+            values[feature] = run(mode=feature)[0]
+        except Exception as error:
+            values[feature] = error
+    return values
+
+
+def compare_feature(output: torch.Tensor | BaseException, reference: Callable[[], Any]) -> dict[str, Any]:
+    """fxfeat's ``output`` (or the error it raised) against ``reference()``, the library's tensor: ``equal``
+    (``torch.equal``) with both shapes, and the largest difference where the shapes agree; or ``error`` (fxfeat's)
+    or ``reference_error`` (the library's)."""
+    if isinstance(output, BaseException):
+        return dict(error=describe_error(output))
+    record: dict[str, Any] = dict(shape=list(output.shape))
+    try:
+        with torch.no_grad():
+            expected = reference()
+        if not isinstance(expected, torch.Tensor):
+            raise TypeError(f"the reference is a {type(expected).__name__}, not one tensor")
+    except Exception as error:  # the library's own forward failing is recorded, as fxfeat's errors are
+        return dict(record, reference_error=describe_error(error))
+    record["equal"] = output.shape == expected.shape and torch.equal(output, expected)
+    if not record["equal"]:
+        record["reference_shape"] = list(expected.shape)
+        if output.shape == expected.shape:
+            record["max_abs_diff"] = float((output - expected).abs().max())
+    return record
+
+
+def head_miss(record: dict[str, Any]) -> str:
+    """Why one head feature's record is not ``equal``, in a few words (empty when it is)."""
+    if record.get("equal"):
+        return ""
+    if "error" in record:
+        return record["error"]
+    if "reference_error" in record:
+        return f"no reference: {record['reference_error']}"
+    if "max_abs_diff" in record:
+        return f"values differ (largest difference {record['max_abs_diff']:.3g}), shape {record['shape']}"
+    if "reference_shape" in record:
+        return f"shape {record['shape']}, the reference's {record['reference_shape']}"
+    return record.get("expected", "not measured")
+
+
+def _compared(outputs: dict[str, Any], references: dict[str, Callable[[], Any]]) -> dict[str, dict[str, Any]]:
+    return {feature: compare_feature(outputs[feature], references[feature]) for feature in references}
+
+
+def _check_timm_heads(name: str, model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """timm's head features, with the classifier and headless (see the module docstring)."""
+    def timm_references(module: nn.Module) -> dict[str, Callable[[], Any]]:
+        forward_features = functools.cache(lambda: module.forward_features(x))
+        return dict(unpooled=forward_features,
+                    pooled=lambda: module.forward_head(forward_features().clone(), pre_logits=True),
+                    embedding=lambda: module(x))
+
+    with_head = _compared(head_features(model, x, ("unpooled", "pooled", "embedding")), timm_references(model))
+    record: dict[str, Any] = dict(head=with_head)
+    headless = _attempt(record, "headless", lambda: _headless_timm_model(name, model))
+    if headless is not None:
+        references = timm_references(headless)
+        del references["unpooled"]
+        record["headless"] = _compared(head_features(headless, x, ("pooled", "embedding")), references)
+    return record
+
+
+def _headless_timm_model(name: str, model: nn.Module) -> nn.Module:
+    """timm's ``num_classes=0`` model of ``name`` carrying ``model``'s weights."""
+    headless = build_model(f"timm:{name}", num_classes=0)
+    missing = headless.load_state_dict(model.state_dict(), strict=False).missing_keys
+    if missing:
+        raise ValueError(f"the num_classes=0 model has weights the model does not: {missing[:3]}")
+    return headless.eval()
+
+
+def _check_torchvision_heads(name: str, model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """torchvision's head features, and those of the model with an ``nn.Identity`` head (module docstring)."""
+    identity_head, path = without_final_linear(model)
+    pooled_reference = functools.cache(lambda: identity_head(x))
+    record: dict[str, Any] = dict(head=_compared(
+        head_features(model, x, ("pooled", "embedding")), dict(pooled=pooled_reference, embedding=lambda: model(x))))
+    record["final_linear"] = path
+    if path is not None:
+        record["identity_head"] = _compared(head_features(identity_head, x, ("pooled", "embedding")),
+                                            dict(pooled=pooled_reference, embedding=pooled_reference))
+    return record
 
 
 def _check_output_stride(name: str, model: nn.Module, x: torch.Tensor) -> dict[str, Any]:

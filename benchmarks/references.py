@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 
 import torch
@@ -12,7 +13,7 @@ from fxfeat.export.parity import flat_outputs as as_list  # one tensor, a list, 
 
 __all__ = [
     "as_list", "captured_outputs", "eager_references", "equal_maps", "load_matching_weights", "same_layout",
-    "timm_feature_model",
+    "timm_feature_model", "with_identity", "without_final_linear",
 ]
 
 
@@ -153,3 +154,19 @@ def eager_references(model: nn.Module, feature_info, x: torch.Tensor) -> list[to
         fallback.get(entry["node"]) if entry["node"] in missing else records[entry["module"]][0]
         for entry in entries
     ]
+
+
+def with_identity(model: nn.Module, path: str) -> nn.Module:
+    """A deep copy of ``model`` whose submodule ``path`` is an ``nn.Identity``: the model computing the input of
+    that layer where it applied the layer (a classifier's input, as the library's own recipe for features)."""
+    headless = copy.deepcopy(model)
+    headless.set_submodule(path, nn.Identity())
+    return headless
+
+
+def without_final_linear(model: nn.Module) -> tuple[nn.Module, str | None]:
+    """``model`` with its last ``nn.Linear`` in registration order made an ``nn.Identity`` (torchvision's recipe for
+    the features before the classifier), and that layer's path; ``model`` itself and ``None`` where it has no
+    ``nn.Linear`` (SqueezeNet's classifier is a convolution followed by a ReLU and a pooling)."""
+    paths = [path for path, module in model.named_modules() if isinstance(module, nn.Linear)]
+    return (with_identity(model, paths[-1]), paths[-1]) if paths else (model, None)
