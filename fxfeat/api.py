@@ -23,6 +23,7 @@ from fxfeat.passes import (
     dilate,
     expose_outputs,
     remove_dead_code,
+    replay_head,
     run_passes,
     snapshot_outputs,
     with_plan,
@@ -32,6 +33,7 @@ from fxfeat.plan.output_stride import check_output_stride
 from fxfeat.plan.plan import NEW_CLASSIFIER, format_table
 from fxfeat.trace import TracedModes, eager_model, evaluation_mode, graph_targets, model_state_kept, trace_modes
 from fxfeat.trace.align import AlignmentError
+from fxfeat.trace.lock import trace_lock
 
 __all__ = ["compile", "inspect", "Inspection"]
 
@@ -53,8 +55,13 @@ def compile(
     Args:
         model: any ``nn.Module`` taking one image batch. It is never modified.
         mode: ``"features"`` returns a feature pyramid (a list or dict); ``"unpooled"`` the last feature map
-            before the global pooling (timm's ``forward_features``); ``"pooled"`` the input of the classifier
-            (timm's ``num_classes=0``). The last two return one tensor.
+            before the global pooling (timm's ``forward_features``); ``"pooled"`` the vector before the model's
+            final linear maps (a classifier, a projection: timm's ``forward_head(..., pre_logits=True)``), or the
+            model's own vector where it ends in none (a headless model, an attention pool); ``"embedding"`` (or
+            its other name, ``"logits"``) the model's own final per-image vector, after its final linear maps (a
+            CLIP tower's projected embedding, a classifier's logits). All but ``"features"`` return one tensor;
+            the head features are also names in ``levels=[...]``, to get them beside the pyramid in one pass.
+            See docs/heads.md.
         out_indices: which levels to return, as in timm: ``None`` all of them, an int ``n`` the last ``n``,
             a tuple the given indices, in increasing order (negative ones count from the end; indices out of
             order or repeated raise ``OutIndicesError``: the outputs come from the finest level to the coarsest).
@@ -65,8 +72,8 @@ def compile(
         levels: ``None`` uses the model's declared timm-style ``feature_info`` if it has one and fxfeat can place
             it (a declared module missing from the graph takes the level found at its reduction), else discovers
             the levels; ``"auto"`` always discovers them from the graph; ``"declared"`` insists on the declared
-            ones (``DeclaredLevelError`` if one cannot be placed); a list of module paths or fx node
-            names picks them.
+            ones (``DeclaredLevelError`` if one cannot be placed); a list of module paths, fx node
+            names or head features (``"unpooled"``, ``"pooled"``, ``"embedding"``, ``"logits"``) picks them.
         input_size: ``(C, H, W)`` of the probe input; default from the model's ``pretrained_cfg`` or
             ``default_cfg`` (timm), or its ``config``'s ``num_channels`` and ``image_size`` (Hugging Face),
             else ``(3, 224, 224)``; with the channels of the graph's first convolution where it
@@ -96,7 +103,9 @@ def compile(
         model, mode=mode, out_indices=out_indices, output_stride=output_stride, levels=levels,
         input_size=input_size, output_fmt=output_fmt, return_dict=return_dict, num_classes=num_classes,
     )
-    with model_state_kept(model):  # its flags, buffers and the random state are as they were after compiling
+    # One thread at a time traces, probes and changes models or torch (fxfeat.trace.lock); the model's flags,
+    # buffers and the random state are as they were after compiling.
+    with trace_lock(), model_state_kept(model):
         with evaluation_mode(model):
             modes = trace_modes(model, request.input_size, size_given=input_size is not None)
             request = replace(request, input_size=modes.input_size)
@@ -111,8 +120,8 @@ def compile(
         )
 
 
-_PASSES = (bind_optional_inputs, attach_classifier, dilate, expose_outputs, remove_dead_code, snapshot_outputs,
-           remove_dead_code)
+_PASSES = (bind_optional_inputs, replay_head, attach_classifier, dilate, expose_outputs, remove_dead_code,
+           snapshot_outputs, remove_dead_code)
 
 
 def _rewritten(root: nn.Module | dict, graph: torch.fx.Graph, plan) -> torch.fx.GraphModule:
@@ -231,16 +240,25 @@ class Inspection:
             format_table(("index", "module", "node", "channels", "reduction", "shape", "params kept",
                           "other candidates"), rows),
         ]
-        head = self.head
-        lines.append(
-            f"  unpooled: {head.unpooled or '-'} -> global pool: {head.global_pool or 'none found'}; "
-            f"pooled: {head.pooled or '-'} -> classifier: {head.classifier or 'none found'}"
-        )
+        lines.extend(_head_lines(self.head))
         if self.decoder:
             lines.append(f"  decoder (after the encoder's levels): {', '.join(self.decoder)}")
         for path, reason in self.opaque_modules.items():
             lines.append(f"  opaque: {path} ({reason})")
         return "\n".join(lines)
+
+
+def _head_lines(head: Head) -> list[str]:
+    """Where the head features come from: the map before the global pool, the vector before the final linear maps
+    (or the operations replayed for it), the model's own vector."""
+    final = head.final
+    linear = f"final linear maps: {', '.join(final.linear)}" if final.linear else "no final linear map"
+    lines = [f"  unpooled: {head.unpooled or '-'} -> global pool: {head.global_pool or 'none found'}",
+             f"  pooled: {head.pooled or '-'} -> {linear} -> embedding/logits: {head.embedding or '-'}"]
+    if final.replay:
+        lines.append(f"  pooled is computed again without the final linear maps: "
+                     f"{'; '.join(str(step) for step in final.replay)}")
+    return lines
 
 
 def _parameters_needed(analysis: GraphAnalysis, node: str) -> int:
@@ -285,7 +303,7 @@ def inspect(
     """
     model = eager_model(model)
     request = make_request(model, levels=levels, input_size=input_size, out_indices=out_indices)
-    with model_state_kept(model), evaluation_mode(model):
+    with trace_lock(), model_state_kept(model), evaluation_mode(model):  # one thread at a time (fxfeat.trace.lock)
         modes = trace_modes(model, request.input_size, size_given=input_size is not None, train_mode=False)
         request = replace(request, input_size=modes.input_size)
         analysis = analyse(modes.traced, request.input_size)

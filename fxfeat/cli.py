@@ -16,6 +16,7 @@ import torch
 
 from fxfeat.errors import FxFeatError
 from fxfeat.models import build_model
+from fxfeat.plan.request import MODES
 
 __all__ = ["build_model", "main"]
 
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     export.add_argument("--torchscript", metavar="PATH", help="write a TorchScript archive")
     export.add_argument("--exported-program", metavar="PATH", help="write a torch.export archive (.pt2)")
     export.add_argument("--method", choices=("script", "trace"), default="script", help="TorchScript method")
-    export.add_argument("--mode", choices=("features", "unpooled", "pooled"), default="features")
+    export.add_argument("--mode", choices=MODES, default="features", help="features (the pyramid), unpooled, "
+                        "pooled (before the final linear maps), embedding or logits (the model's own final vector)")
     export.add_argument("--out-indices", help="e.g. '1,2,3,4', or 'N' for the last N levels")
     export.add_argument("--output-stride", type=int, choices=(8, 16, 32))
     export.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
@@ -158,7 +160,9 @@ def main(argv: list[str] | None = None) -> None:
                          "('train-{000..099}.tar')")
     extract.add_argument("--out", required=True, metavar="DIR", help="the output directory")
     extract.add_argument("--features", default="pooled",
-                         help="comma-separated: pooled, unpooled, features (the pyramid), level indices or names")
+                         help="comma-separated: pooled (the vector before the final linear maps), embedding or "
+                         "logits (the model's own final vector: a CLIP tower's projected embedding, a classifier's "
+                         "logits), unpooled, features (the pyramid), level indices or names")
     extract.add_argument("--out-indices", help="the pyramid levels of 'features', e.g. '1,2,3', or 'N' for the last N")
     extract.add_argument("--pool", help="avg or max: maps become vectors; or per feature: 'layer3=avg,layer4=max'")
     extract.add_argument("--batch-size", type=int, default=64)

@@ -5,8 +5,9 @@ unchanged) and fxfeat's ``node`` (fx node name), ``fmt`` (layout of the returned
 ``native_fmt`` (the layout the model computes it in: ``"NHWC"`` maps and ``"NLC"`` tokens are permuted or reshaped
 to ``fmt`` unless ``output_fmt="native"``), ``num_prefix_tokens`` (class and register tokens dropped from a token
 sequence), ``module_output`` (``False`` when the level is element-wise functions applied to ``module``'s output
-between module calls, ``torch.relu(self.down(x))``), ``shape`` (per-sample shape of the returned tensor at the probe
-size, batch dimension left out) and ``index``.
+between module calls, ``torch.relu(self.down(x))``), ``head`` (which head feature the entry is: ``"unpooled"``,
+``"pooled"``, ``"embedding"`` or ``"logits"``; ``None`` for a pyramid level), ``shape`` (per-sample shape of the
+returned tensor at the probe size, batch dimension left out) and ``index``.
 
 Like timm's class, ``len()`` and ``[i]`` cover every level the model has, while the accessors
 (``channels()``, ``reduction()``, ...) default to the selected ``out_indices``.

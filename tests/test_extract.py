@@ -438,7 +438,7 @@ def test_bad_input_gets_a_clear_error(tmp_path):
         (dict(data=iter([1])), fxfeat.DataSourceError, "cannot read images"),
         (dict(model="timm:resnet_does_not_exist"), fxfeat.InvalidModelError, "no model named"),
         (dict(model="no_such_package.models:net"), fxfeat.InvalidModelError, "Cannot import"),
-        (dict(features="logits"), fxfeat.UnknownLevelError, "logits"),
+        (dict(features="scores"), fxfeat.UnknownLevelError, "scores"),
         (dict(features=["pooled", "pooled"]), fxfeat.InvalidRequestError, "more than once"),
         (dict(features=9), fxfeat.OutIndicesError, "level 9"),
         (dict(pool="median"), fxfeat.InvalidRequestError, "pool"),

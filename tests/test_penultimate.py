@@ -116,33 +116,43 @@ def test_pruned_after_the_returned_node():
 def test_inspect_shows_pool_and_classifier():
     report = fxfeat.inspect(torchvision_model("resnet18"))
     assert (report.head.global_pool, report.head.classifier) == ("avgpool", "fc")
-    assert "global pool: avgpool" in str(report) and "classifier: fc" in str(report)
+    assert "global pool: avgpool" in str(report) and "final linear maps: fc" in str(report)
 
 
-class _Segmenter(nn.Module):  # returns normalised maps: no global pooling, no classifier
-    def __init__(self):
+class _Segmenter(nn.Module):  # returns maps: no global pooling, no vector per image
+    def __init__(self, classifier: bool = False):
         super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4)
-        )
+        last = nn.Conv2d(8, 4, 1) if classifier else nn.Sequential(nn.Conv2d(8, 4, 3), nn.BatchNorm2d(4))
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), last)
 
     def forward(self, x):
         return self.body(x)
 
 
-def test_no_global_pool_or_classifier_is_a_clear_error():
-    for mode, missing in (("unpooled", "no global pooling"), ("pooled", "no classifier")):
+def test_no_global_pool_or_vector_is_a_clear_error():
+    for mode, missing in (("unpooled", "no global pooling"), ("pooled", "not one vector per image")):
         with pytest.raises(fxfeat.HeadNotFoundError) as caught:
             fxfeat.compile(_Segmenter(), mode=mode, input_size=(3, 64, 64))
         text = str(caught.value)
         assert missing in text and "mode='features'" in text and "levels=[...]" in text
 
 
-def test_classifier_before_pooling_has_no_pooled_embedding():
-    # SqueezeNet's classifier is a 1x1 conv on the last map, followed by the global pooling.
+def test_classifier_on_a_map_has_no_pooled_vector():
+    # A 1x1 convolution classifying every position of the map, returned as a map: no global pooling before it.
     with pytest.raises(fxfeat.HeadNotFoundError, match="before any global pooling") as caught:
-        fxfeat.compile(torchvision_model("squeezenet1_0"), mode="pooled")
-    assert "mode='unpooled'" in str(caught.value) and "levels=[...]" in str(caught.value)
+        fxfeat.compile(_Segmenter(classifier=True), mode="pooled", input_size=(3, 64, 64))
+    assert "levels=[...]" in str(caught.value)
+
+
+def test_classifier_before_an_activation_and_pooling_is_part_of_the_pooling():
+    # SqueezeNet's classifier is a 1x1 conv on the last map, then a ReLU and the global pooling: the ReLU makes it
+    # part of the pooling (docs/heads.md), so pooled is the model's own vector; unpooled is the map it reads.
+    model = torchvision_model("squeezenet1_0")
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        for mode in ("pooled", "embedding"):
+            assert torch.equal(fxfeat.compile(model, mode=mode).eval()(x), model(x))
+        assert torch.equal(fxfeat.compile(model, mode="unpooled").eval()(x), model.features(x))
 
 
 def test_mode_argument_errors():

@@ -195,9 +195,7 @@ def analyse(traced: TracedModel, input_size: tuple[int, int, int]) -> GraphAnaly
     versions = returned_versions(traced, aliases)
     level_chain = bridge_branches(traced, dataflow, _level_chain(traced, dataflow, chain, shapes), shapes, versions)
     head = find_head(traced, chain, shapes)
-    fully_convolutional = (head.classifier is not None and head.global_pool is not None and head.unpooled
-                           is not None and chain.index(head.unpooled) < chain.index(head.classifier)
-                           < chain.index(head.global_pool))
+    fully_convolutional = head.map_classifier is not None
     search = find_levels(traced, level_chain, shapes, versions, write_tensors,
                          head_begins_after=head.unpooled if fully_convolutional else None)
     return GraphAnalysis(

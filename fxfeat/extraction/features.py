@@ -1,19 +1,20 @@
 """Which tensors ``fxfeat.extract`` writes, and the one extractor that computes all of them in one forward pass.
 
-A feature request is ``"pooled"`` (the classifier's input, ``mode="pooled"``), ``"unpooled"`` (the last map before
-the global pool, ``mode="unpooled"``), ``"features"`` (the pyramid levels ``out_indices`` selects), a level index,
-or a level name (a module path, a level's output name, or an fx node name), or a list of these. Each becomes a
-:class:`FeatureSpec`; the distinct nodes they read are compiled into one extractor with ``levels=[nodes]``, so one
-forward pass gives every feature. ``pool="avg"``/``"max"`` turns maps into vectors.
+A feature request is ``"pooled"`` (the vector before the final linear maps, ``mode="pooled"``), ``"embedding"`` or
+``"logits"`` (the model's own final vector, ``mode="embedding"``), ``"unpooled"`` (the last map before the global
+pool, ``mode="unpooled"``), ``"features"`` (the pyramid levels ``out_indices`` selects), a level index, or a level
+name (a module path, a level's output name, or an fx node name), or a list of these. Each becomes a
+:class:`FeatureSpec`; they are compiled into one extractor with ``levels=[...]`` (the head features by their
+names), so one forward pass gives every feature. ``pool="avg"``/``"max"`` turns maps into vectors.
 
 Example:
     >>> import torchvision
     >>> model = torchvision.models.resnet18()
-    >>> extractor, specs = build_extractor(model, ["pooled", "features"], out_indices=(3, 4))
+    >>> extractor, specs = build_extractor(model, ["pooled", "features", "logits"], out_indices=(3, 4))
     >>> [(spec.name, spec.output) for spec in specs]
-    [('pooled', 0), ('layer3', 1), ('layer4', 2)]
+    [('pooled', 0), ('layer3', 1), ('layer4', 2), ('logits', 3)]
     >>> [tuple(t.shape) for t in extractor.eval()(torch.randn(1, 3, 64, 64))]
-    [(1, 512), (1, 256, 4, 4), (1, 512, 2, 2)]
+    [(1, 512), (1, 256, 4, 4), (1, 512, 2, 2), (1, 1000)]
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ import torch
 from torch import nn
 
 from fxfeat.api import Inspection, compile, inspect
-from fxfeat.errors import HeadNotFoundError, InvalidRequestError, OutIndicesError
+from fxfeat.errors import InvalidRequestError, OutIndicesError
 from fxfeat.module import FeatureGraphModule
+from fxfeat.plan.head import HEAD_FEATURES
 from fxfeat.trace.metadata import output_node
 
 __all__ = ["KEYWORDS", "POOLS", "FeatureSpec", "build_extractor", "extractor_features"]
 
-KEYWORDS = ("pooled", "unpooled", "features")
+KEYWORDS = (*HEAD_FEATURES, "features")
 POOLS = ("avg", "max", None)
 RESERVED_NAMES = ("metadata",)  # folders of the output that are not features
 
@@ -84,31 +86,28 @@ def build_extractor(
     Raises:
         InvalidRequestError: an unknown keyword, a repeated feature, a bad ``pool``.
         OutIndicesError: a level index that does not exist.
-        HeadNotFoundError: ``"pooled"``/``"unpooled"`` of a model without a classifier / global pool.
+        HeadNotFoundError: ``"unpooled"`` of a model without a global pool, ``"pooled"``/``"embedding"`` of one that
+            returns no vector per image.
     """
     requests = _as_list(features)
     report = inspect(model, levels=levels, input_size=input_size,
                      out_indices=out_indices if "features" in requests else None)
-    named: list[tuple[str, str, str]] = []  # (feature name, level to compile, kind)
+    named: list[tuple[str, str]] = []  # (feature name, level to compile)
     for request in requests:
         named.extend(_expand(report, request))
-    names = [name for name, _, _ in named]
+    names = [name for name, _ in named]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise InvalidRequestError(f"features names {', '.join(repeated)} more than once.",
                                   hint="list each feature once ('features' already holds the pyramid levels).")
-    compiled_levels = list(dict.fromkeys(level for _, level, _ in named))
+    compiled_levels = list(dict.fromkeys(level for _, level in named))
     extractor = compile(model, levels=compiled_levels, input_size=report.input_size, output_stride=output_stride)
     entries = extractor.feature_info.get_dicts()
     pools = _pools(pool, names)
     specs = []
-    for name, level, kind in named:
+    for name, level in named:
         index = compiled_levels.index(level)
         entry = dict(entries[index])
-        if kind == "pooled" and entry["reduction"] is not None:
-            raise HeadNotFoundError(f"{report.model_name} applies its classifier ({report.head.classifier}) to a "
-                                    "feature map, before any global pooling, so it has no pooled embedding.",
-                                    hint="ask for 'unpooled', or 'unpooled' with pool='avg'.")
         chosen = pools.get(name)
         if chosen is not None and entry["reduction"] is None:
             chosen = None if name not in _explicit(pool) else _vector_pool_error(name, chosen)
@@ -118,13 +117,12 @@ def build_extractor(
 
 def extractor_features(extractor: FeatureGraphModule, pool: Any = None) -> list[FeatureSpec]:
     """The specs of an extractor ``fxfeat.compile`` already built: each of its outputs, named by its level
-    (``"pooled"``/``"unpooled"`` for the one tensor of those modes)."""
+    (``"pooled"``, ``"embedding"``... for the head features)."""
     entries = extractor.feature_info.get_dicts()
-    single = extractor.feature_info.out_indices and len(entries) == 1 and _returns_tensor(extractor)
-    if single:
+    names = _unique([entry.get("head") or entry["module"] or entry["node"] for entry in entries])
+    if extractor.feature_info.out_indices and len(entries) == 1 and _returns_tensor(extractor) and not \
+            entries[0].get("head"):  # a new classifier's logits, or an extractor saved before entries named heads
         names = ["pooled" if entries[0]["reduction"] is None else "unpooled"]
-    else:
-        names = _unique([entry["module"] or entry["node"] for entry in entries])
     pools = _pools(pool, names)
     return [FeatureSpec(_folder_name(name), index, pools.get(name) if entry["reduction"] is not None else None,
                         dict(entry)) for index, (name, entry) in enumerate(zip(names, entries))]
@@ -145,29 +143,24 @@ def _as_list(features: Any) -> list[str | int]:
     return items
 
 
-def _expand(report: Inspection, request: str | int) -> list[tuple[str, str, str]]:
-    """``(name, level, kind)`` for one entry of ``features``."""
-    if request in ("pooled", "unpooled"):
-        node = getattr(report.head, request)
-        if node is None:
-            what = "global pooling" if request == "unpooled" else "classifier"
-            raise HeadNotFoundError(f"{report.model_name} has no {what}, so it has no {request!r} features.",
-                                    hint="ask for 'features' or levels by name (see fxfeat.inspect(model)).")
-        return [(request, node, request)]
+def _expand(report: Inspection, request: str | int) -> list[tuple[str, str]]:
+    """``(name, level to compile)`` for one entry of ``features``."""
+    if request in HEAD_FEATURES:
+        return [(request, request)]  # compile resolves the name, or says why the model has no such feature
     levels = report.levels
     if request == "features":
         names = _unique([level.module or level.node for level in levels])
-        return [(names[index], levels[index].node, "level") for index in report.out_indices]
+        return [(names[index], levels[index].node) for index in report.out_indices]
     if isinstance(request, int):
         if not -len(levels) <= request < len(levels):
             raise OutIndicesError(f"features asks for level {request}, but {report.model_name} has {len(levels)} "
                                   f"levels (0 to {len(levels) - 1}).", hint="see fxfeat.inspect(model).")
         level = levels[request]
-        return [(level.module or level.node, level.node, "level")]
+        return [(level.module or level.node, level.node)]
     for level in levels:
         if request in (level.module, level.node, (level.module or "").replace(".", "_")):
-            return [(request, level.node, "level")]
-    return [(request, request, "level")]  # any module path or node name: compile resolves it, or says why not
+            return [(request, level.node)]
+    return [(request, request)]  # any module path or node name: compile resolves it, or says why not
 
 
 def _unique(names: list[str]) -> list[str]:

@@ -11,9 +11,10 @@ from fxfeat.passes.dead_code import remove_dead_code
 from fxfeat.passes.dilate import dilate
 from fxfeat.passes.driver import run_passes, with_plan
 from fxfeat.passes.expose_outputs import expose_outputs
+from fxfeat.passes.replay_head import replay_head
 from fxfeat.passes.snapshot_outputs import snapshot_outputs
 
 __all__ = [
-    "attach_classifier", "bind_optional_inputs", "dilate", "expose_outputs", "remove_dead_code", "run_passes",
-    "snapshot_outputs", "with_plan",
+    "attach_classifier", "bind_optional_inputs", "dilate", "expose_outputs", "remove_dead_code", "replay_head",
+    "run_passes", "snapshot_outputs", "with_plan",
 ]

@@ -9,16 +9,21 @@ from typing import Any
 
 from fxfeat.analyse import GraphAnalysis, Level
 from fxfeat.errors import DeclaredLevelError, FxFeatWarning, UnknownLevelError
+from fxfeat.plan.head import HEAD_FEATURES, head_level
 
 __all__ = ["declared_levels", "named_level"]
 
 
 def named_level(analysis: GraphAnalysis, name: str) -> Level:
-    """The level ``name`` (a module path: its last call's first output; else an fx node name) stands for.
+    """The level ``name`` (a head feature: ``"unpooled"``, ``"pooled"``, ``"embedding"``, ``"logits"``; a module
+    path: its last call's first output; else an fx node name) stands for.
 
     Raises:
-        UnknownLevelError: ``name`` is neither, with close names.
+        UnknownLevelError: ``name`` is none of these, with close names.
+        HeadNotFoundError: the model has no such head feature.
     """
+    if name in HEAD_FEATURES:
+        return head_level(analysis, name)[0]
     traced = analysis.traced
     calls = traced.calls_of_module(name)
     if calls and calls[-1].outputs:

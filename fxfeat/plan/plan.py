@@ -22,16 +22,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from fxfeat.analyse import GraphAnalysis, Level
+from fxfeat.analyse.final_maps import ReplayStep
 from fxfeat.analyse.shapes import TokenGrid
 from fxfeat.errors import (
     DeclaredLevelError,
     FxFeatWarning,
-    HeadNotFoundError,
     InvalidRequestError,
     NoFeatureMapsError,
     OutIndicesError,
     ProbeTooSmallError,
 )
+from fxfeat.plan.head import HEAD_FEATURES, head_level
 from fxfeat.plan.named import declared_levels, named_level
 from fxfeat.plan.output_stride import OpEdit, plan_output_stride
 from fxfeat.plan.request import Request
@@ -84,6 +85,8 @@ class ExtractionPlan:
         output_stride: the requested output stride (``None``: native).
         output_fmt: the requested layout of returned maps (``"NCHW"`` or ``"native"``).
         isotropic: the levels are the blocks of an isotropic body (a ViT's).
+        replay: operations the graph does not hold that compute a returned vector (``pooled`` after two averaged
+            heads is the average of their inputs), inserted before the outputs are exposed.
     """
 
     levels: tuple[Level, ...]
@@ -97,14 +100,18 @@ class ExtractionPlan:
     output_stride: int | None = None
     output_fmt: str = "NCHW"
     isotropic: bool = False
+    replay: tuple[ReplayStep, ...] = ()
 
     def node_names(self) -> set[str]:
         """Every node of the traced graph the rewrite passes look up by name."""
         names = {edit.node for edit in self.op_edits}
-        if self.classifier is not None:
+        if self.classifier is not None and self.classifier[0] not in {step.name for step in self.replay}:
             names.add(self.classifier[0])
+        replayed = {step.name for step in self.replay}
+        names.update(ref.name for step in self.replay for ref in step.references() if ref.name not in replayed)
         for output in self.outputs:
-            names.update(name for name in (output.node, output.version) if name and name != NEW_CLASSIFIER)
+            names.update(name for name in (output.node, output.version) if name and name != NEW_CLASSIFIER
+                         and name not in replayed)
             if output.tokens is not None:
                 names.add(output.tokens[1].source)
         return names
@@ -112,7 +119,8 @@ class ExtractionPlan:
     def feature_info(self) -> list[dict[str, Any]]:
         """timm-style info dicts for every level, describing the tensors as they are returned (the levels not
         returned as they would be), with the layout the model computes (``native_fmt``) and the number of
-        prefix tokens dropped from a token sequence (``num_prefix_tokens``)."""
+        prefix tokens dropped from a token sequence (``num_prefix_tokens``), and which head feature a level is
+        (``head``: ``"unpooled"``, ``"pooled"``, ``"embedding"``, ``"logits"``; ``None`` for the pyramid's)."""
         planned = dict(zip(self.out_indices, self.outputs))
         entries = []
         for index, level in enumerate(self.levels):
@@ -129,6 +137,7 @@ class ExtractionPlan:
                     native_fmt=level.fmt,
                     num_prefix_tokens=level.grid.prefix if level.grid else 0,
                     module_output=level.module_output,
+                    head=level.key if level.key in HEAD_FEATURES else None,
                 )
             )
         return entries
@@ -150,7 +159,9 @@ _ORIGINS = {
     "discovered": "discovered from the graph",
     "user": "chosen by the user",
     "unpooled": "the last feature map before the global pooling",
-    "pooled": "the input of the classifier",
+    "pooled": "the input of the final linear maps, or the model's own vector where it ends in none",
+    "embedding": "the model's own final vector",
+    "logits": "the model's own final vector",
 }
 
 
@@ -196,7 +207,7 @@ def _choose_levels(analysis: GraphAnalysis, request: Request) -> tuple[tuple[Lev
         by_node: dict[str, list[str]] = {}
         for name, level in zip(request.levels, levels):
             by_node.setdefault(level.node, []).append(name)
-        same = [names for names in by_node.values() if len(names) > 1]
+        same = [names for names in by_node.values() if len([n for n in names if n not in HEAD_FEATURES]) > 1]
         if same:
             node = levels[request.levels.index(same[0][0])].node
             raise InvalidRequestError(
@@ -272,33 +283,6 @@ def _output_name(level: Level) -> str:
     return level.key or (level.module or level.node).replace(".", "_")
 
 
-def _penultimate_level(analysis: GraphAnalysis, mode: str) -> Level:
-    head, name = analysis.head, analysis.traced.model_name
-    hint = "use mode='features' for the feature pyramid, or pick nodes with levels=[...] (see fxfeat.inspect)."
-    if mode == "unpooled":
-        if head.unpooled is None:
-            raise HeadNotFoundError(
-                f"{name} has no global pooling: no node after its last feature map removes the spatial "
-                "dimensions (the model may return maps itself).",
-                hint=hint,
-            )
-        return analysis.level_at(head.unpooled)
-    if head.pooled is None:
-        raise HeadNotFoundError(
-            f"{name} has no classifier: the last parametrised operation before its output is not a linear "
-            "layer or a 1x1 convolution.",
-            hint=hint,
-        )
-    level = analysis.level_at(head.pooled)
-    if level.fmt is not None:
-        raise HeadNotFoundError(
-            f"{name} applies its classifier ({head.classifier}) to a spatial {level.fmt} "
-            "tensor, before any global pooling, so it has no pooled embedding.",
-            hint=("use mode='unpooled' for the last feature map, or " if head.unpooled else "use ") + hint[4:],
-        )
-    return level
-
-
 def _output(level: Level, output_fmt: str) -> PlannedOutput:
     node, name = level.tensor or level.node, _output_name(level)
     if output_fmt == "NCHW" and level.grid is not None:
@@ -309,6 +293,12 @@ def _output(level: Level, output_fmt: str) -> PlannedOutput:
     fmt = "NCHW" if permute else (level.fmt or ("NC" if len(level.shape) == 1 else None))
     shape = tuple(level.shape[d - 1] for d in permute[1:]) if permute else level.shape
     return PlannedOutput(name, node, permute, fmt, version=level.node, shape=shape)
+
+
+def _replay(analysis: GraphAnalysis, levels: list[Level]) -> tuple[ReplayStep, ...]:
+    """The operations recomputed for ``levels``: the head's replay where one is its ``pooled`` vector."""
+    final = analysis.head.final
+    return final.replay if any(level.node == final.pooled for level in levels) else ()
 
 
 def _unique_names(outputs: tuple[PlannedOutput, ...]) -> tuple[PlannedOutput, ...]:
@@ -331,10 +321,11 @@ def make_plan(analysis: GraphAnalysis, request: Request) -> ExtractionPlan:
         NoFeatureMapsError: the model has no spatial feature map.
         OutIndicesError: ``out_indices`` selects a level that does not exist.
         UnknownLevelError: a name in ``levels=[...]`` is not in the graph.
-        HeadNotFoundError: ``mode="unpooled"``/``"pooled"`` found no global pooling or no classifier.
+        HeadNotFoundError: ``mode="unpooled"`` found no global pooling, or ``"pooled"``/``"embedding"`` no vector
+            per image.
     """
     if request.mode != "features":
-        level = _penultimate_level(analysis, request.mode)
+        level, replay = head_level(analysis, request.mode)
         if not request.num_classes:
             levels, outputs, classifier = (level,), (_output(level, request.output_fmt),), None
         else:
@@ -347,6 +338,7 @@ def make_plan(analysis: GraphAnalysis, request: Request) -> ExtractionPlan:
         isotropic = analysis.isotropic and source != "user"
         out_indices = _select(request.out_indices, levels, isotropic)
         outputs = _unique_names(tuple(_output(levels[index], request.output_fmt) for index in out_indices))
+        replay = _replay(analysis, [levels[index] for index in out_indices])
         classifier, single = None, False
     op_edits = plan_output_stride(analysis, request.output_stride)
     if op_edits:
@@ -358,4 +350,5 @@ def make_plan(analysis: GraphAnalysis, request: Request) -> ExtractionPlan:
     return ExtractionPlan(
         levels, out_indices, outputs, request.return_dict, source, single=single, classifier=classifier,
         op_edits=op_edits, output_stride=request.output_stride, output_fmt=request.output_fmt, isotropic=isotropic,
+        replay=replay,
     )

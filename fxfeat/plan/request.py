@@ -22,7 +22,7 @@ from fxfeat.trace import DEFAULT_INPUT_SIZE
 
 __all__ = ["MODES", "OUTPUT_FORMATS", "Request", "make_request"]
 
-MODES = ("features", "unpooled", "pooled")
+MODES = ("features", "unpooled", "pooled", "embedding", "logits")
 OUTPUT_FORMATS = ("NCHW", "native")
 
 
