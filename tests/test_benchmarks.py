@@ -135,6 +135,30 @@ def test_extract_benchmark_runs_and_writes_its_report(tmp_path):
     assert "| resnet10t |" in markdown.read_text()
 
 
+
+def test_extract_benchmark_embedding_case_against_the_open_clip_loop(tmp_path):
+    """The open_clip case's plumbing: both loops load the same checkpoint, rows are matched by path, the goals are
+    written as met or missed (never asserted by the benchmark; no speed is asserted here either)."""
+    pytest.importorskip("open_clip")
+    from benchmarks import extract as bench
+
+    out, markdown = tmp_path / "e.json", tmp_path / "e.md"
+    bench.main(["--models", "open_clip:ViT-S-32", "--images", "4", "--batch-size", "2", "--workers", "1",
+                "--rounds", "1", "--limit-batches", "1", "--rss-images", "--work", str(tmp_path / "work"),
+                "--out", str(out), "--markdown", str(markdown)])
+    results = json.loads(out.read_text())
+    row = results["models"]["open_clip:ViT-S-32"]
+    assert row["peer"] == "open_clip loop" and row["features"] == "embedding"
+    assert row["fxfeat extract"]["images"] == row["open_clip loop"]["images"] == 4
+    assert set(row["limits"]["model"]) == set(row["limits"]["decode"]) == {"fxfeat", "open_clip"}
+    assert row["min_row_cosine"] >= 0.9999  # the same weights on both sides: rows differ by decode rounding only
+    assert set(row["goals"]) == {"fxfeat / open_clip loop >= 1.2x", "min row cosine >= 0.9999"}
+    assert set(row["goals"].values()) <= {"met", "missed"} and results["versions"]["open_clip"]
+    assert not list((tmp_path / "work").glob("*.pt"))  # the checkpoint is removed after its case
+    text = markdown.read_text()
+    assert "| open_clip:ViT-S-32 | embedding |" in text and "| open_clip loop |" in text
+    assert "- open_clip:ViT-S-32: min row cosine >= 0.9999: **" in text
+
 def test_gpu_script_smoke_run_on_the_cpu(tmp_path):
     """benchmarks/gpu.sh's steps end to end on the CPU at tiny sizes: the bench merges a report with the compiled
     methods and the goal's lines, and the extraction step writes its own."""
