@@ -144,15 +144,18 @@ def _check_name(library: str, name: str, pretrained: bool) -> None:
     if library == "timm":
         import timm
 
-        known, lister = timm.list_models(), "timm.list_models()"
-    elif library == "open_clip":
+        architecture, dot, _ = name.partition(".")  # timm's NAME.TAG: an architecture and its pretrained tag
+        _check_known(library, architecture, timm.list_models(), "timm.list_models()")
+        if dot:
+            _check_known(library, name, timm.list_pretrained(f"{architecture}.*"),
+                         f"timm.list_pretrained('{architecture}.*')", what="pretrained tag")
+        return
+    if library == "open_clip":
         _check_open_clip_name(name, pretrained)
         return
-    else:
-        import torchvision
+    import torchvision
 
-        known, lister = torchvision.models.list_models(), "torchvision.models.list_models()"
-    _check_known(library, name, known, lister)
+    _check_known(library, name, torchvision.models.list_models(), "torchvision.models.list_models()")
 
 
 def _check_known(library: str, name: str, known: list[str], lister: str, what: str = "model") -> None:

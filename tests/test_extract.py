@@ -471,7 +471,9 @@ def test_bad_input_gets_a_clear_error(tmp_path):
 def test_named_models_weights_and_the_unreachable_network(tmp_path, monkeypatch):
     with pytest.raises(fxfeat.WeightsUnavailableError, match="--weights PATH"):
         fxfeat.models.build_model("torchvision:resnet18", weights="pretrained")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: the constant is what stops its download retries
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(fxfeat.WeightsUnavailableError, match="--weights PATH"):
         fxfeat.models.build_model("timm:resnet18", weights="pretrained")
     trained = small_model()

@@ -142,3 +142,15 @@ def test_models_that_are_not_dual_encoders_and_one_that_cannot_be_split(tmp_path
     transformers.AutoModel.from_config(config).save_pretrained(tmp_path / "siglip2")  # takes patches, not images
     with pytest.raises(fxfeat.InvalidModelError, match="does not run on an image batch"):
         build_model(f"hf:{tmp_path / 'siglip2'}")
+
+
+def test_timm_names_with_a_pretrained_tag():
+    # timm's NAME.TAG (the form its hub and docs use: vit_small_patch14_dinov2.lvd142m) builds the tag's model, with
+    # the tag's config (a CLIP tower's 512-way projection head); a misspelt tag gets the tags there are.
+    model = build_model("timm:vit_base_patch32_clip_224.openai", depth=1)
+    assert model.pretrained_cfg["tag"] == "openai" and model.num_classes == 512
+    with pytest.raises(fxfeat.InvalidModelError, match="no pretrained tag named") as error:
+        build_model("timm:vit_base_patch32_clip_224.opnai")
+    assert "vit_base_patch32_clip_224.openai" in str(error.value) and "timm.list_pretrained" in str(error.value)
+    with pytest.raises(fxfeat.InvalidModelError, match="no model named 'vit_base_patch32_clp_224'"):
+        build_model("timm:vit_base_patch32_clp_224.openai")
