@@ -342,12 +342,18 @@ def _compared(outputs: dict[str, Any], references: dict[str, Callable[[], Any]])
     return {feature: compare_feature(outputs[feature], references[feature]) for feature in references}
 
 
+def _cloned(features: Any) -> Any:
+    """A copy of ``forward_features``' result (a tensor, or a list of them: CoaT's, CrossViT's), which
+    ``forward_head`` may change in place."""
+    return [tensor.clone() for tensor in features] if isinstance(features, (list, tuple)) else features.clone()
+
+
 def _check_timm_heads(name: str, model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
     """timm's head features, with the classifier and headless (see the module docstring)."""
     def timm_references(module: nn.Module) -> dict[str, Callable[[], Any]]:
         forward_features = functools.cache(lambda: module.forward_features(x))
         return dict(unpooled=forward_features,
-                    pooled=lambda: module.forward_head(forward_features().clone(), pre_logits=True),
+                    pooled=lambda: module.forward_head(_cloned(forward_features()), pre_logits=True),
                     embedding=lambda: module(x))
 
     with_head = _compared(head_features(model, x, ("unpooled", "pooled", "embedding")), timm_references(model))

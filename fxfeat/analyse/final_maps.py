@@ -13,7 +13,9 @@ field where it has one, else ``pooler_output``, else the returned tensor compute
 - ``pooled`` is the returned tensor recomputed with every final linear map replaced by its input: the input of
   the first map of a final chain (a classifier's or a projection's input), the same average of their inputs for
   two heads on two tokens (a distilled DeiT), their shared input for two heads on one (LeViT), the average
-  pooling or flatten after a 1x1-convolution classifier replayed on its input. Where the model ends in no final
+  pooling or flatten after a 1x1-convolution classifier replayed on its input. A batch norm feeding a final map
+  and nothing else (with dropout between: a ``NormLinear`` head) is an affine map per channel, part of the final
+  map: ``pooled`` is the norm's input, as timm's ``pre_logits``. Where the model ends in no final
   linear map (a headless model, an attention pool, a linear map followed by an activation or a norm), ``pooled``
   is the returned tensor: those layers are part of the pooling.
 
@@ -41,7 +43,6 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxfeat.analyse.shapes import NodeShape
-from fxfeat.analyse.structure import returning_calls
 from fxfeat.trace import TracedModel
 from fxfeat.trace.metadata import data_inputs, output_node
 from fxfeat.trace.probe import PROBE_BATCH
@@ -108,6 +109,7 @@ def _refs(value: Any) -> list[NodeRef]:
 
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BATCH_NORMS = nn.modules.batchnorm._BatchNorm
 _TRANSPARENT_MODULES = (nn.Identity, nn.Flatten, nn.modules.dropout._DropoutNd, nn.modules.pooling._AvgPoolNd,
                         nn.modules.pooling._AdaptiveAvgPoolNd)
 _TRANSPARENT_FUNCTIONS = {
@@ -199,14 +201,20 @@ class _Reader:
             return tensors
         return None
 
-    def head_input(self, linear: fx.Node) -> str | None:
-        """The input of the outermost module call returning the linear map's output (a head module holding its
-        norm, dropout and linear layer, as LeViT's), or of the linear map itself."""
-        keys = returning_calls(self.traced, linear.name)
-        calls = sorted((self.traced.calls[key] for key in keys if key in self.traced.calls),
-                       key=lambda call: call.path.count("."))
-        inputs = calls[0].inputs if calls else tuple(arg.name for arg in linear.args[:1] if isinstance(arg, fx.Node))
-        return inputs[0] if inputs else None
+    def map_input(self, linear: fx.Node) -> fx.Node:
+        """What a final linear map stands for once removed: its input, or, where a batch norm (an affine map per
+        channel in eval) and dropout feed it and nothing else (a ``NormLinear`` head: norm, dropout, linear), the
+        norm's input, as timm's ``pre_logits`` reads it."""
+        source = self.linear_input(linear)
+        absorbed, node = [], source
+        while len(node.users) == 1 and node.args and isinstance(node.args[0], fx.Node):
+            module = self.module(node)
+            if not isinstance(module, (_BATCH_NORMS, nn.Identity, nn.modules.dropout._DropoutNd)):
+                break
+            absorbed.append(node)
+            node = node.args[0]
+        norms = [index for index, node in enumerate(absorbed) if isinstance(self.module(node), _BATCH_NORMS)]
+        return absorbed[norms[-1]].args[0] if norms else source
 
     def features_kept(self, node: fx.Node, linear: fx.Node) -> bool:
         """Whether ``node`` (computed from the linear map ``linear`` by transparent operations) keeps its output
@@ -261,7 +269,7 @@ def find_final_maps(traced: TracedModel, shapes: dict[str, NodeShape], chain: tu
     first_inputs = {}  # each final linear map -> the node it stands for once the final maps are removed
     order = {node: index for index, node in enumerate(traced.graph.nodes)}
     for node in sorted(linear, key=order.__getitem__):  # a projection before the classifier reading it
-        source = reader.linear_input(node)
+        source = reader.map_input(node)
         first_inputs[node.name] = first_inputs.get(source.name, source.name)
     replay, pooled = _replay(sorted(set(operations), key=order.__getitem__), first_inputs, reader, output)
     shape = _replay_shape(traced, shapes, replay) if replay else shapes[pooled].shape
@@ -299,7 +307,7 @@ def _replay(operations: list[fx.Node], first_inputs: dict[str, str], reader: _Re
         if isinstance(reader.module(node), nn.Identity):
             stands_for[node.name] = args[0].name
             continue
-        shared = _shared_input(reader, node, first_inputs) if reader.branches(node) else None
+        shared = _shared_input(node, first_inputs) if reader.branches(node) else None
         if shared is not None:
             stands_for[node.name] = shared
             halved.add(node.name)
@@ -313,16 +321,13 @@ def _replay(operations: list[fx.Node], first_inputs: dict[str, str], reader: _Re
     return kept, stands_for[output]
 
 
-def _shared_input(reader: _Reader, node: fx.Node, first_inputs: dict[str, str]) -> str | None:
-    """For a sum of two final linear maps whose heads read one input (the same node, or two head modules called
-    on one tensor), that input."""
+def _shared_input(node: fx.Node, first_inputs: dict[str, str]) -> str | None:
+    """For a sum of two final linear maps that stand for one input (two heads on one tensor, as LeViT's), that
+    input."""
     if node.target not in _SUMS or not all(arg.name in first_inputs for arg in node.args):
         return None
     inputs = {first_inputs[arg.name] for arg in node.args}
-    if len(inputs) == 1:
-        return inputs.pop()
-    heads = {reader.head_input(arg) for arg in node.args}
-    return heads.pop() if len(heads) == 1 and None not in heads else None
+    return inputs.pop() if len(inputs) == 1 else None
 
 
 def _averages(node: fx.Node) -> bool:
