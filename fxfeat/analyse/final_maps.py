@@ -113,11 +113,12 @@ _BATCH_NORMS = nn.modules.batchnorm._BatchNorm
 _TRANSPARENT_MODULES = (nn.Identity, nn.Flatten, nn.modules.dropout._DropoutNd, nn.modules.pooling._AvgPoolNd,
                         nn.modules.pooling._AdaptiveAvgPoolNd)
 _TRANSPARENT_FUNCTIONS = {
-    operator.getitem, torch.flatten, torch.squeeze, torch.unsqueeze, torch.reshape, torch.mean, F.dropout,
+    operator.getitem, torch.flatten, torch.squeeze, torch.unsqueeze, torch.reshape, torch.mean, torch.sum, F.dropout,
     F.dropout1d, F.dropout2d, F.dropout3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
     F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.dropout,
 }
-_TRANSPARENT_METHODS = {"flatten", "squeeze", "unsqueeze", "reshape", "view", "mean", "contiguous", "__getitem__"}
+_TRANSPARENT_METHODS = {"flatten", "squeeze", "unsqueeze", "reshape", "view", "mean", "sum", "contiguous",
+                        "__getitem__"}
 _SUMS = {operator.add, operator.iadd, torch.add}
 _SCALINGS = {operator.truediv, operator.mul, operator.itruediv, operator.imul, torch.div, torch.mul}
 
@@ -186,7 +187,8 @@ class _Reader:
 
     def branches(self, node: fx.Node) -> list[fx.Node] | None:
         """The tensor operands of a sum of tensors, a stack of tensors on a new first axis (which a mean over it
-        averages), or a scaling by a number."""
+        averages), or a scaling by a number or by a weight computed from parameters only (EfficientViM's softmax of
+        its head weights)."""
         if node.op != "call_function":
             return None
         if node.target is torch.stack and node.args and isinstance(node.args[0], (list, tuple)) and \
@@ -196,9 +198,12 @@ class _Reader:
         tensors = [arg for arg in node.args if isinstance(arg, fx.Node) and arg.name in self.shapes]
         if node.target in _SUMS and len(tensors) == 2 == len(node.args):
             return tensors
-        if node.target in _SCALINGS and len(tensors) == 1 and len(node.args) == 2 and isinstance(
-                node.args[1], (int, float)):
-            return tensors
+        if node.target in _SCALINGS and len(node.args) == 2:  # by a number, or a weight the parameters give
+            computed = [arg for arg in tensors if not self._parameter(arg)]
+            factors = [arg for arg in node.args if arg not in computed]
+            if len(computed) == 1 and all(isinstance(arg, (int, float)) or isinstance(arg, fx.Node) and
+                                          self._parameter(arg) for arg in factors):
+                return computed
         return None
 
     def map_input(self, linear: fx.Node) -> fx.Node:
@@ -312,7 +317,7 @@ def _replay(operations: list[fx.Node], first_inputs: dict[str, str], reader: _Re
             stands_for[node.name] = shared
             halved.add(node.name)
             continue
-        if node.target in _SCALINGS and reader.branches(node) and node.args[0].name in halved and _averages(node):
+        if node.target in _SCALINGS and reader.branches(node) and _averages(node, halved):
             stands_for[node.name] = args[0].name
             continue
         steps.append(ReplayStep(f"pooled_{node.name}", node.op, node.target, tuple(args), dict(kwargs)))
@@ -330,10 +335,15 @@ def _shared_input(node: fx.Node, first_inputs: dict[str, str]) -> str | None:
     return inputs.pop() if len(inputs) == 1 else None
 
 
-def _averages(node: fx.Node) -> bool:
-    """Whether a scaling halves (divides by 2, multiplies by 0.5): the average of a value with itself."""
-    return node.target in (operator.truediv, operator.itruediv, torch.div) and node.args[1] == 2 or \
-        node.target in (operator.mul, operator.imul, torch.mul) and node.args[1] == 0.5
+def _averages(node: fx.Node, halved: set[str]) -> bool:
+    """Whether a scaling halves (divides by 2, multiplies by 0.5) a sum of a value with itself: its average."""
+    value, factor = node.args
+    if not isinstance(value, fx.Node):
+        value, factor = factor, value
+    if not isinstance(value, fx.Node) or value.name not in halved:
+        return False
+    halving = node.target in (operator.truediv, operator.itruediv, torch.div) and factor == 2
+    return halving or node.target in (operator.mul, operator.imul, torch.mul) and factor == 0.5
 
 
 def _needed(steps: list[ReplayStep], result: str) -> tuple[ReplayStep, ...]:
