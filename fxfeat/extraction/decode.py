@@ -1,10 +1,10 @@
 """Images to uint8 ``(C, H, W)`` tensors with the model's number of channels.
 
-Encoded files are decoded by ``torchvision.io`` (JPEG, PNG, WebP, GIF; CMYK JPEGs and 16-bit PNGs included), with
-PIL for what it does not read (BMP, TIFF...). Grayscale images are repeated to three channels, colour images
-converted to one channel with PIL's luma weights for a one-channel model, alpha dropped (as PIL's
-``convert("RGB")``), 16-bit values scaled to 8 bits. Dataset items may be PIL images, numpy arrays or tensors,
-``(C, H, W)`` or ``(H, W, C)``.
+Encoded files are decoded by TorchCodec (JPEG, PNG, WebP, GIF, AVIF; CMYK JPEGs and 16-bit PNGs included; the
+first frame of an animation), with PIL for what it does not read (BMP, TIFF...) and for files it refuses. Grayscale
+images are repeated to three channels, colour images converted to one channel with PIL's luma weights for a
+one-channel model (JPEG and PNG decoders make gray themselves), alpha dropped (as PIL's ``convert("RGB")``), 16-bit
+values scaled to 8 bits. Dataset items may be PIL images, numpy arrays or tensors, ``(C, H, W)`` or ``(H, W, C)``.
 
 Example:
     >>> import io, torch
@@ -18,43 +18,66 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import io
-import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image
 
-from fxfeat.errors import DataSourceError
+from fxfeat.errors import DataSourceError, MissingDependencyError
 
-__all__ = ["decode", "image_tensor", "pil_image", "to_channels"]
+__all__ = ["decode", "check_decoder", "image_tensor", "pil_image", "to_channels"]
 
-# torchvision 0.29 deprecates its image decoders for TorchCodec's; they are the ones the field runs today.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
-
-_MODES = {1: ImageReadMode.GRAY, 3: ImageReadMode.RGB, 4: ImageReadMode.RGB_ALPHA}
+_MODES = {1: "GRAY", 3: "RGB", 4: "RGB_ALPHA"}
 _PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+_GRAY_NATIVELY = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")  # JPEG, PNG: their decoders make gray as torchvision's did
 
 
 def decode(encoded: torch.Tensor, channels: int = 3) -> torch.Tensor:
     """Decode an image file's bytes (a uint8 tensor) into a uint8 ``(channels, H, W)`` tensor.
 
     Raises:
-        ValueError: the bytes are not an image either decoder reads (the message says why).
+        ValueError: the bytes are not an image either decoder reads, or none at all (the message says why).
+    """
+    if encoded.numel() == 0:
+        raise ValueError("empty file")
+    mode = _MODES.get(channels, "UNCHANGED")
+    if mode == "GRAY" and not bytes(encoded[:8].tolist()).startswith(_GRAY_NATIVELY):
+        mode = "RGB"  # TorchCodec's own conversion weighs the colours otherwise than PIL's luma (to_channels)
+    try:
+        image = check_decoder()(encoded, mode=mode, output_dtype="auto")
+    except (RuntimeError, ValueError):  # a format TorchCodec does not decode, or a damaged file: PIL decides
+        return image_tensor(pil_image(encoded), channels)
+    return to_channels(image[0] if image.dim() == 4 else image, channels)  # an animation: its first frame, as PIL
+
+
+@functools.cache
+def check_decoder() -> Callable[..., torch.Tensor]:
+    """TorchCodec's ``decode_image``, loaded once per process: call it in the main process before the DataLoader
+    workers start (they then share it, and a missing TorchCodec stops the run instead of failing every image).
+
+    Raises:
+        MissingDependencyError: TorchCodec is not installed, or not the build for this torch.
     """
     try:
-        image = decode_image(encoded, mode=_MODES.get(channels, ImageReadMode.UNCHANGED))
-    except RuntimeError:  # a format torchvision.io does not decode, or a damaged file: PIL decides
-        return image_tensor(pil_image(encoded), channels)
-    return to_channels(image, channels)
+        from torchcodec.decoders import decode_image
+    except (ImportError, OSError, RuntimeError) as error:
+        raise MissingDependencyError(
+            f"fxfeat.extract decodes images with TorchCodec, which cannot be loaded here ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200] if str(error) else ''}).",
+            hint="pip install 'fxfeat[extract]', which installs torchcodec; its release must match your torch's "
+            "(torchcodec 0.17 for torch 2.14).") from None
+    return decode_image
 
 
 def pil_image(encoded: torch.Tensor):
     """The PIL image of an image file's bytes, fully loaded (a damaged file fails here, not later)."""
     from PIL import Image
 
+    if encoded.numel() == 0:
+        raise ValueError("empty file")
     try:
         image = Image.open(io.BytesIO(encoded.numpy().tobytes()))
         image.load()
