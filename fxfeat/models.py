@@ -251,9 +251,24 @@ def _load_checkpoint(model: nn.Module, path: str, spec: str, own_entries: Callab
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # not a checkpoint, or one holding more than tensors (a TorchScript archive)
-        raise WeightsUnavailableError(f"cannot read the checkpoint {path} ({type(error).__name__}: "
-                                      f"{str(error).splitlines()[0][:200] if str(error) else ''}).",
-                                      hint="save the weights with torch.save(model.state_dict(), PATH).") from None
+        with open(path, "rb") as handle:
+            head = handle.read(48)
+        reason = str(error).splitlines()[0][:200] if str(error) else ""
+        text = head.decode("utf-8", errors="ignore")
+        if path.endswith(".safetensors"):
+            holds = f"no tensors safetensors reads ({type(error).__name__}: {reason})"
+        elif head.startswith((b"PK\x03\x04", b"\x80")):  # torch's zip archive, a pickle: of more than tensors
+            holds = f"a checkpoint torch.load(weights_only=True) refuses ({type(error).__name__}: {reason})"
+        elif not head:
+            holds = "nothing: it is empty"
+        elif b"\0" not in head and text.strip() and all(char.isprintable() or char in "\t\r\n" for char in text):
+            holds = f"text, not a checkpoint (it begins {text.strip().splitlines()[0][:40]!r})"
+        else:
+            holds = f"bytes that are not a checkpoint (it begins {head[:8].hex(' ')}: neither torch's zip archive " \
+                    "nor a pickle)"
+        raise WeightsUnavailableError(f"cannot read the checkpoint {path}: it holds {holds}.",
+                                      hint="--weights takes a state dict saved with torch.save(model.state_dict(), "
+                                      "PATH) (or a .safetensors file), 'pretrained' or 'random'.") from None
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
