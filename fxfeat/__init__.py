@@ -38,6 +38,7 @@ from fxfeat.feature_info import FeatureInfo
 from fxfeat.freeze import freeze
 from fxfeat.module import FeatureGraphModule
 from fxfeat.optimize import CompileSettings, InferenceGraphModule, optimize_for_inference
+from fxfeat.version import __version__ as __version__
 
 __all__ = [
     "compile",
@@ -78,5 +79,3 @@ __all__ = [
     "UnknownLevelError",
     "WeightsUnavailableError",
 ]
-
-__version__ = "0.1.0"

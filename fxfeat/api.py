@@ -1,12 +1,14 @@
 """``fxfeat.compile`` and ``fxfeat.inspect``: the pipeline as a short list of named steps.
 
-trace -> analyse -> plan -> rewrite -> build.
+trace -> analyse -> plan -> rewrite -> build (``inspect`` stops after plan; ``compile_inspected`` gives both from
+one trace).
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -35,7 +37,7 @@ from fxfeat.trace import TracedModes, eager_model, evaluation_mode, graph_target
 from fxfeat.trace.align import AlignmentError
 from fxfeat.trace.lock import trace_lock
 
-__all__ = ["compile", "inspect", "Inspection"]
+__all__ = ["compile", "compile_inspected", "inspect", "Inspection"]
 
 
 def compile(
@@ -106,18 +108,60 @@ def compile(
     # One thread at a time traces, probes and changes models or torch (fxfeat.trace.lock); the model's flags,
     # buffers and the random state are as they were after compiling.
     with trace_lock(), model_state_kept(model):
-        with evaluation_mode(model):
-            modes = trace_modes(model, request.input_size, size_given=input_size is not None)
-            request = replace(request, input_size=modes.input_size)
-            analysis = analyse(modes.traced, request.input_size)
-        plan = make_plan(analysis, request)
-        evaluated, trained = _rewritten_modes(modes, analysis, plan)
-        feature_info = _feature_info(plan, evaluated, request.input_size)
-        graphs, targets = _mode_graphs(evaluated, trained)
-        return FeatureGraphModule.build(
-            model, graphs, targets, feature_info, training=model.training,
-            class_name=f"{modes.traced.model_name}Features", input_size=request.input_size,
-        )
+        modes, analysis, request = _analysed(model, request, size_given=input_size is not None)
+        return _built(model, modes, analysis, request)
+
+
+def compile_inspected(
+    model: nn.Module,
+    choose: Callable[[Inspection], list[str]],
+    *,
+    levels: str | list[str] | None = None,
+    input_size: tuple[int, int, int] | None = None,
+    out_indices: int | tuple[int, ...] | None = None,
+    output_stride: int | None = None,
+) -> tuple[Inspection, FeatureGraphModule]:
+    """What ``inspect(model, levels=levels, input_size=input_size, out_indices=out_indices)`` reports, and the
+    extractor of ``compile(model, levels=choose(report), input_size=report.input_size,
+    output_stride=output_stride)``, from one trace and one analysis of the model: for a caller whose levels to
+    compile depend on those inspect finds (``fxfeat.extract`` names its features by them).
+
+    Example:
+        >>> import torchvision
+        >>> report, extractor = compile_inspected(torchvision.models.resnet18(),
+        ...                                       lambda report: [report.levels[-1].node, "pooled"])
+        >>> len(report.levels), extractor.feature_info.reduction()
+        (5, [32, None])
+    """
+    model = eager_model(model)
+    request = make_request(model, levels=levels, input_size=input_size, out_indices=out_indices)
+    with trace_lock(), model_state_kept(model):
+        modes, analysis, request = _analysed(model, request, size_given=input_size is not None)
+        report = _inspection(model, modes, analysis, make_plan(analysis, request))
+        chosen = make_request(model, levels=choose(report), input_size=report.input_size,
+                              output_stride=output_stride)
+        return report, _built(model, modes, analysis, chosen)
+
+
+def _analysed(model: nn.Module, request, size_given: bool, train_mode: bool = True):
+    """The model traced (in eval mode, and in train mode with ``train_mode``) and its eval graph analysed, with
+    the request at the input size the model takes."""
+    with evaluation_mode(model):
+        modes = trace_modes(model, request.input_size, size_given=size_given, train_mode=train_mode)
+        request = replace(request, input_size=modes.input_size)
+        return modes, analyse(modes.traced, request.input_size), request
+
+
+def _built(model: nn.Module, modes: TracedModes, analysis: GraphAnalysis, request) -> FeatureGraphModule:
+    """The extractor ``request`` asks of an analysed model: planned, rewritten in both modes, built."""
+    plan = make_plan(analysis, request)
+    evaluated, trained = _rewritten_modes(modes, analysis, plan)
+    feature_info = _feature_info(plan, evaluated, request.input_size)
+    graphs, targets = _mode_graphs(evaluated, trained)
+    return FeatureGraphModule.build(
+        model, graphs, targets, feature_info, training=model.training,
+        class_name=f"{modes.traced.model_name}Features", input_size=request.input_size,
+    )
 
 
 _PASSES = (bind_optional_inputs, replay_head, attach_classifier, dilate, expose_outputs, remove_dead_code,
@@ -303,11 +347,13 @@ def inspect(
     """
     model = eager_model(model)
     request = make_request(model, levels=levels, input_size=input_size, out_indices=out_indices)
-    with trace_lock(), model_state_kept(model), evaluation_mode(model):  # one thread at a time (fxfeat.trace.lock)
-        modes = trace_modes(model, request.input_size, size_given=input_size is not None, train_mode=False)
-        request = replace(request, input_size=modes.input_size)
-        analysis = analyse(modes.traced, request.input_size)
-    plan = make_plan(analysis, request)
+    with trace_lock(), model_state_kept(model):  # one thread at a time (fxfeat.trace.lock)
+        modes, analysis, request = _analysed(model, request, size_given=input_size is not None, train_mode=False)
+    return _inspection(model, modes, analysis, make_plan(analysis, request))
+
+
+def _inspection(model: nn.Module, modes: TracedModes, analysis: GraphAnalysis, plan) -> Inspection:
+    """The report of ``plan``'s levels over an analysed model."""
     reports = tuple(
         LevelReport(
             index=i, module=level.module, node=level.node, channels=level.channels, reduction=level.reduction,
@@ -317,7 +363,7 @@ def inspect(
     )
     return Inspection(
         model_name=modes.traced.model_name,
-        input_size=request.input_size,
+        input_size=modes.input_size,
         source=plan.source,
         levels=reports,
         total_parameters=sum(p.numel() for p in model.parameters()),

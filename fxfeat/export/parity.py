@@ -23,6 +23,7 @@ from torch import nn
 from fxfeat.errors import ExportError, FxFeatWarning, InvalidRequestError
 from fxfeat.module import FeatureGraphModule
 from fxfeat.optimize import InferenceGraphModule
+from fxfeat.plan import names
 from fxfeat.trace import DEFAULT_INPUT_SIZE, evaluation_mode
 from fxfeat.trace.metadata import output_node
 from fxfeat.trace.values import example_batch
@@ -93,27 +94,18 @@ class ExportReport:
 
 
 def output_names(extractor: FeatureGraphModule) -> list[str]:
-    """Names of the extractor's outputs in order: the dict keys if it returns a dict, else each level's module
-    path (``pooled`` for pooled features, which no module returns; else the node name), made into unique
-    identifiers.
+    """Names of the extractor's outputs in order, by the rule of ``return_dict`` keys and extraction folders
+    (:mod:`fxfeat.plan.names`): the dict keys if it returns a dict, else each level's head feature, module path
+    or node name.
 
     Example:
         >>> import torchvision, fxfeat
         >>> output_names(fxfeat.compile(torchvision.models.resnet18(), out_indices=(1, 2)))
         ['layer1', 'layer2']
     """
-    keys = returned_keys(extractor)
-    if keys is None:
-        keys = [entry["module"] or ("pooled" if entry.get("fmt") == "NC" else entry["node"])
-                for entry in extractor.feature_info.get_dicts()]
-    names: list[str] = []
-    for key in keys:
-        name = re.sub(r"\W", "_", str(key)) or "output"
-        name = f"_{name}" if name[0].isdigit() else name
-        while name in names:
-            name += "_"
-        names.append(name)
-    return names
+    entries = extractor.feature_info.get_dicts()
+    keys = returned_keys(extractor) or [names.entry_label(entry) for entry in entries]
+    return names.output_names(keys, fallbacks=[entry["node"] for entry in entries])
 
 
 def returned_keys(extractor: FeatureGraphModule) -> list[str] | None:

@@ -34,6 +34,7 @@ from fxfeat.errors import (
 )
 from fxfeat.plan.head import HEAD_FEATURES, head_level
 from fxfeat.plan.named import declared_levels, named_level
+from fxfeat.plan.names import output_name, output_names
 from fxfeat.plan.output_stride import OpEdit, plan_output_stride
 from fxfeat.plan.request import Request
 
@@ -280,7 +281,7 @@ def _select(out_indices: int | tuple[int, ...] | None, levels: tuple[Level, ...]
 
 
 def _output_name(level: Level) -> str:
-    return level.key or (level.module or level.node).replace(".", "_")
+    return output_name(level.key or level.module or level.node)
 
 
 def _output(level: Level, output_fmt: str) -> PlannedOutput:
@@ -302,16 +303,10 @@ def _replay(analysis: GraphAnalysis, levels: list[Level]) -> tuple[ReplayStep, .
 
 
 def _unique_names(outputs: tuple[PlannedOutput, ...]) -> tuple[PlannedOutput, ...]:
-    """Outputs whose names (the dict keys) are unique: a name shared by several levels (two nodes of one
-    module) becomes the node's name for every level after the first."""
-    seen: set[str] = set()
-    unique = []
-    for output in outputs:
-        if output.name in seen:
-            output = dataclasses.replace(output, name=output.node)
-        seen.add(output.name)
-        unique.append(output)
-    return tuple(unique)
+    """Outputs whose names (the dict keys) are unique, by the rule of :mod:`fxfeat.plan.names`: a name shared by
+    several levels (two nodes of one module) becomes the node's name for every level after the first."""
+    names = output_names([output.name for output in outputs], fallbacks=[output.node for output in outputs])
+    return tuple(dataclasses.replace(output, name=name) for output, name in zip(outputs, names))
 
 
 def make_plan(analysis: GraphAnalysis, request: Request) -> ExtractionPlan:
