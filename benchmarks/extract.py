@@ -145,14 +145,21 @@ def open_clip_case(name: str, work: Path) -> Case:
                 functools.partial(open_clip_loop, arch, checkpoint))
 
 
-def fxfeat_extract(case: Case, list_file: str, out: str, workers: int, batch: int, device: str) -> dict:
+COMPUTE_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def fxfeat_extract(case: Case, list_file: str, out: str, workers: int, batch: int, device: str,
+                   compute_dtype: str = "float32") -> dict:
+    """``fxfeat.extract`` with its defaults but the compute dtype (``--compute-dtype``: float32 by default, as the
+    hand loops compute; ``auto`` is ``fxfeat.extract``'s own default, its probe on the CPU)."""
     import fxfeat
 
     started = time.perf_counter()
     summary = fxfeat.extract(case.given, list_file, out, features=case.features, weights=case.weights,
-                             batch_size=batch, num_workers=workers, overwrite=True, progress=False, device=device)
+                             batch_size=batch, num_workers=workers, overwrite=True, progress=False, device=device,
+                             compute_dtype=COMPUTE_DTYPES[compute_dtype])
     return {"images_per_second": summary.images_per_second, "wall_s": time.perf_counter() - started,
-            "images": summary.images}
+            "images": summary.images, "compute": summary.compute}
 
 
 class _PilFiles(torch.utils.data.Dataset):
@@ -171,7 +178,7 @@ class _PilFiles(torch.utils.data.Dataset):
 
 
 def _pil_loop(forward, transform, paths: list[str], out: str, workers: int, batch: int, device: str,
-              shard_size: int, started: float) -> dict:
+              shard_size: int, started: float, dtype: torch.dtype = torch.float32) -> dict:
     """The hand loop's body: a DataLoader over ``_PilFiles``, ``forward`` under ``torch.inference_mode()`` (autocast
     to float16 on a GPU, as fxfeat computes there), float16 rows ``np.save``d per part of ``shard_size``."""
     loader = torch.utils.data.DataLoader(_PilFiles(paths, transform), batch_size=batch, num_workers=workers,
@@ -181,7 +188,7 @@ def _pil_loop(forward, transform, paths: list[str], out: str, workers: int, batc
     loop_started = time.perf_counter()
     with torch.inference_mode():
         for x in loader:
-            x = x.to(device, non_blocking=True)
+            x = x.to(device, dtype, non_blocking=True)
             with torch.autocast(device, dtype=torch.float16, enabled=device == "cuda"):
                 features = forward(x)
             rows.append(features.half().cpu().numpy())
@@ -196,29 +203,31 @@ def _pil_loop(forward, transform, paths: list[str], out: str, workers: int, batc
 
 
 def timm_loop(model, paths: list[str], out: str, workers: int, batch: int, device: str,
-              shard_size: int = 10_000) -> dict:
-    """The loop a timm user writes (see the module docstring)."""
+              shard_size: int = 10_000, dtype: torch.dtype = torch.float32) -> dict:
+    """The loop a timm user writes (see the module docstring); ``dtype=torch.bfloat16``: the same loop with the
+    model and each batch cast to bfloat16 (``model.to(torch.bfloat16)``), the fastest loop a user writes on a CPU
+    that computes bfloat16 natively."""
     import timm
 
     started = time.perf_counter()
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
-    model = model.to(device)
+    model = model.to(device, dtype)
     measured = _pil_loop(lambda x: model.forward_head(model.forward_features(x), pre_logits=True), transform, paths,
-                         out, workers, batch, device, shard_size, started)
-    model.cpu()
+                         out, workers, batch, device, shard_size, started, dtype)
+    model.cpu().float()
     return measured
 
 
 def open_clip_loop(arch: str, checkpoint: str, paths: list[str], out: str, workers: int, batch: int, device: str,
-                   shard_size: int = 10_000) -> dict:
+                   shard_size: int = 10_000, dtype: torch.dtype = torch.float32) -> dict:
     """The loop an open_clip user writes (see the module docstring): the model and its eval transform from
     ``create_model_and_transforms`` with the checkpoint, ``encode_image`` on each batch."""
     import open_clip
 
     started = time.perf_counter()
     model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=checkpoint, device=device)
-    model.eval()
-    return _pil_loop(model.encode_image, preprocess, paths, out, workers, batch, device, shard_size, started)
+    model.eval().to(dtype)
+    return _pil_loop(model.encode_image, preprocess, paths, out, workers, batch, device, shard_size, started, dtype)
 
 
 def model_limits(case: Case, paths: list[str], batch: int, device: str, batches: int) -> dict:
@@ -357,15 +366,19 @@ def run(args: argparse.Namespace) -> dict:
                "date": datetime.date.today().isoformat(),
                "settings": {"images": args.images, "workers": args.workers, "batch_size": args.batch_size,
                             "rounds": args.rounds, "cpus": os.cpu_count(), "rows": "float16 on both sides",
+                            "fxfeat_compute_dtype": args.compute_dtype,
                             "compute": "float16 on both sides" if args.device == "cuda" else
                             "float32 on both sides"}, "models": {}}
     for name in args.models:
         case = open_clip_case(name, work) if name.startswith(OPEN_CLIP) else timm_case(name)
         best: dict[str, dict] = {}
+        methods = [("fxfeat extract", functools.partial(fxfeat_extract, case, compute_dtype=args.compute_dtype),
+                    list_file, "out-fxfeat"), (case.peer, case.loop, paths, "out-peer")]
+        if args.compute_dtype != "float32":  # the hand loop with its model cast to bfloat16, beside the float32 one
+            methods.append((f"{case.peer} bfloat16", functools.partial(case.loop, dtype=torch.bfloat16), paths,
+                            "out-peer-bfloat16"))
         for _ in range(args.rounds):
-            for label, method, source, out in (
-                    ("fxfeat extract", functools.partial(fxfeat_extract, case), list_file, "out-fxfeat"),
-                    (case.peer, case.loop, paths, "out-peer")):
+            for label, method, source, out in methods:
                 measured = method(source, str(work / out), args.workers, args.batch_size, args.device)
                 print(f"{name} {label}: {measured['images_per_second']:.1f} images/s", flush=True)
                 if label not in best or measured["images_per_second"] > best[label]["images_per_second"]:
@@ -377,7 +390,9 @@ def run(args: argparse.Namespace) -> dict:
         lower = min(limits["model"]["fxfeat"], limits["decode"]["fxfeat"])
         results["models"][name] = {
             "peer": case.peer, "features": case.features, **best, "limits": limits,
-            f"speedup_over_{case.library}_loop": ratio,
+            f"speedup_over_{case.library}_loop": ratio, **({
+                f"speedup_over_{case.library}_loop_bfloat16": best["fxfeat extract"]["images_per_second"]
+                / best[f"{case.peer} bfloat16"]["images_per_second"]} if len(methods) > 2 else {}),
             "fraction_of_lower_limit": best["fxfeat extract"]["images_per_second"] / lower,
             "min_row_cosine": cosine,
             "goals": {f"fxfeat / {case.peer} >= {SPEEDUP_GOAL}x": _met(ratio >= SPEEDUP_GOAL),
@@ -386,9 +401,14 @@ def run(args: argparse.Namespace) -> dict:
             results["models"][name]["fxfeat_command"] = (
                 f"python -m fxfeat extract {case.given} LIST --out DIR --features {case.features} --weights "
                 f"CHECKPOINT --batch-size {args.batch_size} --workers {args.workers} --device {args.device} --quiet")
-        print(f"{name}: {ratio:.2f}x the {case.peer}; lowest row cosine {cosine:.6f}; limits {limits}", flush=True)
+        print(f"{name}: {ratio:.2f}x the {case.peer}; lowest row cosine {cosine:.6f}; limits {limits}; fxfeat "
+              f"computed {best['fxfeat extract']['compute']}", flush=True)
+        if len(methods) > 2:
+            print(f"{name}: {results['models'][name][f'speedup_over_{case.library}_loop_bfloat16']:.2f}x the "
+                  f"{case.peer} bfloat16", flush=True)
         shutil.rmtree(work / "out-fxfeat", ignore_errors=True)
         shutil.rmtree(work / "out-peer", ignore_errors=True)
+        shutil.rmtree(work / "out-peer-bfloat16", ignore_errors=True)
         if isinstance(case.given, str):
             Path(case.weights).unlink()
     if args.rss_images:
@@ -474,6 +494,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--limit-batches", type=int, default=4, help="batches timed for the model limit")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compute-dtype", choices=sorted(COMPUTE_DTYPES), default="float32",
+                        help="fxfeat extract's compute dtype (float32: as the hand loops compute, the rows above; "
+                        "auto: fxfeat's default, its probe on the CPU; bfloat16: forced); other than float32 adds "
+                        "the hand loop with its model cast to bfloat16")
     parser.add_argument("--rss-images", type=int, nargs="*", default=[2000, 8000])
     parser.add_argument("--rss-model", default="resnet18")
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "fxfeat-extract-bench"))

@@ -120,6 +120,7 @@ def _extract(args: argparse.Namespace) -> None:
     summary = fxfeat.extract(
         args.model, args.data, args.out, features=_features(args.features), pool=_pool(args.pool),
         batch_size=args.batch_size, num_workers=args.workers, dtype=_DTYPES[args.dtype],
+        compute_dtype=None if args.compute_dtype == "auto" else _DTYPES[args.compute_dtype],
         shard_size=args.shard_size, overwrite=args.overwrite, device=args.device, optimize=not args.no_optimize,
         on_error=args.on_error, out_indices=_out_indices(args.out_indices), weights=args.weights,
         input_size=tuple(args.input_size) if args.input_size else None, output_stride=args.output_stride,
@@ -168,8 +169,11 @@ def main(argv: list[str] | None = None) -> None:
     extract.add_argument("--batch-size", type=int, default=64)
     extract.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: this process's "
                          "share of the CPUs, at most 8)")
-    extract.add_argument("--dtype", choices=sorted(_DTYPES), default="float16", help="the written features' dtype "
-                         "(on a GPU also the compute dtype)")
+    extract.add_argument("--dtype", choices=sorted(_DTYPES), default="float16", help="the written features' dtype")
+    extract.add_argument("--compute-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                         help="the dtype the extractor computes in; auto: on a GPU the rows' half precision, on the "
+                         "CPU for half-precision rows the faster of float32 and bfloat16 in a short timed probe, "
+                         "else float32 (a rerun: the dtype the output records)")
     extract.add_argument("--shard-size", type=int, default=10_000, help="images per part")
     extract.add_argument("--overwrite", action="store_true", help="replace an earlier extraction in DIR")
     extract.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: this rank's GPU if any)")
