@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e ".[test,onnx,bench,extract]" $(TORCH_PINS)
+	$(PY) -m pip install -q -e ".[test,onnx,bench,extract,plot]" $(TORCH_PINS)
 	touch $(STAMP)
 
 demo: install

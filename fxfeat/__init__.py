@@ -10,6 +10,7 @@ Example:
 from fxfeat import export
 from fxfeat.api import Inspection, compile, inspect
 from fxfeat.backbone import Backbone, backbone
+from fxfeat.drawing import plot
 from fxfeat.errors import (
     DataSourceError,
     DeclaredLevelError,
@@ -55,6 +56,7 @@ __all__ = [
     "export",
     "inspect",
     "Inspection",
+    "plot",
     "FeatureInfo",
     "FeatureGraphModule",
     "DataSourceError",

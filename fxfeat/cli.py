@@ -1,5 +1,6 @@
-"""Command line: ``python -m fxfeat inspect torchvision:resnet50``, ``python -m fxfeat export timm:NAME --onnx
-out.onnx``, ``python -m fxfeat extract timm:NAME DATA --out DIR`` and ``python -m fxfeat demo``.
+"""Command line: ``python -m fxfeat inspect torchvision:resnet50 [--plot levels.svg [--image cat.jpg]]``,
+``python -m fxfeat export timm:NAME --onnx out.onnx``, ``python -m fxfeat extract timm:NAME DATA --out DIR`` and
+``python -m fxfeat demo``.
 
 Models are named ``torchvision:NAME``, ``timm:NAME``, ``hf:PATH`` (a dual encoder gives its image side),
 ``open_clip:ARCH[/TAG]`` (the image tower) or ``package.module:factory`` (:mod:`fxfeat.models`). ``inspect``,
@@ -43,7 +44,19 @@ def _inspect(args: argparse.Namespace) -> None:
 
     model = build_model(args.model)
     levels = args.levels if args.levels in (None, "auto") else args.levels.split(",")
-    print(fxfeat.inspect(model, levels=levels, input_size=tuple(args.input_size) if args.input_size else None))
+    input_size, out_indices = tuple(args.input_size) if args.input_size else None, _out_indices(args.out_indices)
+    if args.image and not args.plot:
+        raise fxfeat.InvalidRequestError("--image draws feature maps in the picture of --plot.",
+                                         hint="add --plot FILE.svg or --plot FILE.png.")
+    print(fxfeat.inspect(model, levels=levels, input_size=input_size, out_indices=out_indices))
+    if args.plot:
+        from fxfeat.extraction.preprocess import resolve_preprocessing
+
+        size = input_size or fxfeat.api.make_request(model).input_size
+        steps = resolve_preprocessing(model, size, spec=args.model) if args.image else None
+        fxfeat.plot(model, args.plot, image=args.image, levels=levels, input_size=input_size,
+                    out_indices=out_indices, preprocessing=steps)
+        print(f"picture written to {args.plot}")
 
 
 def _demo(args: argparse.Namespace) -> None:
@@ -137,6 +150,10 @@ def main(argv: list[str] | None = None) -> None:
     inspect.add_argument("model", help=_MODEL_HELP)
     inspect.add_argument("--levels", default=None, help="'auto', or comma-separated module paths/node names")
     inspect.add_argument("--input-size", type=int, nargs=3, metavar=("C", "H", "W"))
+    inspect.add_argument("--out-indices", help="the levels returned, e.g. '1,2,3,4', or 'N' for the last N")
+    inspect.add_argument("--plot", metavar="FILE", help="draw the levels as one strip into FILE (.svg or .png)")
+    inspect.add_argument("--image", metavar="PATH", help="with --plot: each level's feature map on this image "
+                         "(3 principal components as RGB), after the model's own preprocessing")
     inspect.set_defaults(run=_inspect)
     export = commands.add_parser("export", help="compile a model and export the extractor, checked against eager")
     export.add_argument("model", help=_MODEL_HELP)
