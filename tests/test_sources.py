@@ -20,9 +20,8 @@ import torchvision
 from PIL import Image
 
 import fxfeat
-from fxfeat.extraction import sources
 from fxfeat.extraction.decode import decode
-from fxfeat.extraction.files import LocalFiles, filesystem
+from fxfeat.extraction.files import filesystem
 from fxfeat.extraction.sources import expand_braces, open_source
 from tests.test_extract import FAST, make_folder, small_model
 
@@ -150,54 +149,34 @@ def test_brace_patterns():
         assert "train-{000..099}.tar" in str(error.value)  # the hint shows a pattern that works
 
 
-class _MemoryFiles(LocalFiles):
-    """Files held in a dict, through the seam's methods only: what an fsspec filesystem will give."""
+def test_sources_on_an_fsspec_filesystem(tmp_path):
+    """A folder, a list and a shard on fsspec's in-memory filesystem: the same listing and bytes as on disk."""
+    import fsspec
 
-    def __init__(self, files: dict[str, bytes]):
-        self.files, self.reads = files, []
-
-    def exists(self, path):
-        return self.isfile(path) or self.isdir(path)
-
-    def isdir(self, path):
-        return any(name.startswith(path.rstrip("/") + "/") for name in self.files)
-
-    def isfile(self, path):
-        return path in self.files
-
-    def find(self, root):
-        return sorted(name for name in self.files if name.startswith(root.rstrip("/") + "/"))
-
-    def open(self, path, mode="rb", **kwargs):
-        self.reads.append(path)
-        return io.BytesIO(self.files[path]) if "b" in mode else io.StringIO(self.files[path].decode(), newline="")
-
-    def cat_file(self, path, start=None, end=None):
-        self.reads.append(path)
-        return self.files[path][start:end]
-
-
-def test_sources_read_files_only_through_the_seam(tmp_path, monkeypatch):
-    with pytest.raises(fxfeat.DataSourceError, match="remote URL"):
-        open_source("s3://bucket/train-{000..009}.tar")
-    with pytest.raises(fxfeat.DataSourceError, match="remote URL"):
-        filesystem("https://example.org/images")
+    memory = fsspec.filesystem("memory")
     shard = tmp_path / "shard.tar"
     with tarfile.open(shard, "w") as archive:
         for name, content in (("k.jpg", b"tar image"), ("k.cls", b"7")):
             info = tarfile.TarInfo(name)
             info.size = len(content)
             archive.addfile(info, io.BytesIO(content))
-    memory = _MemoryFiles({"/mem/data/cats/1.jpg": b"first", "/mem/data/dogs/2.png": b"second",
-                           "/mem/list.txt": b"data/dogs/2.png\n", "/mem/shard.tar": shard.read_bytes()})
-    monkeypatch.setattr(sources, "filesystem", lambda path: memory)
-    folder, listed, tar = open_source("/mem/data"), open_source("/mem/list.txt"), open_source("/mem/shard.tar")
-    assert (folder.kind, folder.classes, folder.labels) == ("folder", ("cats", "dogs"), [0, 1])
-    assert bytes(folder.load(1)[0].numpy()) == b"second" and listed.keys == ["/mem/data/dogs/2.png"]
-    assert (tar.keys, tar.labels, bytes(tar.load(0)[0].numpy())) == (["shard.tar/k"], [7], b"tar image")
-    assert set(memory.reads) == {"/mem/data/dogs/2.png", "/mem/list.txt", "/mem/shard.tar"}
-    with pytest.raises(fxfeat.DataSourceError, match="does not exist"):
-        open_source("/mem/missing")
+    for path, content in {"/fxfeat-test/data/cats/1.jpg": b"first", "/fxfeat-test/data/dogs/2.png": b"second",
+                          "/fxfeat-test/list.txt": b"data/dogs/2.png\n", "/fxfeat-test/shard.tar": shard.read_bytes()
+                          }.items():
+        memory.pipe_file(path, content)
+    try:
+        folder, listed, tar = (open_source(f"memory://fxfeat-test/{name}") for name in ("data", "list.txt",
+                                                                                        "shard.tar"))
+        assert (folder.kind, folder.classes, folder.labels) == ("folder", ("cats", "dogs"), [0, 1])
+        assert folder.keys == ["memory://fxfeat-test/data/cats/1.jpg", "memory://fxfeat-test/data/dogs/2.png"]
+        assert bytes(folder.load(1)[0].numpy()) == b"second"
+        assert listed.keys == ["memory://fxfeat-test/data/dogs/2.png"] and bytes(listed.load(0)[0].numpy()) == b"second"
+        assert (tar.keys, tar.labels, bytes(tar.load(0)[0].numpy())) == (["shard.tar/k"], [7], b"tar image")
+        with pytest.raises(fxfeat.DataSourceError, match="does not exist"):
+            open_source("memory://fxfeat-test/missing")
+    finally:
+        memory.rm("/fxfeat-test", recursive=True)
+    assert isinstance(filesystem(str(tmp_path)), fsspec.implementations.local.LocalFileSystem)
 
 
 def _torchvision_decode(encoded: torch.Tensor, mode: str) -> torch.Tensor:

@@ -15,13 +15,15 @@ The kinds:
 - :class:`FolderSource`: every image file under a folder, recursively, sorted by path; files in a first-level
   subfolder are labelled by that subfolder, and links to folders are followed, as torchvision's ``ImageFolder`` does.
 - :class:`ListSource`: a ``.txt`` file with one path per line, or a ``.csv``/``.tsv`` file with a ``path`` column
-  (and optionally ``label``); relative paths are relative to the list file.
+  (and optionally ``label``); relative paths are relative to the list file, and an entry may be a URL itself.
 - :class:`TarSource`: WebDataset-style shards (``train-{000..099}.tar``, expanded by ``braceexpand``), files grouped
-  into samples by ``webdataset``'s own rule, the image one per sample, the label from a ``cls`` file.
+  into samples by ``webdataset``'s own rule, the image one per sample, the label from a ``cls`` file; a shard is a
+  path, a URL, or a ``pipe:CMD`` command whose output is the shard (read forward, without random access).
 - :class:`DatasetSource`: a map-style ``torch.utils.data.Dataset`` yielding images, ``(image, label)`` or dicts
   with an image and a ``label`` (a Hugging Face ``datasets`` dataset, with or without ``.with_format("torch")``).
 
-File access goes through :mod:`fxfeat.extraction.files` (local files; fsspec's filesystems plug in there).
+Every path may be an fsspec URL (``https://``, ``s3://``...; ``storage_options`` per protocol): file access goes
+through :mod:`fxfeat.extraction.files` (fsspec's filesystems, ``pipe:`` commands).
 
 Example:
     >>> import tempfile, pathlib
@@ -39,17 +41,27 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib
 import os
 import re
-import tarfile
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 
-from fxfeat.errors import DataSourceError, MissingDependencyError
-from fxfeat.extraction.files import filesystem, is_url
+from fxfeat.errors import DataSourceError
+from fxfeat.extraction.files import (
+    PipeReader,
+    filesystem,
+    find,
+    is_file,
+    is_pipe,
+    is_url,
+    join,
+    parent,
+    read_errors,
+    unreachable,
+)
+from fxfeat.extraction.shards import expand_braces, tar_samples
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageSource", "FolderSource", "ListSource", "TarSource", "DatasetSource",
            "SOURCE_KINDS", "register_source", "open_source", "expand_braces", "split_item"]
@@ -119,10 +131,15 @@ class ImageSource:
 
 
 class _FileSource(ImageSource):
-    """A source whose items are whole files, named by their paths in ``self.files``."""
+    """A source whose items are whole files, named by their paths (or URLs) in ``self.files`` (the filesystem of
+    the source's location) or, for a URL of another place, in that URL's filesystem."""
+
+    storage_options: dict[str, Any] | None = None
 
     def read(self, index: int) -> bytes:
-        return self.files.cat_file(self.keys[index])
+        key = self.keys[index]
+        remote = is_url(key) or is_url(self.location)  # fsspec caches the filesystem of each URL
+        return (filesystem(key, self.storage_options) if remote else self.files).cat_file(key)
 
 
 class FolderSource(_FileSource):
@@ -132,18 +149,19 @@ class FolderSource(_FileSource):
     kind = "folder"
 
     @classmethod
-    def accepts(cls, data: Any) -> bool:
-        return isinstance(data, str) and not is_url(data) and filesystem(data).isdir(data)
+    def accepts(cls, data: Any, storage_options: dict[str, Any] | None = None) -> bool:
+        return isinstance(data, str) and not is_pipe(data) and filesystem(data, storage_options).isdir(data)
 
-    def __init__(self, root: str):
-        self.files = filesystem(root)
-        relative = sorted(name for name in (os.path.relpath(path, root).replace(os.sep, "/")
-                                            for path in self.files.find(root))
+    def __init__(self, root: str, storage_options: dict[str, Any] | None = None):
+        self.files, self.storage_options = filesystem(root, storage_options), storage_options
+        base = root.rstrip("/") or "/"
+        relative = sorted(name for name in (path[len(base):].lstrip("/").replace(os.sep, "/")
+                                            for path in find(self.files, root))
                           if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS)
         top = [name.split("/", 1)[0] if "/" in name else None for name in relative]
         classes = tuple(sorted({folder for folder in top if folder is not None}))
         index = {name: i for i, name in enumerate(classes)}
-        super().__init__(root, [os.path.join(root, name) for name in relative],
+        super().__init__(root, [join(root, name) for name in relative],
                          [None if folder is None else index[folder] for folder in top], classes, names=relative)
 
 
@@ -155,13 +173,13 @@ class ListSource(_FileSource):
     SUFFIXES = (".txt", ".csv", ".tsv", ".lst")
 
     @classmethod
-    def accepts(cls, data: Any) -> bool:
-        return isinstance(data, str) and data.lower().endswith(cls.SUFFIXES) and not is_url(data) \
-            and filesystem(data).isfile(data)
+    def accepts(cls, data: Any, storage_options: dict[str, Any] | None = None) -> bool:
+        return isinstance(data, str) and data.lower().endswith(cls.SUFFIXES) and not is_pipe(data) \
+            and is_file(filesystem(data, storage_options), data)
 
-    def __init__(self, list_file: str):
-        base = os.path.dirname(os.path.abspath(list_file))
-        self.files = filesystem(list_file)
+    def __init__(self, list_file: str, storage_options: dict[str, Any] | None = None):
+        base = parent(list_file)
+        self.files, self.storage_options = filesystem(list_file, storage_options), storage_options
         with self.files.open(list_file, "r", encoding="utf-8-sig", newline="") as handle:
             if list_file.lower().endswith((".csv", ".tsv")):
                 paths, raw_labels = _table_rows(list_file, handle)
@@ -169,7 +187,7 @@ class ListSource(_FileSource):
                 paths = [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
                 raw_labels = [None] * len(paths)
         labels, classes = _labels(raw_labels)
-        super().__init__(list_file, [os.path.join(base, path) for path in paths], labels, classes, names=paths)
+        super().__init__(list_file, [join(base, path) for path in paths], labels, classes, names=paths)
 
 
 _PATH_COLUMNS = ("path", "filepath", "file", "image", "filename", "file_name")  # file_name: Hugging Face's metadata.csv
@@ -204,96 +222,44 @@ class TarSource(ImageSource):
     """WebDataset-style tar shards: files grouped into samples by ``webdataset``'s ``group_by_keys`` (consecutive
     files sharing the name before the first dot of their base name), per sample its first image and a ``cls`` label.
     The members' offsets, listed once from the tar headers, give random access by index (webdataset's readers
-    stream a shard from its start; its indexed ``wids`` needs a shard-list description and maps whole shards)."""
+    stream a shard from its start; its indexed ``wids`` needs a shard-list description and maps whole shards).
+
+    A shard on a filesystem (a path, ``https://``, ``s3://``...) is listed in one sequential read of large blocks
+    and its images read by byte range, one request each. A ``pipe:CMD`` shard has no random access: it is listed
+    from the command's output, and read forward from a new run of the command in each process that reads it, the
+    samples before the ones asked for skipped."""
 
     kind = "tar"
 
     @classmethod
-    def accepts(cls, data: Any) -> bool:
-        return isinstance(data, str) and (data.endswith(".tar") or ("{" in data and ".tar" in data))
+    def accepts(cls, data: Any, storage_options: dict[str, Any] | None = None) -> bool:
+        return isinstance(data, str) and (data.endswith(".tar") or ("{" in data and ".tar" in data) or is_pipe(data))
 
-    def __init__(self, pattern: str):
-        self.files = filesystem(pattern)
+    def __init__(self, pattern: str, storage_options: dict[str, Any] | None = None):
         shards = expand_braces(pattern)
-        missing = [shard for shard in shards if not self.files.isfile(shard)]
+        self.files = None if is_pipe(shards[0]) else filesystem(shards[0], storage_options)
+        missing = [shard for shard in shards if not is_pipe(shard) and not is_file(self.files, shard)]
         if missing:
             raise DataSourceError(f"{len(missing)} of the {len(shards)} tar shards of {pattern!r} do not exist "
                                   f"(first: {missing[0]}).", hint="check the pattern, e.g. 'train-{000..099}.tar'.")
         keys, labels, self.members = [], [], []
         for shard in shards:
-            for key, (offset, size), label in _tar_samples(self.files, shard):
+            for key, (offset, size), label in tar_samples(self.files, shard, IMAGE_EXTENSIONS):
                 keys.append(f"{os.path.basename(shard)}/{key}")
                 labels.append(label)
                 self.members.append((shard, offset, size))
         super().__init__(pattern, keys, labels)
-        self._handles: dict[str, Any] = {}
+        self._pipe: PipeReader | None = None
 
     def read(self, index: int) -> bytes:
         shard, offset, size = self.members[index]
-        handle = self._handles.get(shard)
-        if handle is None:  # one open file per shard and worker
-            handle = self._handles[shard] = self.files.open(shard, "rb")
-        handle.seek(offset)
-        return handle.read(size)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_handles": {}}  # open files do not travel to the workers
-
-
-_LABEL_SUFFIXES = ("cls", "cls.txt", "label", "cls2")
-
-
-def _tar_samples(files: Any, shard: str):
-    """``(key, (offset, size) of the image, label)`` per sample of one shard, in member order."""
-    group_by_keys = _library("webdataset.tariterators", "webdataset", "to read tar shards").group_by_keys
-
-    def entries(archive: tarfile.TarFile):  # webdataset's file records, the image's bytes replaced by its place
-        for member in archive:
-            if member.isfile():
-                suffix = member.name.rpartition("/")[2].partition(".")[2].lower()
-                data = archive.extractfile(member).read() if suffix in _LABEL_SUFFIXES else \
-                    (member.offset_data, member.size)
-                yield {"fname": member.name, "data": data, "__url__": shard}
-
-    try:
-        with files.open(shard, "rb") as handle, tarfile.open(fileobj=handle, mode="r:") as archive:
-            for sample in group_by_keys(entries(archive)):
-                image = next((suffix for suffix in sample if "." + suffix in IMAGE_EXTENSIONS), None)
-                if image is not None:
-                    label = next((sample[suffix] for suffix in _LABEL_SUFFIXES if suffix in sample), None)
-                    yield sample["__key__"], sample[image], _tar_label(label)
-    except tarfile.TarError as error:
-        raise DataSourceError(f"{shard} is not a readable tar archive ({error}).",
-                              hint="shards are uncompressed tar files, as WebDataset writes them.") from None
-    except ValueError as error:  # webdataset's grouping: one sample holds two files of one extension
-        raise DataSourceError(f"the shard {shard} is not laid out as WebDataset's samples ({error.args[0]}).",
-                              hint="each sample's files are consecutive and share the name before the first dot "
-                              "(sample0001.jpg, sample0001.cls), one file per extension.") from None
-
-
-def _tar_label(data: bytes | None) -> int | None:
-    text = data.decode(errors="replace").strip() if data is not None else ""
-    return int(text) if re.fullmatch(r"-?\d+", text) else None
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """The paths a WebDataset brace pattern names (``braceexpand``): ``{000..012}`` (zero-padded ranges) and
-    ``{a,b}``.
-
-    Example:
-        >>> expand_braces("train-{00..02}.tar"), expand_braces("{a,b}-{1..2}.tar")
-        (['train-00.tar', 'train-01.tar', 'train-02.tar'], ['a-1.tar', 'a-2.tar', 'b-1.tar', 'b-2.tar'])
-
-    Raises:
-        DataSourceError: the braces do not pair up.
-    """
-    braceexpand = _library("braceexpand", "braceexpand", "to expand shard patterns")
-    try:
-        return list(braceexpand.braceexpand(pattern))
-    except braceexpand.UnbalancedBracesError:
-        raise DataSourceError(f"the shard pattern {pattern!r} has unbalanced braces.",
-                              hint="each '{' has its '}': 'train-{000..099}.tar' (a range) or "
-                              "'{train,val}-000.tar' (a list).") from None
+        if not is_pipe(shard):
+            return self.files.cat_file(shard, start=offset, end=offset + size)
+        if self._pipe is None or self._pipe.url != shard:  # one command running per process
+            if self._pipe is not None:
+                self._pipe.close()
+            self._pipe = PipeReader(shard)
+        return self._pipe.read(offset, size)
 
 
 class DatasetSource(ImageSource):
@@ -352,15 +318,7 @@ def _as_label(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _library(module: str, package: str, purpose: str) -> Any:
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise MissingDependencyError(f"fxfeat.extract uses {package} {purpose}, and it is not installed.",
-                                     hint=f"pip install 'fxfeat[extract]' (or pip install {package}).") from None
-
-
-SOURCE_KINDS: list[type[ImageSource]] = [TarSource, FolderSource, ListSource, DatasetSource]
+SOURCE_KINDS: list[type[ImageSource]] = [TarSource, ListSource, FolderSource, DatasetSource]
 """The source kinds :func:`open_source` asks, in order: the first whose ``accepts(data)`` is true reads ``data``."""
 
 
@@ -387,32 +345,39 @@ def register_source(kind: type[ImageSource]) -> type[ImageSource]:
     return kind
 
 
-def open_source(data: Any) -> ImageSource:
-    """The source ``data`` names: a folder, a ``.txt``/``.csv``/``.tsv`` list, a ``.tar`` pattern, a dataset, or
+def open_source(data: Any, storage_options: dict[str, Any] | None = None) -> ImageSource:
+    """The source ``data`` names: a folder, a ``.txt``/``.csv``/``.tsv`` list, a ``.tar`` pattern (paths or fsspec
+    URLs, the options of each protocol in ``storage_options``: ``{"s3": {"endpoint_url": ...}}``), a dataset, or
     what a registered kind accepts.
 
     Raises:
-        DataSourceError: the path does not exist, the source is empty or of a kind fxfeat does not read.
+        DataSourceError: the path does not exist or cannot be read (a host that does not answer), the source is
+            empty or of a kind fxfeat does not read.
+        MissingDependencyError: the package of a URL's protocol is not installed.
     """
     data = os.fspath(data) if isinstance(data, os.PathLike) else data
+    options = {"storage_options": storage_options} if storage_options else {}  # only the file kinds take them
     if isinstance(data, ImageSource):
         source = data
     else:
-        kind = next((kind for kind in SOURCE_KINDS if kind.accepts(data)), None)
-        if kind is None:
-            raise _unreadable(data)
-        source = kind(data)
+        try:
+            kind = next((kind for kind in SOURCE_KINDS if kind.accepts(data, **options)), None)
+            if kind is None:
+                raise _unreadable(data, storage_options)
+            source = kind(data, **options)
+        except read_errors() as error:
+            raise unreachable(str(data), error) from None
     if len(source) == 0:
         raise DataSourceError(f"The data source {source.location!r} ({source.kind}) holds no images.",
                               hint=f"image files end in {', '.join(IMAGE_EXTENSIONS)}; check the path.")
     return source
 
 
-def _unreadable(data: Any) -> DataSourceError:
+def _unreadable(data: Any, storage_options: dict[str, Any] | None) -> DataSourceError:
     if not isinstance(data, str):
         return DataSourceError(f"fxfeat.extract cannot read images from a {type(data).__name__}.",
                                hint=_WHAT_TO_PASS + " (an iterable dataset has no order to resume in).")
-    files = filesystem(data)  # a remote URL is refused here, with its own reason
+    files = filesystem(data, storage_options)
     if not files.exists(data):
         return DataSourceError(f"The data path {data!r} does not exist.", hint=_WHAT_TO_PASS + ".")
     return DataSourceError(f"{data!r} is a file fxfeat does not read as a data source.", hint=_WHAT_TO_PASS + ".")
