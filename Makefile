@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # torch and torchvision are pinned to the builds that lie on the development machines' disk.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-zoo bench bench-extract coverage lint clean
+.PHONY: install demo test test-zoo bench bench-extract coverage pictures lint clean
 
 install: $(STAMP)
 
@@ -34,6 +34,9 @@ bench-extract: install
 
 coverage: install
 	$(PY) -m benchmarks.coverage --out docs/coverage.json --markdown docs/coverage.md
+
+pictures: install
+	$(PY) -m benchmarks.pictures --out docs/pictures
 
 lint: install
 	$(PY) -m pip install -q ruff && $(PY) -m ruff check fxfeat tests benchmarks

@@ -82,8 +82,12 @@ def plot(
     Example:
         >>> import torchvision, fxfeat
         >>> figure = fxfeat.plot(torchvision.models.resnet18(), out_indices=(2, 3, 4))
-        >>> [text.get_text().splitlines()[1] for text in figure.axes[0].texts if text.get_gid().endswith("-title")]
-        ['3×224×224', '×2', 'layer2', 'layer3', 'layer4', 'layer4', 'flatten', 'fc']
+        >>> titles = [text.get_text().replace("\\n", " ") for text in figure.axes[0].texts
+        ...           if text.get_gid().endswith("-title")]
+        >>> titles[:6]   # levels 0 and 1 are not returned: grey boxes
+        ['input', '#0 relu', '#1 layer1', '#2 layer2', '#3 layer3', '#4 layer4']
+        >>> titles[6:]
+        ['unpooled layer4', 'pooled -', 'embedding fc']
     """
     if path is not None and Path(path).suffix.lower() not in FORMATS:
         raise InvalidRequestError(f"fxfeat.plot writes SVG or PNG files, not {Path(path).suffix or 'no extension'} "
