@@ -32,10 +32,12 @@ MODELS = {
     "hrnet": lambda: timm.create_model("hrnet_w18_small"),
     "swin": lambda: timm.create_model("swin_tiny_patch4_window7_224", depths=(1, 1, 1, 1)),
 }
-# (model, compile arguments): each at its probe size, two at another size, one with out_indices and output_stride
+# (model, compile arguments): each at its probe size, two at another size, one with out_indices and output_stride,
+# one with levels named by the user
 CASES = [
     ("resnet18", {}),
     ("resnet18", {"input_size": (3, 160, 192), "out_indices": (2, 3, 4), "output_stride": 16}),
+    ("resnet18", {"levels": ["layer1.0", "layer3", "layer4.1.conv1"]}),
     ("vit24", {}),
     ("vit24", {"input_size": (3, 160, 160), "out_indices": (5, 11, 17, 23)}),
     ("hrnet", {}),
@@ -83,7 +85,7 @@ def test_the_numbers_drawn_are_feature_info_and_the_report(models, name, argumen
     fxfeat.plot(model, path, **arguments)
     texts = _svg_texts(path)
     info = fxfeat.compile(model, **arguments).feature_info
-    report = fxfeat.inspect(model, input_size=arguments.get("input_size"), out_indices=arguments.get("out_indices"))
+    report = fxfeat.inspect(model, **{key: value for key, value in arguments.items() if key != "output_stride"})
     drawn = {level["index"]: level for level in (
         _read_level(texts[f"level-{i}-title"], texts[f"level-{i}-details"])
         for i in range(len(info)) if f"level-{i}-title" in texts)}
@@ -107,6 +109,7 @@ def test_the_numbers_drawn_are_feature_info_and_the_report(models, name, argumen
     title = " ".join(texts["title"])
     assert f"out_indices={info.out_indices}" in title
     assert ("output_stride=16" in title) == ("output_stride" in arguments)
+    assert ("chosen by the user" in title) == ("levels" in arguments)
     assert texts["input-details"] == ["×".join(map(str, arguments.get("input_size", report.input_size)))]
 
 
@@ -230,7 +233,8 @@ def test_inspect_plot_writes_the_picture(tmp_path, capsys):
     main(["inspect", "torchvision:resnet18", "--plot", str(tmp_path / "maps.png"), "--image",
           str(tmp_path / "image.jpg")])
     assert (tmp_path / "maps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(SystemExit) as exit_code:
-        main(["inspect", "torchvision:resnet18", "--plot", str(tmp_path / "maps.png"), "--image",
-              str(tmp_path / "missing.jpg")])
-    assert exit_code.value.code == 2 and "Hint:" in capsys.readouterr().err
+    for arguments in (["--plot", str(tmp_path / "maps.png"), "--image", str(tmp_path / "missing.jpg")],
+                      ["--image", str(tmp_path / "image.jpg")], ["--plot", str(tmp_path / "levels.pdf")]):
+        with pytest.raises(SystemExit) as exit_code:
+            main(["inspect", "torchvision:resnet18", *arguments])
+        assert exit_code.value.code == 2 and "Hint:" in capsys.readouterr().err
