@@ -32,7 +32,10 @@ default, and what clip-retrieval writes). Every fxfeat row is compared with the 
 lowest cosine is reported, with the goals (fxfeat at least 1.2x the hand loop, every cosine at least 0.9999) as
 met or missed; nothing is asserted (a benchmark is not a test).
 
-Each method runs ``--rounds`` times, interleaved, and keeps its best round. Then peak RSS of ``fxfeat extract`` (in
+Each method runs ``--rounds`` times, interleaved, and keeps its best round. Then the HTTP row
+(:mod:`benchmarks.extract_http`: ``--http-model`` at ``--http-size`` px on ``--http-images`` images as tar shards,
+served by a local HTTP server against the same shards on disk, wall time including the listing; goal: HTTP within
+10% of disk). Then peak RSS of ``fxfeat extract`` (in
 a fresh process each, main process and workers) for two dataset sizes, which must stay within 10% of each other.
 
 Usage::
@@ -354,7 +357,9 @@ def run(args: argparse.Namespace) -> dict:
     from benchmarks.run import _versions, device_name
 
     work = Path(args.work)
-    all_paths = make_images(work / "images", max([args.images, *args.rss_images]))
+    if args.http_images is None:
+        args.http_images = args.images
+    all_paths = make_images(work / "images", max([args.images, args.http_images, *args.rss_images]))
     paths = all_paths[: args.images]
     list_file = _list_file(paths, work / "bench.txt")
     versions = _versions()
@@ -411,6 +416,12 @@ def run(args: argparse.Namespace) -> dict:
         shutil.rmtree(work / "out-peer-bfloat16", ignore_errors=True)
         if isinstance(case.given, str):
             Path(case.weights).unlink()
+    if args.http_images:
+        from benchmarks.extract_http import http_row
+
+        results["http"] = http_row(build(args.http_model), args.http_model, all_paths[: args.http_images], work,
+                                   args.http_size, args.workers, args.batch_size, max(args.rounds, 1))
+        print(f"HTTP shards: {results['http']['http_over_disk']:.3f}x the disk's wall time", flush=True)
     if args.rss_images:
         results["rss"] = {"model": args.rss_model, "runs": {
             count: peak_rss(args.rss_model, all_paths[:count], args.workers, args.batch_size, work)
@@ -467,6 +478,10 @@ def write_markdown(results: dict, path: str) -> None:
     if commands:
         lines += ["", "`fxfeat extract` of a model given by name is the call the command line makes:", ""]
         lines += [f"- {name}: `{command}`" for name, command in commands]
+    if "http" in results:
+        from benchmarks.extract_http import http_markdown
+
+        lines += http_markdown(results["http"])
     if "rss" in results:
         runs = results["rss"]["runs"]
         lines += ["", f"Peak RSS of `fxfeat extract` ({results['rss']['model']}, pooled and unpooled features, parts "
@@ -486,7 +501,7 @@ def main(argv: list[str] | None = None) -> None:
         _rss_child(argv[1], argv[2], argv[3], int(argv[4]), int(argv[5]))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["resnet50", "vit_base_patch16_224", "open_clip:ViT-B-32"],
+    parser.add_argument("--models", nargs="*", default=["resnet50", "vit_base_patch16_224", "open_clip:ViT-B-32"],
                         help="timm model names and open_clip:ARCH (the embedding case against the open_clip loop)")
     parser.add_argument("--images", type=int, default=320)
     parser.add_argument("--workers", type=int, default=2)
@@ -498,6 +513,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="fxfeat extract's compute dtype (float32: as the hand loops compute, the rows above; "
                         "auto: fxfeat's default, its probe on the CPU; bfloat16: forced); other than float32 adds "
                         "the hand loop with its model cast to bfloat16")
+    parser.add_argument("--http-images", type=int, default=None,
+                        help="images of the HTTP row (default: --images; 0: no HTTP row)")
+    parser.add_argument("--http-model", default="resnet18", help="the HTTP row's model (light: reading weighs)")
+    parser.add_argument("--http-size", type=int, default=128, help="the HTTP row's input size in pixels")
     parser.add_argument("--rss-images", type=int, nargs="*", default=[2000, 8000])
     parser.add_argument("--rss-model", default="resnet18")
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "fxfeat-extract-bench"))

@@ -183,3 +183,21 @@ def test_gpu_script_smoke_run_on_the_cpu(tmp_path):
     rows = json.loads((tmp_path / "benchmarks-gpu.json").read_text())["results"]
     assert {row["batch"] for row in rows} == {1, 2}
     assert "| resnet10t |" in (tmp_path / "extract-gpu.md").read_text()
+
+
+def test_extract_benchmark_http_row(tmp_path):
+    """The HTTP row: the same shards from disk and from a local HTTP server, both computed (rows bit-equal, the
+    images read by range requests), the ratio and its goal written (no speed asserted)."""
+    from benchmarks import extract as bench
+
+    out, markdown = tmp_path / "e.json", tmp_path / "e.md"
+    bench.main(["--models", "--images", "6", "--http-images", "6", "--http-model", "resnet10t", "--http-size", "64",
+                "--batch-size", "4", "--workers", "1", "--rounds", "1", "--rss-images", "--work",
+                str(tmp_path / "work"), "--out", str(out), "--markdown", str(markdown)])
+    row = json.loads(out.read_text())["http"]
+    assert row["disk"]["images"] == row["http"]["images"] == 6 and row["shards"] == 1
+    assert row["disk"]["wall_s"] > 0 and row["http"]["wall_s"] > 0 and row["rows_equal"]
+    assert row["http"]["requests"] >= 6  # one range request per image at least
+    assert row["http_over_disk"] == row["http"]["wall_s"] / row["disk"]["wall_s"]
+    assert set(row["goal"].values()) <= {"met", "missed"}
+    assert "| HTTP |" in markdown.read_text() and "HTTP / disk wall time" in markdown.read_text()

@@ -131,15 +131,15 @@ class ImageSource:
 
 
 class _FileSource(ImageSource):
-    """A source whose items are whole files, named by their paths (or URLs) in ``self.files`` (the filesystem of
-    the source's location) or, for a URL of another place, in that URL's filesystem."""
+    """A source whose items are whole files, named by their paths or URLs."""
 
     storage_options: dict[str, Any] | None = None
 
     def read(self, index: int) -> bytes:
         key = self.keys[index]
-        remote = is_url(key) or is_url(self.location)  # fsspec caches the filesystem of each URL
-        return (filesystem(key, self.storage_options) if remote else self.files).cat_file(key)
+        # The filesystem is asked for in the process that reads (fsspec keeps one per process and URL's options):
+        # an instance made before the DataLoader forked its workers is not theirs to use (fsspec's async ones).
+        return filesystem(key, self.storage_options).cat_file(key)
 
 
 class FolderSource(_FileSource):
@@ -238,6 +238,7 @@ class TarSource(ImageSource):
     def __init__(self, pattern: str, storage_options: dict[str, Any] | None = None):
         shards = expand_braces(pattern)
         self.files = None if is_pipe(shards[0]) else filesystem(shards[0], storage_options)
+        self.storage_options = storage_options
         missing = [shard for shard in shards if not is_pipe(shard) and not is_file(self.files, shard)]
         if missing:
             raise DataSourceError(f"{len(missing)} of the {len(shards)} tar shards of {pattern!r} do not exist "
@@ -254,7 +255,7 @@ class TarSource(ImageSource):
     def read(self, index: int) -> bytes:
         shard, offset, size = self.members[index]
         if not is_pipe(shard):
-            return self.files.cat_file(shard, start=offset, end=offset + size)
+            return filesystem(shard, self.storage_options).cat_file(shard, start=offset, end=offset + size)
         if self._pipe is None or self._pipe.url != shard:  # one command running per process
             if self._pipe is not None:
                 self._pipe.close()
