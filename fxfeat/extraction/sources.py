@@ -55,7 +55,6 @@ from fxfeat.extraction.files import (
     find,
     is_file,
     is_pipe,
-    is_url,
     join,
     parent,
     read_errors,
