@@ -52,7 +52,8 @@ def small_model() -> nn.Module:
     return torchvision.models.resnet18().eval()
 
 
-FAST = dict(input_size=(3, 64, 64), num_workers=0, progress=False, batch_size=4)
+# float32 compute: rows compared with the extractor's own outputs, and no timed probe deciding a test's rows
+FAST = dict(input_size=(3, 64, 64), num_workers=0, progress=False, batch_size=4, compute_dtype=torch.float32)
 
 
 def preprocessed(model: nn.Module, paths: list[str], input_size=(3, 64, 64)) -> torch.Tensor:
@@ -177,8 +178,8 @@ def test_cli_on_folder_list_and_tar_shards(tmp_path):
         result = subprocess.run(
             [sys.executable, "-m", "fxfeat", "extract", "torchvision:resnet18", str(source), "--out",
              str(tmp_path / name), "--weights", "random", "--features", "pooled,-1", "--pool", "avg",
-             "--input-size", "3", "64", "64", "--workers", "1", "--shard-size", "4", "--quiet"],
-            capture_output=True, text=True, cwd=ROOT, timeout=300)
+             "--input-size", "3", "64", "64", "--workers", "1", "--shard-size", "4", "--quiet",
+             "--compute-dtype", "float32"], capture_output=True, text=True, cwd=ROOT, timeout=300)
         assert result.returncode == 0, result.stderr
         assert "6 images written" in result.stdout, result.stdout
     arrays = [fxfeat.load_features(tmp_path / name)[0] for name in ("folder", "list", "tar")]
@@ -332,7 +333,7 @@ torch.manual_seed(0)
 model = torchvision.models.resnet18().eval()
 paths = sorted(Path({data!r}).rglob("*.jpg"))
 summary = fxfeat.extract(model, Slow(paths), {out!r}, shard_size=2, batch_size=1, num_workers=0, progress=False,
-                         input_size=(3, 64, 64))
+                         input_size=(3, 64, 64), compute_dtype=torch.float32)
 print(summary.parts_written, summary.parts_kept)
 """
 
@@ -370,7 +371,8 @@ def test_two_processes_under_torchrun_write_the_rows_of_one(tmp_path):
     data = make_folder(tmp_path / "images", count=11, broken=True)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fxfeat",
                "extract", "torchvision:resnet18", str(data), "--weights", "random", "--input-size", "3", "64", "64",
-               "--features", "pooled,layer3", "--pool", "layer3=max", "--workers", "1", "--quiet"]
+               "--features", "pooled,layer3", "--pool", "layer3=max", "--workers", "1", "--quiet",
+               "--compute-dtype", "float32"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([*command, "--out", str(tmp_path / "two"), "--shard-size", "3"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)

@@ -4,8 +4,10 @@ A feature request is ``"pooled"`` (the vector before the final linear maps, ``mo
 ``"logits"`` (the model's own final vector, ``mode="embedding"``), ``"unpooled"`` (the last map before the global
 pool, ``mode="unpooled"``), ``"features"`` (the pyramid levels ``out_indices`` selects), a level index, or a level
 name (a module path, a level's output name, or an fx node name), or a list of these. Each becomes a
-:class:`FeatureSpec`; they are compiled into one extractor with ``levels=[...]`` (the head features by their
-names), so one forward pass gives every feature. ``pool="avg"``/``"max"`` turns maps into vectors.
+:class:`FeatureSpec`, whose folder is named by the rule of ``return_dict`` keys (:mod:`fxfeat.plan.names`); they are
+compiled into one extractor with ``levels=[...]`` (the head features by their names), so one forward pass gives
+every feature, from the one trace that also lists the levels the requests name (``fxfeat.api.compile_inspected``).
+``pool="avg"``/``"max"`` turns maps into vectors.
 
 Example:
     >>> import torchvision
@@ -19,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,17 +28,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxfeat.api import Inspection, compile, inspect
+from fxfeat.api import Inspection, compile_inspected
 from fxfeat.errors import InvalidRequestError, OutIndicesError
+from fxfeat.extraction.format import feature_names
 from fxfeat.module import FeatureGraphModule
 from fxfeat.plan.head import HEAD_FEATURES
+from fxfeat.plan.names import entry_label, output_names
 from fxfeat.trace.metadata import output_node
 
 __all__ = ["KEYWORDS", "POOLS", "FeatureSpec", "build_extractor", "extractor_features"]
 
 KEYWORDS = (*HEAD_FEATURES, "features")
 POOLS = ("avg", "max", None)
-RESERVED_NAMES = ("metadata",)  # folders of the output that are not features
 
 
 @dataclass(frozen=True)
@@ -90,9 +92,29 @@ def build_extractor(
             returns no vector per image.
     """
     requests = _as_list(features)
-    report = inspect(model, levels=levels, input_size=input_size,
-                     out_indices=out_indices if "features" in requests else None)
-    named: list[tuple[str, str]] = []  # (feature name, level to compile)
+    report, extractor = compile_inspected(
+        model, lambda report: list(dict.fromkeys(level for _, level in _named(report, requests))), levels=levels,
+        input_size=input_size, out_indices=out_indices if "features" in requests else None,
+        output_stride=output_stride)
+    named = _named(report, requests)
+    compiled_levels = list(dict.fromkeys(level for _, level in named))
+    entries = extractor.feature_info.get_dicts()
+    pools = _pools(pool, [name for name, _ in named])
+    folders = feature_names([name for name, _ in named], fallbacks=[level for _, level in named])
+    specs = []
+    for (name, level), folder in zip(named, folders):
+        index = compiled_levels.index(level)
+        entry = dict(entries[index])
+        chosen = pools.get(name)
+        if chosen is not None and entry["reduction"] is None:
+            chosen = None if name not in _explicit(pool) else _vector_pool_error(name, chosen)
+        specs.append(FeatureSpec(folder, index, chosen, entry))
+    return extractor, specs
+
+
+def _named(report: Inspection, requests: list[str | int]) -> list[tuple[str, str]]:
+    """``(feature name, level to compile)`` of every requested feature, each named once."""
+    named: list[tuple[str, str]] = []
     for request in requests:
         named.extend(_expand(report, request))
     names = [name for name, _ in named]
@@ -100,32 +122,21 @@ def build_extractor(
     if repeated:
         raise InvalidRequestError(f"features names {', '.join(repeated)} more than once.",
                                   hint="list each feature once ('features' already holds the pyramid levels).")
-    compiled_levels = list(dict.fromkeys(level for _, level in named))
-    extractor = compile(model, levels=compiled_levels, input_size=report.input_size, output_stride=output_stride)
-    entries = extractor.feature_info.get_dicts()
-    pools = _pools(pool, names)
-    specs = []
-    for name, level in named:
-        index = compiled_levels.index(level)
-        entry = dict(entries[index])
-        chosen = pools.get(name)
-        if chosen is not None and entry["reduction"] is None:
-            chosen = None if name not in _explicit(pool) else _vector_pool_error(name, chosen)
-        specs.append(FeatureSpec(_folder_name(name), index, chosen, entry))
-    return extractor, specs
+    return named
 
 
 def extractor_features(extractor: FeatureGraphModule, pool: Any = None) -> list[FeatureSpec]:
     """The specs of an extractor ``fxfeat.compile`` already built: each of its outputs, named by its level
     (``"pooled"``, ``"embedding"``... for the head features)."""
     entries = extractor.feature_info.get_dicts()
-    names = _unique([entry.get("head") or entry["module"] or entry["node"] for entry in entries])
+    labels = [entry_label(entry) for entry in entries]
     if extractor.feature_info.out_indices and len(entries) == 1 and _returns_tensor(extractor) and not \
             entries[0].get("head"):  # a new classifier's logits, or an extractor saved before entries named heads
-        names = ["pooled" if entries[0]["reduction"] is None else "unpooled"]
-    pools = _pools(pool, names)
-    return [FeatureSpec(_folder_name(name), index, pools.get(name) if entry["reduction"] is not None else None,
-                        dict(entry)) for index, (name, entry) in enumerate(zip(names, entries))]
+        labels = ["pooled" if entries[0]["reduction"] is None else "unpooled"]
+    pools = _pools(pool, labels)
+    folders = feature_names(labels, fallbacks=[entry["node"] for entry in entries])
+    return [FeatureSpec(folder, index, pools.get(label) if entry["reduction"] is not None else None, dict(entry))
+            for index, (label, folder, entry) in enumerate(zip(labels, folders, entries))]
 
 
 def _returns_tensor(extractor: FeatureGraphModule) -> bool:
@@ -149,7 +160,7 @@ def _expand(report: Inspection, request: str | int) -> list[tuple[str, str]]:
         return [(request, request)]  # compile resolves the name, or says why the model has no such feature
     levels = report.levels
     if request == "features":
-        names = _unique([level.module or level.node for level in levels])
+        names = output_names([level.module or level.node for level in levels], [level.node for level in levels])
         return [(names[index], levels[index].node) for index in report.out_indices]
     if isinstance(request, int):
         if not -len(levels) <= request < len(levels):
@@ -161,15 +172,6 @@ def _expand(report: Inspection, request: str | int) -> list[tuple[str, str]]:
         if request in (level.module, level.node, (level.module or "").replace(".", "_")):
             return [(request, level.node)]
     return [(request, request)]  # any module path or node name: compile resolves it, or says why not
-
-
-def _unique(names: list[str]) -> list[str]:
-    seen: dict[str, int] = {}
-    unique = []
-    for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        unique.append(name if seen[name] == 1 else f"{name}_{seen[name] - 1}")
-    return unique
 
 
 def _explicit(pool: Any) -> dict[str, Any]:
@@ -195,8 +197,3 @@ def _pools(pool: Any, names: list[str]) -> dict[str, str | None]:
 def _vector_pool_error(name: str, pool: str) -> None:
     raise InvalidRequestError(f"pool={pool!r} for {name!r}, which is already a vector.",
                               hint="pool applies to feature maps; leave it out for this feature.")
-
-
-def _folder_name(name: str) -> str:
-    folder = re.sub(r"[^A-Za-z0-9_.-]", "_", name.replace(".", "_"))
-    return f"{folder}_feature" if folder in RESERVED_NAMES else folder

@@ -178,7 +178,8 @@ def unreachable(location: str, error: Exception) -> DataSourceError:
     """The error of data that could not be read: a host that does not answer, a refused request, a missing file."""
     return DataSourceError(f"could not read the data {location!r}: {type(error).__name__}: {error}",
                            hint="check the URL (open it with fsspec.open or curl), the network and the credentials "
-                           "(fsspec's storage options: extract(..., storage_options={'s3': {...}})).")
+                           "(fsspec's options: extract(..., storage_options={'s3': {...}}), or on the command line "
+                           "fsspec's configuration, e.g. FSSPEC_S3_ENDPOINT_URL).")
 
 
 class PipeReader:

@@ -29,6 +29,8 @@ from torch import nn
 from fxfeat.errors import DataSourceError, ExtractError, InvalidRequestError
 from fxfeat.extraction.decode import decode, image_tensor, pil_image
 from fxfeat.extraction.features import FeatureSpec
+from fxfeat.extraction.filesystem import output_filesystem, remove
+from fxfeat.extraction.format import temporary_folder
 from fxfeat.extraction.parts import PartWriter
 from fxfeat.extraction.preprocess import Preprocessing
 from fxfeat.extraction.sources import ImageSource
@@ -72,7 +74,7 @@ class _Images(torch.utils.data.Dataset):
     def __init__(self, source: ImageSource, preprocessing: Preprocessing | None, transform: Callable | None,
                  channels: int):
         self.source, self.preprocessing, self.transform, self.channels = source, preprocessing, transform, channels
-        self.encoded = source.kind != "dataset"
+        self.encoded = getattr(source, "encoded", source.kind != "dataset")  # file bytes, or a dataset's objects
 
     def __len__(self) -> int:
         return len(self.source)
@@ -129,8 +131,8 @@ class _Writer:
     """A thread writing parts from a short queue; its error is raised in the main thread at the next call."""
 
     def __init__(self, out: str, specs: list[FeatureSpec], dtype: np.dtype, tag: str, run: dict[str, Any],
-                 on_commit: Callable[[dict[str, Any]], None]):
-        self.out, self.tag, self.run, self.on_commit = out, tag, run, on_commit
+                 on_commit: Callable[[dict[str, Any]], None], files: Any):
+        self.out, self.tag, self.run, self.on_commit, self.files = out, tag, run, on_commit, files
         self.features = {spec.name: (spec.shape(), dtype) for spec in specs}
         self._queue: queue.Queue = queue.Queue(maxsize=3)
         self._open: PartWriter | None = None
@@ -183,7 +185,8 @@ class _Writer:
     def _handle(self, kind: str, batch: PlannedBatch, rows: _Batch | None = None,
                 arrays: dict[str, torch.Tensor] | None = None, ready: Any = None) -> None:
         if self._open is None:
-            self._open = PartWriter(self.out, batch.part, (batch.first, batch.stop), self.features, self.tag)
+            self._open = PartWriter(self.out, batch.part, (batch.first, batch.stop), self.features, self.tag,
+                                    self.files)
         if kind == "rows":
             if ready is not None:
                 ready.synchronize()  # the device-to-host copies of this batch
@@ -202,19 +205,21 @@ def run_parts(module: nn.Module, specs: list[FeatureSpec], source: ImageSource, 
               *, out: str, preprocessing: Preprocessing | None, transform: Callable | None, channels: int,
               batch_size: int, num_workers: int, device: torch.device, dtype: torch.dtype, on_error: str,
               tag: str, run: dict[str, Any], progress: Callable[[int], None],
-              on_commit: Callable[[dict[str, Any]], None]) -> None:
+              on_commit: Callable[[dict[str, Any]], None], files: Any = None) -> None:
     """Extract ``parts`` of ``source`` with ``module`` into ``out``; ``progress(n)`` after each batch,
-    ``on_commit(record)`` after each part."""
+    ``on_commit(record)`` after each part. ``tag`` names this run's (and process's) temporary folder, removed at
+    the end."""
     plan = batch_plan(parts, batch_size)
     if not plan:
         return
+    files = files if files is not None else output_filesystem(out)
     cuda = device.type == "cuda"
     loader = torch.utils.data.DataLoader(
         _Images(source, preprocessing, transform, channels), batch_sampler=[batch.ids for batch in plan],
         num_workers=num_workers, collate_fn=_Batch, pin_memory=cuda,
         prefetch_factor=4 if num_workers else None,
     )
-    writer = _Writer(out, specs, np.dtype(str(dtype).removeprefix("torch.")), tag, run, on_commit)
+    writer = _Writer(out, specs, np.dtype(str(dtype).removeprefix("torch.")), tag, run, on_commit, files)
     try:
         with torch.inference_mode():
             for planned, batch in zip(plan, loader):
@@ -241,3 +246,5 @@ def run_parts(module: nn.Module, specs: list[FeatureSpec], source: ImageSource, 
     except BaseException:
         writer.abort()
         raise
+    finally:
+        remove(files, f"{out}/{temporary_folder(tag)}", recursive=True)

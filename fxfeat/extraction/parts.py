@@ -1,11 +1,14 @@
 """Writing one part of an extraction: a ``.npy`` file per feature and a ``.parquet`` metadata file, made visible
 all together or not at all.
 
-Rows stream into temporary files under ``DIR/.fxfeat/tmp`` as batches arrive (a part never sits in memory: a
-pyramid of maps for 10,000 images is gigabytes). On :meth:`PartWriter.commit` every file is flushed to disk,
-hashed, renamed into place (``DIR/<feature>/part-00000.npy``, ``DIR/metadata/part-00000.parquet``), and then the
-part's record is written (``DIR/.fxfeat/parts/part-00000.json``): the record is what says a part exists, so a
-crash before it leaves a part that the next run redoes, never one that counts.
+Rows stream into the run's temporary folder as batches arrive (a part never sits in memory: a pyramid of maps for
+10,000 images is gigabytes). On :meth:`PartWriter.commit` every file is made durable, hashed, renamed into place
+(the layout of :mod:`fxfeat.extraction.format`), and then the part's record is written: the record is what says a
+part exists, so a crash before it leaves a part that the next run redoes, never one that counts.
+
+On a filesystem other than this machine's (an object store, ``memory://``), whose files are uploaded whole and
+cannot be written back into, the rows stream into a local folder instead; on commit each file is uploaded to the
+run's temporary folder in the output, moved to its name (a copy on an object store), and the record written last.
 
 Example:
     >>> import tempfile, numpy as np
@@ -21,67 +24,52 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
+import tempfile
 import time
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
 from fxfeat.errors import MissingDependencyError
+from fxfeat.extraction.filesystem import (
+    digest,
+    durable,
+    is_local,
+    local_files,
+    move,
+    output_filesystem,
+    remove,
+    write_file,
+)
+from fxfeat.extraction.format import (
+    METADATA_COLUMNS,
+    feature_file,
+    metadata_file,
+    part_name,
+    record_file,
+    temporary_folder,
+)
 
-__all__ = ["METADATA", "PartWriter", "file_digest", "part_name", "record_path", "write_json_atomically"]
-
-METADATA = "metadata"
-STATE = ".fxfeat"  # fxfeat's own files in the output: part records and temporary files
-
-
-def part_name(part: int) -> str:
-    return f"part-{part:05d}"
-
-
-def record_path(out: str, part: int) -> str:
-    return os.path.join(out, STATE, "parts", f"{part_name(part)}.json")
-
-
-def file_digest(path: str) -> str:
-    """sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_json_atomically(path: str, value: Any) -> None:
-    """Write JSON to a temporary file, flush it to disk, then rename it over ``path``."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temporary = f"{path}.tmp.{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+__all__ = ["PartWriter"]
 
 
 class _NpyStream:
-    """A ``.npy`` file written row block by row block; its header, reserved for ``capacity`` rows, gets the real
-    row count on :meth:`close` (the header's padding absorbs the shorter number)."""
+    """A ``.npy`` file written row block by row block. numpy's header (``numpy.lib.format``) leaves room for the
+    first dimension to grow in place, so it is written for no rows first and rewritten with the row count on
+    :meth:`close`, at the same length."""
 
-    def __init__(self, path: str, row_shape: tuple[int, ...], dtype: np.dtype, capacity: int):
-        self.path, self.row_shape, self.dtype, self.rows = path, tuple(row_shape), np.dtype(dtype), 0
-        self._header_length = len(self._header(capacity))
-        self._file = open(path, "wb")
-        self._file.write(self._header(capacity))
+    def __init__(self, files: Any, path: str, row_shape: tuple[int, ...], dtype: np.dtype):
+        self.files, self.path, self.row_shape, self.dtype, self.rows = files, path, tuple(row_shape), np.dtype(
+            dtype), 0
+        self._file: IO = files.open(path, "wb")
+        self._data_offset = self._write_header()
 
-    def _header(self, rows: int, length: int | None = None) -> bytes:
-        text = repr({"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
-                     "shape": (rows, *self.row_shape)})
-        prefix = 10  # magic, version, header length
-        size = length - prefix if length else -(-(prefix + len(text) + 1) // 64) * 64 - prefix
-        text = text.ljust(size - 1) + "\n"
-        return b"\x93NUMPY\x01\x00" + len(text).to_bytes(2, "little") + text.encode("latin1")
+    def _write_header(self) -> int:
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": (self.rows, *self.row_shape)}
+        np.lib.format.write_array_header_1_0(self._file, header)
+        return self._file.tell()
 
     def write(self, array: np.ndarray) -> None:
         if array.shape[1:] != self.row_shape or array.dtype != self.dtype:
@@ -92,14 +80,14 @@ class _NpyStream:
 
     def close(self) -> None:
         self._file.seek(0)
-        self._file.write(self._header(self.rows, self._header_length))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        if self._write_header() != self._data_offset:  # numpy's header no longer grows in place
+            raise RuntimeError(f"the .npy header of {self.path} changed length with its row count")
+        durable(self._file)
         self._file.close()
 
     def abort(self) -> None:
         self._file.close()
-        os.unlink(self.path)
+        remove(self.files, self.path)
 
 
 class PartWriter:
@@ -110,21 +98,27 @@ class PartWriter:
         part: the part's number.
         rows: ``(first, stop)`` dataset indices of the part.
         features: per feature name, ``(row shape, numpy dtype)``.
-        tag: distinguishes the temporary files of concurrent writers (the rank).
+        run: this run's (and process's) name for its temporary folder.
+        files: the fsspec filesystem the output lives on (by default the one its path names).
     """
 
     def __init__(self, out: str, part: int, rows: tuple[int, int], features: dict[str, tuple[tuple, Any]],
-                 tag: str = "0"):
+                 run: str = "0", files: Any = None):
         self.out, self.part, self.first, self.stop = out, part, rows[0], rows[1]
+        self.files = files if files is not None else output_filesystem(out)
         self.started = time.perf_counter()
-        temporary = os.path.join(out, STATE, "tmp")
-        os.makedirs(temporary, exist_ok=True)
-        capacity = rows[1] - rows[0]
-        self._arrays = {name: _NpyStream(os.path.join(temporary, f"{part_name(part)}.{tag}.{name}.npy"), shape,
-                                         dtype, capacity) for name, (shape, dtype) in features.items()}
-        self._metadata: dict[str, list] = {"id": [], "path": [], "label": [], "width": [], "height": []}
+        self.temporary = f"{out}/{temporary_folder(run)}"
+        # Rows are written as they arrive to the output's temporary folder, or, for a filesystem other than this
+        # machine's, to a local folder whose files commit() uploads.
+        self._local = local_files()
+        temporary = self.temporary if is_local(self.files) else tempfile.mkdtemp(prefix="fxfeat-part-")
+        self._local.makedirs(temporary, exist_ok=True)
+        self._staging = temporary
+        self._arrays = {name: _NpyStream(self._local, f"{temporary}/{part_name(part)}.{name}.npy", shape, dtype)
+                        for name, (shape, dtype) in features.items()}
+        self._metadata: dict[str, list] = {name: [] for name, _ in METADATA_COLUMNS}
         self._skipped: list[dict[str, Any]] = []
-        self._temporary_metadata = os.path.join(temporary, f"{part_name(part)}.{tag}.{METADATA}.parquet")
+        self._temporary_metadata = f"{temporary}/{part_name(part)}.metadata.parquet"
 
     def add(self, ids: list[int], keys: list[str | None], labels: list[int | None], sizes: list[tuple[int, int]],
             arrays: dict[str, np.ndarray]) -> None:
@@ -147,41 +141,44 @@ class PartWriter:
         files = {}
         for name, stream in self._arrays.items():
             stream.close()
-            files[f"{name}/{part_name(self.part)}.npy"] = stream.path
+            files[feature_file(name, self.part)] = stream.path
         self._write_metadata()
-        files[f"{METADATA}/{part_name(self.part)}.parquet"] = self._temporary_metadata
+        files[metadata_file(self.part)] = self._temporary_metadata
         described = {}
         for relative, temporary in files.items():
-            described[relative] = {"sha256": file_digest(temporary), "bytes": os.path.getsize(temporary)}
-            final = os.path.join(self.out, relative)
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            os.replace(temporary, final)
+            described[relative] = {"sha256": digest(self._local, temporary), "bytes": self._local.size(temporary)}
+            if self._staging != self.temporary:  # staged on this machine: upload it to the run's folder
+                uploaded = f"{self.temporary}/{temporary.rpartition('/')[2]}"
+                self.files.put_file(temporary, uploaded)
+                remove(self._local, temporary)
+                temporary = uploaded
+            self.files.makedirs(f"{self.out}/{relative.rpartition('/')[0]}", exist_ok=True)
+            move(self.files, temporary, f"{self.out}/{relative}")
+        self._drop_staging()
         record = {"part": self.part, "rows": [self.first, self.stop], "count": len(self._metadata["id"]),
                   "files": described, "skipped": self._skipped,
                   "seconds": round(time.perf_counter() - self.started, 3), "run": run}
-        write_json_atomically(record_path(self.out, self.part), record)
+        write_file(self.files, f"{self.out}/{record_file(self.part)}", json.dumps(record, indent=1).encode())
         return record
 
     def abort(self) -> None:
         """Drop the part's temporary files (an interrupted run)."""
         for stream in self._arrays.values():
             stream.abort()
-        if os.path.exists(self._temporary_metadata):
-            os.unlink(self._temporary_metadata)
+        remove(self._local, self._temporary_metadata)
+        self._drop_staging()
+
+    def _drop_staging(self) -> None:
+        if self._staging != self.temporary:
+            remove(self._local, self._staging, recursive=True)
 
     def _write_metadata(self) -> None:
         pyarrow, parquet = _pyarrow()
-        columns = self._metadata
-        table = pyarrow.table({
-            "id": pyarrow.array(columns["id"], pyarrow.int64()),
-            "path": pyarrow.array(columns["path"], pyarrow.string()),
-            "label": pyarrow.array(columns["label"], pyarrow.int64()),
-            "width": pyarrow.array(columns["width"], pyarrow.int32()),
-            "height": pyarrow.array(columns["height"], pyarrow.int32()),
-        })
-        parquet.write_table(table, self._temporary_metadata)
-        with open(self._temporary_metadata, "rb+") as handle:
-            os.fsync(handle.fileno())
+        table = pyarrow.table({name: pyarrow.array(self._metadata[name], getattr(pyarrow, kind)())
+                               for name, kind in METADATA_COLUMNS})
+        with self._local.open(self._temporary_metadata, "wb") as handle:
+            parquet.write_table(table, handle)
+            durable(handle)
 
 
 def _pyarrow():

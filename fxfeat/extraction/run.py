@@ -8,8 +8,6 @@ records into the manifest (rank 0, after every rank is done).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 import warnings
@@ -20,21 +18,36 @@ from typing import Any
 import torch
 from torch import nn
 
-from fxfeat.errors import FxFeatWarning, InvalidModelError, InvalidRequestError, ShapePropagationError
+from fxfeat.errors import (
+    ExtractError,
+    FxFeatWarning,
+    InvalidModelError,
+    InvalidRequestError,
+    MissingDependencyError,
+    ShapePropagationError,
+)
+from fxfeat.extraction.compute_dtype import (
+    check_compute_dtype,
+    choose_compute_dtype,
+    describe_compute,
+    dtype_name,
+    inference_module,
+    recorded_compute_dtype,
+)
+from fxfeat.extraction.directory import OutputDirectory
 from fxfeat.extraction.distributed import Ranks
 from fxfeat.extraction.features import FeatureSpec, build_extractor, extractor_features
+from fxfeat.extraction.filesystem import output_filesystem
+from fxfeat.extraction.format import STORED_DTYPES, configuration, feature_entry, model_fingerprint
+from fxfeat.extraction.lock import output_lock
 from fxfeat.extraction.loop import run_parts
-from fxfeat.extraction.manifest import OutputDirectory
 from fxfeat.extraction.preprocess import LibraryTransform, Preprocessing, resolve_preprocessing
 from fxfeat.extraction.sources import open_source
 from fxfeat.models import build_model
 from fxfeat.module import FeatureGraphModule
-from fxfeat.optimize import inference_copy, optimize_for_inference
 from fxfeat.plan import make_request
 
 __all__ = ["ExtractSummary", "extract"]
-
-_STORED = {torch.float16: torch.float16, torch.float32: torch.float32, torch.bfloat16: torch.float32}
 
 
 @dataclass(frozen=True)
@@ -62,11 +75,14 @@ class ExtractSummary:
     images_per_second: float
     complete: bool
     features: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    compute: dict[str, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
         text = (f"{self.images} images written to {self.path} in {self.seconds:.1f} s "
                 f"({self.images_per_second:.1f} images/s); {self.parts_written} parts written, {self.parts_kept} "
                 f"kept from an earlier run, of {self.parts_total}")
+        if self.compute:
+            text += f"; computed in {describe_compute(self.compute)}"
         if self.skipped:
             text += f"; {len(self.skipped)} skipped (first: {self.skipped[0][1] or self.skipped[0][0]}: " \
                     f"{self.skipped[0][2]})"
@@ -84,6 +100,7 @@ def extract(
     batch_size: int = 64,
     num_workers: int | None = None,
     dtype: torch.dtype = torch.float16,
+    compute_dtype: torch.dtype | None = None,
     shard_size: int = 10_000,
     resume: bool = True,
     overwrite: bool = False,
@@ -96,6 +113,7 @@ def extract(
     output_stride: int | None = None,
     weights: str = "pretrained",
     progress: bool = True,
+    storage_options: dict[str, dict[str, Any]] | None = None,
 ) -> ExtractSummary:
     """Extract features of every image of ``data`` into ``out``, resumably, each image exactly once; the same
     call under ``torchrun`` splits the work across the processes.
@@ -105,8 +123,10 @@ def extract(
             features), or a name: ``timm:NAME``, ``torchvision:NAME``, ``hf:PATH`` (a dual encoder's image side),
             ``open_clip:ARCH[/TAG]`` (the image tower), ``package.module:factory``.
         data: an image folder (recursive; first-level subfolders are class labels), a ``.txt``/``.csv`` list of
-            paths, WebDataset-style ``.tar`` shards (``"train-{000..099}.tar"``) or a map-style dataset.
-        out: the output directory (see docs/extract.md for the layout).
+            paths, WebDataset-style ``.tar`` shards (``"train-{000..099}.tar"``) or a map-style dataset; paths may be
+            fsspec URLs (``https://host/train-{000..099}.tar``, ``s3://bucket/images/``) and shards ``pipe:CMD``.
+        out: the output directory, a path or an fsspec URL (``s3://bucket/features``; see docs/extract.md for the
+            layout and what is guaranteed on which filesystem).
         features: ``"pooled"``, ``"unpooled"``, ``"features"`` (the pyramid levels ``out_indices`` selects), a level
             index or name, or a list of these; all computed by one forward pass.
         pool: ``"avg"``/``"max"`` turns feature maps into vectors; a dict gives it per feature name.
@@ -118,8 +138,11 @@ def extract(
             tensor.
         batch_size: images per forward pass.
         num_workers: DataLoader workers decoding images (``None``: the CPUs of this process's share, at most 8).
-        dtype: the dtype of the written features; on a GPU also the compute dtype (float16/bfloat16), on the CPU
-            the extractor computes in float32. numpy has no bfloat16: bfloat16 features are written as float32.
+        dtype: the dtype of the written features. numpy has no bfloat16: bfloat16 features are written as float32.
+        compute_dtype: the dtype the extractor computes in: ``None`` decides (on a GPU ``dtype`` where it is half
+            precision; on the CPU, for half-precision rows, the faster of float32 and bfloat16 in a short timed
+            probe, as this CPU computes them; float32 otherwise; a rerun the dtype the output records);
+            ``torch.float32`` or ``torch.bfloat16`` forces one. Part of the configuration a rerun must match.
         shard_size: images per part (parts are cut by dataset order, whatever the number of processes).
         resume: keep the verified parts of an earlier run of the same configuration and do the rest.
         overwrite: replace an earlier extraction in ``out`` (``out`` must hold only an fxfeat output).
@@ -130,6 +153,8 @@ def extract(
         out_indices, levels, input_size, output_stride: as in :func:`fxfeat.compile`.
         weights: for a model given by name: ``"pretrained"``, ``"random"`` or a checkpoint path.
         progress: show a progress bar (tqdm; rank 0 only).
+        storage_options: per protocol, the options of its fsspec filesystem for ``data`` and ``out`` URLs
+            (``{"s3": {"endpoint_url": URL, "key": ..., "secret": ...}}``), else fsspec's configuration.
 
     Returns:
         An :class:`ExtractSummary`.
@@ -147,25 +172,32 @@ def extract(
     """
     started = time.perf_counter()
     _check_arguments(batch_size, shard_size, on_error, dtype, num_workers)
+    check_compute_dtype(compute_dtype)
     ranks = Ranks.from_environment()
+    lock = output_lock(out) if ranks.rank == 0 else None  # rank 0 holds it for all (None: an object store)
     try:
         device = _device(device, ranks)
         module, specs, preprocessing, fingerprint = _prepared_model(
             model, features, pool, transform, out_indices, levels, input_size, output_stride, weights)
         channels = module.input_size[0]
-        source = open_source(data)
-        stored = _STORED.get(dtype, dtype)
-        config = _config(fingerprint, preprocessing, transform, specs, stored, source, shard_size)
+        source = open_source(data, storage_options)
+        stored = STORED_DTYPES.get(dtype, dtype)
         part_count = -(-len(source) // shard_size)
-        output = OutputDirectory(out)
-        ranks.share(lambda: output.prepare(config, part_count, overwrite, resume))
+        output = OutputDirectory(out, output_filesystem(os.fspath(out), storage_options))
+        ranks.share(lambda: lock and lock.acquire())  # a second run fails here, on every rank
+        choice = ranks.share(lambda: choose_compute_dtype(  # a rerun computes as the output records
+            module, device, dtype, compute_dtype, None if overwrite else recorded_compute_dtype(
+                output.read_manifest()), optimize))
+        config = _config(fingerprint, preprocessing, transform, specs, stored, source, shard_size,
+                         dtype_name(choice.dtype))
+        run_name = ranks.share(lambda: output.prepare(config, part_count, overwrite, resume))
         mine_to_verify = [part for part in range(part_count) if part % ranks.world == ranks.rank]
         todo = sorted(part for redo in ranks.all_gather(output.damaged_or_missing(mine_to_verify)) for part in redo)
         mine = todo[ranks.rank::ranks.world]
-        compute = dtype if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) else torch.float32
-        runner = _inference_module(module, device, compute, optimize)
+        runner = choice.modules[choice.dtype] if choice.dtype in choice.modules else \
+            inference_module(module, device, choice.dtype, optimize)
         fast = preprocessing if isinstance(preprocessing, Preprocessing) else None
-        run_info = {"device": device.type, "compute_dtype": str(compute).removeprefix("torch."),
+        run_info = {"device": device.type, "compute_dtype": dtype_name(choice.dtype), "compute": choice.as_dict(),
                     "optimized": optimize, "world": ranks.world, "rank": ranks.rank, "data": source.location,
                     "model": model if isinstance(model, str) else None}
         parts = [(part, part * shard_size, min((part + 1) * shard_size, len(source))) for part in mine]
@@ -177,17 +209,23 @@ def extract(
             written["parts"] += 1
 
         loop_started = time.perf_counter()
-        with _progress_bar(progress and ranks.rank == 0, sum(stop - first for _, first, stop in parts),
-                           ranks) as advance:
+        label = "fxfeat extract" + (f" (rank 0 of {ranks.world})" if ranks.world > 1 else "")
+        with _tqdm()(total=sum(stop - first for _, first, stop in parts), unit="img", desc=label, smoothing=0.05,
+                  disable=not (progress and ranks.rank == 0)) as bar:
             run_parts(runner, specs, source, parts, out=out, preprocessing=fast,
                       transform=None if fast is not None else preprocessing or transform, channels=channels,
                       batch_size=batch_size, num_workers=_workers(num_workers, ranks), device=device, dtype=stored,
-                      on_error=on_error, tag=str(ranks.rank), run=run_info, progress=advance, on_commit=committed)
+                      on_error=on_error, tag=f"{run_name}-{ranks.rank}", run=run_info, progress=bar.update,
+                      on_commit=committed, files=output.files)
         written["loop_seconds"] = time.perf_counter() - loop_started
         everyone = ranks.all_gather(written)
         manifest = ranks.share(lambda: output.finish(config, part_count))
     finally:
+        if lock is not None:
+            lock.release()
         ranks.close()
+    if manifest["images"] == 0:
+        raise _nothing_written(out, manifest)
     images = sum(rank["images"] for rank in everyone)
     loop_seconds = max(rank["loop_seconds"] for rank in everyone)
     return ExtractSummary(
@@ -195,7 +233,7 @@ def extract(
         parts_written=sum(rank["parts"] for rank in everyone), parts_kept=part_count - len(todo),
         parts_total=part_count, seconds=time.perf_counter() - started,
         images_per_second=images / loop_seconds if loop_seconds > 0 else 0.0, complete=manifest["complete"],
-        features={spec.name: spec.shape() for spec in specs},
+        features={spec.name: spec.shape() for spec in specs}, compute=choice.as_dict(),
     )
 
 
@@ -209,7 +247,7 @@ def _check_arguments(batch_size, shard_size, on_error, dtype, num_workers) -> No
     if on_error not in ("skip", "raise"):
         raise InvalidRequestError(f"on_error must be 'skip' or 'raise', not {on_error!r}.",
                                   hint="'skip' records unreadable images in the manifest and goes on.")
-    if dtype not in _STORED:
+    if dtype not in STORED_DTYPES:
         raise InvalidRequestError(f"dtype must be torch.float16, torch.bfloat16 or torch.float32, not {dtype!r}.",
                                   hint="float16 halves the files; float32 keeps every bit the extractor computes.")
 
@@ -245,8 +283,7 @@ def _prepared_model(model, features, pool, transform, out_indices, levels, input
     if not isinstance(model, nn.Module):
         raise InvalidModelError(f"fxfeat.extract takes an nn.Module, an extractor or a model name, not "
                                 f"{type(model).__name__}.", hint="e.g. fxfeat.extract('timm:resnet50', ...).")
-    fingerprint = {"class": f"{type(model).__module__}.{type(model).__qualname__}",
-                   "weights_sha256": weights_digest(model)}
+    fingerprint = model_fingerprint(model)
     if isinstance(model, FeatureGraphModule):
         if features != "pooled" or out_indices is not None or levels is not None or output_stride is not None:
             raise InvalidRequestError("an extractor fxfeat.compile returned has fixed outputs; features, "
@@ -290,59 +327,29 @@ def _compile_size(model: nn.Module, input_size: tuple[int, int, int] | None,
     return None if tuple(declared[1:]) == tuple(preprocessing.size) else (declared[0], *preprocessing.size)
 
 
-def weights_digest(model: nn.Module) -> str:
-    """sha256 over a model's state dict: every entry's name, dtype, shape and bytes."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        if not isinstance(tensor, torch.Tensor):
-            continue
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+def _config(fingerprint, preprocessing, transform, specs, stored, source, shard_size, compute) -> dict[str, Any]:
+    """What must match between runs into one directory (:func:`fxfeat.extraction.format.configuration`)."""
+    return configuration(
+        model=fingerprint,
+        preprocessing=preprocessing.as_dict() if preprocessing is not None else {"transform": repr(transform)},
+        features={spec.name: feature_entry(spec.shape(), stored, spec.pool, spec.info) for spec in specs},
+        data=source.describe(), shard_size=shard_size, compute_dtype=compute)
 
 
-def _config(fingerprint, preprocessing, transform, specs, stored, source, shard_size) -> dict[str, Any]:
-    """What must match between runs into one directory, as JSON would give it back."""
-    config = {
-        "model": fingerprint,
-        "preprocessing": preprocessing.as_dict() if preprocessing is not None else {"transform": repr(transform)},
-        "features": {spec.name: {"shape": list(spec.shape()), "dtype": str(stored).removeprefix("torch."),
-                                 "pool": spec.pool, "feature_info": spec.info} for spec in specs},
-        "data": source.describe(),
-        "shard_size": shard_size,
-    }
-    return json.loads(json.dumps(config))
+def _tqdm():
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        raise MissingDependencyError("fxfeat.extract shows its progress with tqdm.",
+                                     hint="pip install 'fxfeat[extract]' (tqdm, pyarrow and pandas).") from None
+    return tqdm
 
 
-def _inference_module(extractor: FeatureGraphModule, device: torch.device, compute: torch.dtype,
-                      optimize: bool) -> nn.Module:
-    """The module the loop runs: an inference copy on ``device`` (the model's own modules are never moved or
-    switched to eval mode), optimised unless ``optimize=False``."""
-    module = inference_copy(extractor).to(device)
-    if optimize:
-        return optimize_for_inference(module, dtype=None if compute == torch.float32 else compute)
-    return module.to(compute) if compute != torch.float32 else module
-
-
-class _progress_bar:
-    """tqdm over this rank's images (or nothing)."""
-
-    def __init__(self, show: bool, total: int, ranks: Ranks):
-        self._bar = None
-        if show:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                tqdm = None
-            if tqdm is not None:
-                label = "fxfeat extract" + (f" (rank 0 of {ranks.world})" if ranks.world > 1 else "")
-                self._bar = tqdm(total=total, unit="img", desc=label, smoothing=0.05)
-
-    def __enter__(self) -> Callable[[int], None]:
-        return self._bar.update if self._bar is not None else (lambda count: None)
-
-    def __exit__(self, *exc_info) -> None:
-        if self._bar is not None:
-            self._bar.close()
+def _nothing_written(out: str, manifest: dict[str, Any]) -> ExtractError:
+    """The error of a run whose output holds no row: every image it read failed."""
+    skipped = manifest["skipped"]
+    reasons = "; ".join(f"{entry['path'] or entry['id']}: {entry['reason']}" for entry in skipped[:3])
+    return ExtractError(
+        f"no image could be read: {out} holds no row of the {len(skipped)} images tried (first: {reasons}).",
+        hint=f"check the data (every skipped image and its reason is in {out}/manifest.json), then rerun.")
 
