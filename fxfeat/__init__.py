@@ -40,6 +40,7 @@ from fxfeat.freeze import freeze
 from fxfeat.module import FeatureGraphModule
 from fxfeat.optimize import CompileSettings, InferenceGraphModule, optimize_for_inference
 from fxfeat.version import __version__ as __version__
+from fxfeat.zoo import catalog
 
 __all__ = [
     "compile",
@@ -57,6 +58,7 @@ __all__ = [
     "inspect",
     "Inspection",
     "plot",
+    "catalog",
     "FeatureInfo",
     "FeatureGraphModule",
     "DataSourceError",

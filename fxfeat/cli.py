@@ -1,5 +1,6 @@
 """Command line: ``python -m fxfeat inspect torchvision:resnet50 [--plot levels.svg [--image cat.jpg]]``,
-``python -m fxfeat export timm:NAME --onnx out.onnx``, ``python -m fxfeat extract timm:NAME DATA --out DIR`` and
+``python -m fxfeat export timm:NAME --onnx out.onnx``, ``python -m fxfeat extract timm:NAME DATA --out DIR``,
+``python -m fxfeat models --reduction 8 --max-params 10M`` (the catalog of every model's levels) and
 ``python -m fxfeat demo``.
 
 Models are named ``torchvision:NAME``, ``timm:NAME``, ``hf:PATH`` (a dual encoder gives its image side),
@@ -17,6 +18,7 @@ import torch
 
 from fxfeat.errors import FxFeatError
 from fxfeat.models import build_model
+from fxfeat.plan.plan import format_table
 from fxfeat.plan.request import MODES
 
 __all__ = ["build_model", "main"]
@@ -73,6 +75,24 @@ def _demo(args: argparse.Namespace) -> None:
         for info, feature in zip(extractor.feature_info.get_dicts(), features):
             print(f"    {info['module']:<24} {list(feature.shape)}")
         print()
+
+
+def _models(args: argparse.Namespace) -> None:
+    import json
+
+    import fxfeat
+
+    entries = fxfeat.catalog(args.name, library=args.library, reduction=args.reduction, min_levels=args.min_levels,
+                             max_params=args.max_params, exports=args.exports, token=True if args.token else None)
+    if args.json:
+        print(json.dumps(entries, indent=1))
+        return
+    rows = [(f"{e['library']}:{e['name']}", "-" if e["params"] is None else f"{e['params'] / 1e6:.1f}M",
+             " ".join(f"{level['reduction']}:{level['channels']}" for level in e["levels"] or ()) or "-",
+             "x".join(map(str, e["pooled"] or ())) or "-", ",".join(e["exports"] or ()) or "-",
+             (e["error"] or "")[:60]) for e in entries]
+    print(format_table(("model", "params", "levels (reduction:channels)", "pooled", "exports", "error"), rows))
+    print(f"{len(entries)} models")
 
 
 def _out_indices(text: str | None):
@@ -207,6 +227,22 @@ def main(argv: list[str] | None = None) -> None:
                          "(not optimize_for_inference)")
     extract.add_argument("--quiet", action="store_true", help="no progress bar")
     extract.set_defaults(run=_extract)
+    models = commands.add_parser(
+        "models", help="the catalog of every timm and torchvision model's levels, filtered",
+        description="Every timm and torchvision classification model with the levels fxfeat.compile returns by "
+        "default, its parameters and head features, from the catalog shipped with fxfeat (docs/catalog.md).")
+    models.add_argument("name", nargs="?", help="one model, timm:NAME or torchvision:NAME (compiled now where the "
+                        "installed library is of another version than the catalog's)")
+    models.add_argument("--library", help="timm or torchvision")
+    models.add_argument("--reduction", type=int, help="has a level at this reduction, e.g. 8")
+    models.add_argument("--min-levels", type=int, help="at least this many levels")
+    models.add_argument("--max-params", help="at most this many parameters: 25000000, 500K, 10M, 1.5G")
+    models.add_argument("--exports", action="append", help="exported and checked to this format in the export "
+                        "zoo: onnx, torchscript, torchscript-script, torchscript-trace, exported_program "
+                        "(repeat for several)")
+    models.add_argument("--token", action="store_true", help="only models whose levels include token sequences")
+    models.add_argument("--json", action="store_true", help="print the entries as JSON")
+    models.set_defaults(run=_models)
     demo = commands.add_parser("demo", help="compile a few models and print their pyramids")
     demo.add_argument("models", nargs="*", default=["torchvision:resnet50", "timm:regnety_032"])
     demo.set_defaults(run=_demo)

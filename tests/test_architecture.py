@@ -16,9 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "fxfeat"
 DOC = ROOT / "docs" / "architecture.md"
 # The pipeline's stages in order, then the layers that use an extractor, each after what it uses: the face's
-# compile and inspect (api), optimize, backbone and freeze, export, extraction, drawing (fxfeat.plot's pictures).
+# compile and inspect (api), optimize, backbone and freeze, export, extraction, drawing (fxfeat.plot's pictures),
+# zoo (fxfeat.catalog: every model's levels, compiled by api).
 STAGES = ["trace", "analyse", "plan", "passes", "module", "api", "optimize", "backbone", "freeze", "export",
-          "extraction", "drawing"]
+          "extraction", "drawing", "zoo"]
 # Modules every stage may use: they import no stage.
 LEAVES = ("errors", "feature_info", "runtime", "version", "models", "dual_encoders")
 # The package face and the command line over it: they may import anything, and nothing else may import the face.

@@ -5,7 +5,11 @@ process on a free port) read back by ``load_features``, and the errors of unreac
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -145,18 +149,31 @@ def test_an_output_on_fsspecs_memory_filesystem(dataset, tmp_path):
 
 @pytest.fixture(scope="module")
 def s3():
-    """A bucket on moto's S3 server, started as a server on a free port, and the storage options that reach it."""
-    pytest.importorskip("s3fs")
-    boto3 = pytest.importorskip("boto3")
-    server_module = pytest.importorskip("moto.server")
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                 region_name="us-east-1").create_bucket(Bucket="fxfeat")
-    yield {"s3": {"endpoint_url": endpoint, "key": "test", "secret": "test"}}
-    server.stop()
+    """A bucket on moto's S3 server, run as a server process of its own on a free port, and the storage options
+    that reach it."""
+    import boto3
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until the server answers
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "moto's server did not start"
+                time.sleep(0.2)
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                     region_name="us-east-1").create_bucket(Bucket="fxfeat")
+        yield {"s3": {"endpoint_url": endpoint, "key": "test", "secret": "test"}}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_an_output_on_an_s3_server_resumed_and_read_back(dataset, tmp_path, s3):
@@ -208,7 +225,5 @@ def test_unreachable_urls_and_missing_protocol_packages(tmp_path):
 
 
 def test_import_fxfeat_does_not_import_fsspec():
-    import subprocess
-
     code = "import fxfeat, sys; assert 'fsspec' not in sys.modules and 'aiohttp' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
