@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # torch and torchvision are pinned to the builds that lie on the development machines' disk.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test test-zoo bench bench-extract coverage pictures lint clean
+.PHONY: install demo test test-zoo bench bench-extract coverage catalog pictures lint clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ bench-extract: install
 
 coverage: install
 	$(PY) -m benchmarks.coverage --out docs/coverage.json --markdown docs/coverage.md
+	$(PY) -m benchmarks.coverage_pictures --report docs/coverage.json --markdown docs/coverage.md
+
+catalog: install
+	$(PY) -m benchmarks.catalog --out fxfeat/zoo/catalog.json.gz --page docs/catalog.md
 
 pictures: install
 	$(PY) -m benchmarks.pictures --out docs/pictures

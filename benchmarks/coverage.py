@@ -126,6 +126,19 @@ def _worker(connection, without_registry: bool = False) -> None:
         connection.send(result)
 
 
+def serve(connection, compute) -> None:
+    """A worker loop of :class:`_Pool`: on one thread, send back ``compute(case)`` for each case received over
+    ``connection`` until it sends ``None``."""
+    import torch
+
+    torch.set_num_threads(1)
+    while True:
+        case = connection.recv()
+        if case is None:
+            return
+        connection.send(compute(case))
+
+
 class _Pool:
     """Worker processes that each check one model at a time; a model past the time limit kills its worker.
     ``target(connection)`` is the worker loop (default: the coverage checks). A worker may send ``(PARTIAL,
@@ -406,6 +419,14 @@ def _declared_text(result: dict[str, Any]) -> str:
     return _mark(declared["equal"]) if "equal" in declared else declared.get("error", "-").replace("|", "\\|")
 
 
+def _picture_link(result: dict[str, Any], markdown: Path) -> str:
+    """A link to the picture of the model's levels that ``benchmarks.coverage_pictures`` drew, if it did."""
+    from benchmarks.coverage_pictures import picture_path
+
+    picture = picture_path(markdown, result["name"])
+    return f" ([picture]({picture.relative_to(markdown.parent).as_posix()}))" if picture.exists() else ""
+
+
 def _mark(value) -> str:
     return "-" if value is None else ("yes" if value else "**no**")
 
@@ -484,14 +505,16 @@ def write_markdown(report: dict[str, Any], path: Path) -> None:
     lines += ["", "## Misses, explained", "",
               "Every timm family where fxfeat's automatic levels are not timm's, its declared levels (CNN-style "
               "families) do not return timm's tensors, or `output_stride=8` differs from timm's dilated model, with "
-              "what differs and why.", "",
+              "what differs and why; each model that compiles links to the picture of its automatic levels "
+              "(`fxfeat.plot(model, levels=\"auto\")`, drawn by `python -m benchmarks.coverage_pictures`).", "",
               "| family | what differs | why |", "|---|---|---|"]
     for r in sorted((r for r in rows if r["library"] == "timm"), key=lambda r: r["family"]):
         auto, os8 = r.get("auto", {}), r.get("output_stride", {})
         if not auto.get("identical"):
             why = EXPLANATIONS.get(r["family"]) or (
                 ISOTROPIC if r.get("cnn_style") is False else "**not analysed yet**")
-            lines.append(f"| {r['family']} | {miss_reason(r).replace('|', chr(92) + '|') or '-'} | {why} |")
+            lines.append(f"| {r['family']}{_picture_link(r, path)} | "
+                         f"{miss_reason(r).replace('|', chr(92) + '|') or '-'} | {why} |")
         declared = r.get("declared", {})
         if r.get("cnn_style") and not declared.get("equal"):
             what = declared.get("error", "tensors differ from timm's features_only").replace("|", chr(92) + "|")

@@ -68,14 +68,9 @@ def check_export(library: str, name: str, fmt: str) -> dict[str, Any]:
 
 
 def _worker(connection) -> None:
-    import torch
+    from benchmarks.coverage import serve
 
-    torch.set_num_threads(1)
-    while True:
-        case = connection.recv()
-        if case is None:
-            return
-        connection.send(check_export(case["library"], case["name"], case["format"]))
+    serve(connection, lambda case: check_export(case["library"], case["name"], case["format"]))
 
 
 def _cases(args) -> list[dict[str, str]]:
