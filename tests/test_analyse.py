@@ -186,3 +186,55 @@ def test_a_decoder_does_not_hide_the_encoder_pyramid():
     assert extractor.feature_info.module_name() == ["enc1", "enc2", "enc3"]
     assert extractor.feature_info.reduction() == [2, 4, 8]
     assert_bit_equal_to_eager(model, extractor, torch.randn(1, 3, 96, 80))
+
+
+class _FixedSizeMaps(nn.Module):
+    """A model of one input size only (one probe) whose maps read as a grid in both layouts: 16x16 maps of 12
+    channels at 64 pixels, where 12 (or 16 beside 12) passes as a side shrunk by "valid" convolutions."""
+
+    def __init__(self, channels_last: bool):
+        super().__init__()
+        self.channels_last = channels_last
+        self.stem = nn.Conv2d(3, 12, 4, stride=4)
+        self.down = nn.Conv2d(12, 24, 2, stride=2)
+
+    def forward(self, x):
+        torch._assert(x.shape[-1] == 64, "this model takes 64x64 images only")
+        x = self.stem(x)
+        first = x.permute(0, 2, 3, 1) if self.channels_last else x
+        return [first, self.down(x)]
+
+
+def test_one_probe_reads_each_layout_where_both_read_as_a_grid():
+    for channels_last in (False, True):
+        model = _FixedSizeMaps(channels_last).eval()
+        extractor = fxfeat.compile(model, input_size=(3, 64, 64))
+        info = extractor.feature_info
+        assert info.channels() == [12, 24] and info.reduction() == [4, 8]
+        assert [entry["native_fmt"] for entry in info.get_dicts()] == ["NHWC" if channels_last else "NCHW", "NCHW"]
+        x = torch.randn(2, 3, 64, 64)
+        first, second = model(x)
+        outputs = extractor(x)
+        outputs = list(outputs.values()) if isinstance(outputs, dict) else list(outputs)
+        assert torch.equal(outputs[0], first.permute(0, 3, 1, 2) if channels_last else first)
+        assert torch.equal(outputs[1], second)
+
+
+def test_swin_of_narrow_stages_at_its_one_size_is_read_channels_last():
+    """timm's Swin takes one input size; at embed_dim 32 its 56x56x32 first stage read as a 56x32 grid of 56
+    channels (found drawing it with fxfeat.plot). Its levels now equal timm's features_only maps."""
+    from benchmarks.references import as_list, equal_maps, timm_feature_model
+    from tests.conftest import timm_model
+
+    kwargs = dict(embed_dim=32, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8))
+    model = timm_model("swin_tiny_patch4_window7_224", **kwargs)
+    reference = timm_feature_model("swin_tiny_patch4_window7_224", model, **kwargs)
+    extractor = fxfeat.compile(model)
+    assert extractor.feature_info.channels() == [32, 64, 128, 256]
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        outputs, expected = as_list(extractor(x)), as_list(reference(x))
+    assert [tuple(output.shape) for output in outputs] == [(1, 32, 56, 56), (1, 64, 28, 28), (1, 128, 14, 14),
+                                                           (1, 256, 7, 7)]
+    assert all(equal_maps(a, b) for a, b in zip(expected, outputs))
+    assert_bit_equal_to_eager(model, extractor, x)

@@ -199,9 +199,13 @@ _MAP_DIMS = {"NCHW": (2, 3), "NHWC": (1, 2)}
 
 
 def _map_shape(shapes, sizes) -> NodeShape:
-    """A 4-D tensor: an ``NCHW`` or ``NHWC`` feature map if two of its dimensions follow the input's size."""
+    """A 4-D tensor: an ``NCHW`` or ``NHWC`` feature map if two of its dimensions follow the input's size. With
+    one probe, where both layouts read as a grid (an ``NHWC`` map of 56x56x32 at 224: 56x32 passes as a grid of
+    reduction 4 that "valid" convolutions shrank), the one nearer the input's size divided by its reduction wins
+    (``NCHW`` on a tie)."""
     shape = shapes[0]
     varying = _varying(shapes)
+    candidates = []
     for fmt, dims in _MAP_DIMS.items():
         if varying is not None and varying != dims:
             continue
@@ -209,8 +213,22 @@ def _map_shape(shapes, sizes) -> NodeShape:
             continue
         reduction = _grid_reduction([(s[dims[0]], s[dims[1]]) for s in shapes], sizes)
         if reduction is not None:
-            return NodeShape(shape[1:], fmt, reduction)
-    return NodeShape(shape[1:])
+            grid = (shape[dims[0]], shape[dims[1]])
+            candidates.append((_distance(grid, sizes[0], reduction), fmt, reduction))
+    if not candidates:
+        return NodeShape(shape[1:])
+    _, fmt, reduction = min(candidates, key=lambda candidate: candidate[0])  # min keeps the first of equals
+    return NodeShape(shape[1:], fmt, reduction)
+
+
+def _distance(grid: tuple[int, int], size: tuple[int, int], reduction: int) -> float:
+    """How far a grid is from the input's ``size`` divided by ``reduction``, relative to it, summed over both
+    dimensions: 0 for an exact grid.
+
+    >>> _distance((56, 56), (224, 224), 4), _distance((56, 32), (224, 224), 4)
+    (0.0, 0.42857142857142855)
+    """
+    return sum(abs(got - math.ceil(side / reduction)) / math.ceil(side / reduction) for got, side in zip(grid, size))
 
 
 @dataclass(frozen=True)
