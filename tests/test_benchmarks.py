@@ -159,6 +159,26 @@ def test_extract_benchmark_embedding_case_against_the_open_clip_loop(tmp_path):
     assert "| open_clip:ViT-S-32 | embedding |" in text and "| open_clip loop |" in text
     assert "- open_clip:ViT-S-32: min row cosine >= 0.9999: **" in text
 
+def test_extract_benchmark_with_bfloat16_compute(tmp_path):
+    """--compute-dtype bfloat16: the hand loop cast to bfloat16 beside the float32 one, fxfeat's compute dtype and
+    why, the goals of bfloat16 rows (cosine 0.999 to the float32 loop's rows) and the model limit computed in the
+    dtype fxfeat ran (no speed asserted)."""
+    from benchmarks import extract as bench
+
+    out, markdown = tmp_path / "e.json", tmp_path / "e.md"
+    bench.main(["--models", "resnet10t", "--images", "8", "--batch-size", "4", "--workers", "1", "--rounds", "1",
+                "--limit-batches", "1", "--compute-dtype", "bfloat16", "--http-images", "0", "--rss-images",
+                "--work", str(tmp_path / "work"), "--out", str(out), "--markdown", str(markdown)])
+    row = json.loads(out.read_text())["models"]["resnet10t"]
+    assert row["fxfeat extract"]["compute"] == {"dtype": "bfloat16", "reason": "forced", "probe": None}
+    assert row["timm loop"]["images"] == row["timm loop bfloat16"]["images"] == 8
+    assert row["speedup_over_timm_loop_bfloat16"] > 0
+    assert set(row["goals"]) == {"min row cosine to the float32 timm loop >= 0.999"}
+    assert row["min_row_cosine"] >= 0.99  # bfloat16 rows of a random 10-layer ResNet against float32 ones
+    text = markdown.read_text()
+    assert "| resnet10t | bfloat16 (forced) | " in text and "timm loop cast to bfloat16" in text
+
+
 def test_gpu_script_smoke_run_on_the_cpu(tmp_path):
     """benchmarks/gpu.sh's steps end to end on the CPU at tiny sizes: the bench merges a report with the compiled
     methods and the goal's lines, and the extraction step writes its own."""
