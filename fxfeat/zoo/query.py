@@ -36,6 +36,7 @@ _EXPORT_NAMES = (*EXPORT_FORMATS, "torchscript")  # "torchscript": either of its
 _SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}
 
 
+@functools.lru_cache(maxsize=1)
 def installed_versions() -> dict[str, str | None]:
     """The installed timm and torchvision versions (``None``: not installed), without importing them."""
     versions = {}
@@ -118,7 +119,7 @@ def catalog(
     Example:
         >>> import fxfeat
         >>> [entry["name"] for entry in fxfeat.catalog(library="torchvision", max_params="1.5M")]
-        ['squeezenet1_1']
+        ['shufflenet_v2_x0_5', 'squeezenet1_0', 'squeezenet1_1']
     """
     checks = _filters(library, reduction, min_levels, max_params, exports, token)
     if name is not None:
@@ -185,9 +186,9 @@ def _named(name: str, library: str | None) -> list[dict[str, Any]]:
     versions, found = installed_versions(), []
     for candidate in libraries:
         key = (candidate, bare)
-        if versions[candidate] == shipped["versions"][candidate] and key in by_name:
-            found.append(by_name[key])
-        elif versions[candidate] is not None and versions[candidate] != shipped["versions"][candidate]:
+        if versions[candidate] in (None, shipped["versions"][candidate]):  # not installed: the catalog answers
+            found.append(by_name.get(key))
+        else:
             found.append(_compiled_now(candidate, bare, wanted == candidate))
     found = [entry for entry in found if entry is not None]
     if not found:
