@@ -92,7 +92,7 @@ def _models(args: argparse.Namespace) -> None:
              "x".join(map(str, e["pooled"] or ())) or "-", ",".join(e["exports"] or ()) or "-",
              (e["error"] or "")[:60]) for e in entries]
     print(format_table(("model", "params", "levels (reduction:channels)", "pooled", "exports", "error"), rows))
-    print(f"{len(entries)} models")
+    print(f"{len(entries)} model{'' if len(entries) == 1 else 's'}")
 
 
 def _out_indices(text: str | None):

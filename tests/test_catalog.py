@@ -153,7 +153,7 @@ def test_cli_prints_the_catalog_as_json_and_filters_narrow(capsys):
     assert 0 < len(small) < len(every) and all(e["params"] <= 5_000_000 for e in small)
     main(["models", "torchvision:resnet18"])
     table = capsys.readouterr().out
-    assert "torchvision:resnet18" in table and "32:512" in table and "1 models" in table
+    assert "torchvision:resnet18" in table and "32:512" in table and table.endswith("1 model\n")
 
 
 def test_cli_bad_max_params_exits_with_a_hint(capsys):
