@@ -11,10 +11,11 @@ where it measured the model. The build's figures go between the markers of ``doc
 Usage::
 
     python -m benchmarks.catalog [--models timm:NAME torchvision:NAME ...] [--sample 40] [--workers 2]
-        [--timeout 120] [--out fxfeat/zoo/catalog.json.gz] [--resume] [--render]
+        [--timeout 120] [--out fxfeat/zoo/catalog.json.gz] [--resume | --update] [--render]
 
 ``--resume`` keeps the entries of an existing ``--out`` built with the same library versions and compiles only
-the models it lacks (a build split over several runs); ``--render`` only rewrites ``docs/catalog.md`` from it.
+the models it lacks (a build split over several runs); ``--update --models ...`` compiles the models named again
+and keeps every other entry; ``--render`` only rewrites ``docs/catalog.md`` from it.
 """
 
 from __future__ import annotations
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--page", type=Path, default=PAGE, help="the page whose build figures are rewritten")
     parser.add_argument("--exports", type=Path, default=EXPORTS, help="the export zoo's report")
     parser.add_argument("--resume", action="store_true", help="keep the entries of --out of the same versions")
+    parser.add_argument("--update", action="store_true", help="compile the --models again and keep every other "
+                        "entry of --out (after a change of the level rule that touches a few models)")
     parser.add_argument("--render", action="store_true", help="only rewrite --page from --out")
     args = parser.parse_args(argv)
     from fxfeat.version import __version__
@@ -165,12 +168,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     versions = dict(installed_versions(), torch=torch.__version__, fxfeat=__version__)
     cases, kept, previous_s = _cases(args), {}, 0.0
-    if args.resume and args.out.exists():
+    if (args.resume or args.update) and args.out.exists():
         previous = read_catalog(args.out)
         if previous["versions"] == versions:
             kept = {(e["library"], e["name"]): e for e in previous["entries"]}
             previous_s = previous["wall_s"]
-    todo = [case for case in cases if (case["library"], case["name"]) not in kept]
+    if args.update:  # the models named are compiled again, every other entry is kept
+        todo = cases
+        cases = [dict(library=library, name=name) for library, name in kept]
+        cases += [case for case in todo if (case["library"], case["name"]) not in kept]
+    else:
+        todo = [case for case in cases if (case["library"], case["name"]) not in kept]
     print(f"catalog: {len(todo)} models to compile ({len(cases) - len(todo)} kept), {args.workers} workers",
           flush=True)
     start, results = time.monotonic(), []
@@ -187,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     finally:
         pool.close()
     exports, exports_date = _exports(args.exports)
-    found = {(e["library"], e["name"]): e for e in results} | kept
+    found = kept | {(e["library"], e["name"]): e for e in results}
     entries = [found[(case["library"], case["name"])] for case in cases]
     for entry in entries:
         entry["exports"] = exports.get((entry["library"], entry["name"]))
