@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.range_server import serve
+from benchmarks.range_server import serve_process
 
 __all__ = ["HTTP_GOAL", "http_markdown", "http_row", "write_shards"]
 
@@ -53,7 +53,7 @@ def http_row(model: torch.nn.Module, name: str, paths: list[str], work: Path, si
 
     pattern = write_shards(paths, work / "http-shards", per_shard)
     runs: dict[str, list[dict]] = {"disk": [], "http": []}
-    with serve(work / "http-shards") as server:
+    with serve_process(work / "http-shards") as server:
         sources = {"disk": str(work / "http-shards" / pattern), "http": f"{server.url}/{pattern}"}
         for round_ in range(rounds):
             for label in ("disk", "http") if round_ % 2 == 0 else ("http", "disk"):
@@ -84,7 +84,8 @@ def http_markdown(row: dict) -> list[str]:
     goal, state = next(iter(row["goal"].items()))
     rounds = {label: ", ".join(f"{run['wall_s']:.2f}" for run in runs) for label, runs in row["rounds"].items()}
     return [
-        "", f"Tar shards served by a local HTTP server (Python's http.server with byte ranges, on this machine) "
+        "", f"Tar shards served by a local HTTP server (Python's http.server with byte ranges, a process of its own on "
+        "this machine) "
         f"against the same shards on disk: {row['model']} at {row['input_size']} px, {row['images']} images in "
         f"{row['shards']} shards of {row['per_shard']}, batch {row['batch_size']}, {row['workers']} workers, "
         "float32 compute; wall time of the whole `fxfeat.extract` call (listing the shards, building the "

@@ -1,6 +1,7 @@
 """A local HTTP server for a folder, from the standard library, that answers byte-range requests (fsspec's HTTP files
 read by range; ``http.server.SimpleHTTPRequestHandler`` alone always sends whole files). Used by the HTTP row of
-``benchmarks/extract.py`` and by tests/test_remote.py.
+``benchmarks/extract.py`` (:func:`serve_process`: a server process of its own, as a remote server would be, not a
+thread competing with the extraction for the interpreter) and by tests/test_remote.py (:func:`serve`, a thread).
 
 Example:
     >>> import tempfile, urllib.request
@@ -22,10 +23,14 @@ import http.server
 import io
 import os
 import re
+import subprocess
+import sys
+import tempfile
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
-__all__ = ["RangeRequestHandler", "serve"]
+__all__ = ["RangeRequestHandler", "serve", "serve_process"]
 
 
 class RangeRequestHandler(http.server.SimpleHTTPRequestHandler):
@@ -81,3 +86,49 @@ def serve(root: str | os.PathLike) -> Iterator[http.server.ThreadingHTTPServer]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+class _FileLog:
+    """A request log kept as lines of a file, so that another process can count them."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def append(self, request: tuple) -> None:
+        with self.path.open("a") as handle:
+            handle.write(f"{request}\n")
+
+    def __len__(self) -> int:
+        return len(self.path.read_text().splitlines()) if self.path.exists() else 0
+
+
+@contextlib.contextmanager
+def serve_process(root: str | os.PathLike) -> Iterator[object]:
+    """Serve the folder ``root`` from a process of its own on a free port of 127.0.0.1 while the block runs; the
+    object given has ``url`` and ``log`` (``len(log)``: the requests so far)."""
+    log = Path(tempfile.mkdtemp()) / "requests.log"
+    server = subprocess.Popen([sys.executable, "-m", "benchmarks.range_server", os.fspath(root), str(log)],
+                              stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        url = server.stdout.readline().strip()
+        if not url.startswith("http://"):
+            raise RuntimeError(f"the range server did not start (it said {url!r})")
+        yield type("Served", (), {"url": url, "log": _FileLog(log)})()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def main(argv: list[str]) -> None:
+    """``python -m benchmarks.range_server ROOT LOG``: serve ``ROOT``, print the URL, log requests to ``LOG``."""
+    root, log = argv
+    handler = functools.partial(RangeRequestHandler, directory=root)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    server.log = _FileLog(log)
+    print(f"http://127.0.0.1:{server.server_address[1]}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
