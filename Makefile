@@ -31,6 +31,8 @@ bench: install
 
 bench-extract: install
 	$(PY) -m benchmarks.extract --out docs/extract.json --markdown docs/extract-benchmark.md
+	$(PY) -m benchmarks.extract --models resnet50 open_clip:ViT-B-32 --compute-dtype auto --http-images 0 --rss-images \
+		--out docs/extract-bfloat16.json --markdown docs/extract-benchmark-bfloat16.md
 
 coverage: install
 	$(PY) -m benchmarks.coverage --out docs/coverage.json --markdown docs/coverage.md
