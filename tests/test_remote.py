@@ -83,24 +83,6 @@ def test_a_list_of_urls_and_an_http_folder(dataset, tmp_path):
         assert folder.kind == "folder" and len(folder) == 10 and folder.classes == ("a", "b")
 
 
-def test_a_batch_of_http_ranges_is_read_together_and_a_missing_item_fails_alone(dataset, tmp_path):
-    """A batch's images are fetched by one cat_ranges call (concurrent requests) and equal the files; a URL that
-    is not served is that item's error, the others read."""
-    root, pattern = dataset
-    paths = sorted((root / "images").rglob("*.jpg"))
-    with serve(root) as server:
-        shards = open_source(f"{server.url}/shards/{pattern}")
-        loaded = shards.load_many([0, 5, 9])
-        assert [bytes(image.numpy()) for image, _ in loaded] == [bytes(shards.load(i)[0].numpy()) for i in (0, 5, 9)]
-        urls = tmp_path / "urls.txt"
-        urls.write_text(f"{server.url}/{paths[0].relative_to(root)}\n{server.url}/images/missing.jpg\n"
-                        f"{server.url}/{paths[1].relative_to(root)}\n")
-        listed = open_source(str(urls))
-        first, missing, second = listed.load_many([0, 1, 2])
-        assert bytes(first[0].numpy()) == paths[0].read_bytes() and bytes(second[0].numpy()) == paths[1].read_bytes()
-        assert isinstance(missing, Exception)
-
-
 class _StopAt:
     """A preprocessing that is interrupted (a Ctrl-C) at its ``stop``-th image, to cut a run short."""
 

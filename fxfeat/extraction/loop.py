@@ -80,18 +80,9 @@ class _Images(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, index: int) -> _Item:
-        return self.__getitems__([index])[0]
-
-    def __getitems__(self, indices: list[int]) -> list[_Item]:
-        """A batch's items (the DataLoader asks for a batch at once): the source reads their bytes together."""
-        return [self._item(index, loaded) for index, loaded in zip(indices, self.source.load_many(indices))]
-
-    def _item(self, index: int, loaded: tuple[Any, int | None] | Exception) -> _Item:
         key, label = self.source.keys[index], None
         try:
-            if isinstance(loaded, Exception):
-                raise loaded
-            raw, label = loaded
+            raw, label = self.source.load(index)
             if self.transform is not None:
                 image = pil_image(raw) if self.encoded else raw
                 size = _size_of(image)

@@ -114,12 +114,9 @@ class ImageSource:
     def load(self, index: int) -> tuple[Any, int | None]:
         """``(image, label)`` of one item: the image as encoded bytes (a uint8 tensor) or, for a dataset, the
         object it holds. Runs in the DataLoader workers."""
-        return _encoded(self.read(index)), self.labels[index]
-
-    def load_many(self, indices: list[int]) -> list[tuple[Any, int | None] | Exception]:
-        """:meth:`load` of several items (a batch, in a DataLoader worker), each ``(image, label)`` or the error
-        reading it. Kinds whose items are byte ranges of files fetch them together (:meth:`_read_ranges`)."""
-        return [_or_error(self.load, index) for index in indices]
+        data = self.read(index)
+        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        return encoded, self.labels[index]
 
     def describe(self) -> dict[str, Any]:
         """What identifies this listing in the manifest: kind, count, classes and a digest of the items' names
@@ -132,55 +129,16 @@ class ImageSource:
                 "listing_sha256": digest.hexdigest()}
 
 
-def _or_error(function, *args, **kwargs):
-    """``function(*args, **kwargs)``, or the exception it raised (a :class:`~fxfeat.DataSourceError` is raised:
-    the source itself is unusable, not one item)."""
-    try:
-        return function(*args, **kwargs)
-    except DataSourceError:
-        raise
-    except Exception as error:
-        return error
-
-
-def _encoded(data: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-
-
-class _RangeSource(ImageSource):
-    """A source whose items are byte ranges of files (whole files, or tar members), read through fsspec: a batch's
-    ranges are fetched by one ``cat_ranges`` call per filesystem, which a remote one (HTTP, S3) runs as concurrent
-    requests instead of one after the other."""
+class _FileSource(ImageSource):
+    """A source whose items are whole files, named by their paths or URLs."""
 
     storage_options: dict[str, Any] | None = None
 
-    def byte_range(self, index: int) -> tuple[str, int | None, int | None]:
-        """``(path or URL, start, end)`` of an item's bytes (``None``: the file's start or end)."""
-        raise NotImplementedError
-
     def read(self, index: int) -> bytes:
-        path, start, end = self.byte_range(index)
+        key = self.keys[index]
         # The filesystem is asked for in the process that reads (fsspec keeps one per process and URL's options):
         # an instance made before the DataLoader forked its workers is not theirs to use (fsspec's async ones).
-        return filesystem(path, self.storage_options).cat_file(path, start=start, end=end)
-
-    def load_many(self, indices: list[int]) -> list[tuple[Any, int | None] | Exception]:
-        ranges = [self.byte_range(index) for index in indices]
-        files = filesystem(ranges[0][0], self.storage_options)
-        if len({type(filesystem(path, self.storage_options)) for path, _, _ in ranges}) > 1:
-            return super().load_many(indices)  # a list mixing filesystems: item by item
-        data = _or_error(files.cat_ranges, *map(list, zip(*ranges)), on_error="return")
-        if isinstance(data, Exception):
-            return [data] * len(indices)
-        return [error if isinstance(error, Exception) else (_encoded(error), self.labels[index])
-                for index, error in zip(indices, data)]
-
-
-class _FileSource(_RangeSource):
-    """A source whose items are whole files, named by their paths or URLs."""
-
-    def byte_range(self, index: int) -> tuple[str, int | None, int | None]:
-        return self.keys[index], None, None
+        return filesystem(key, self.storage_options).cat_file(key)
 
 
 class FolderSource(_FileSource):
@@ -259,16 +217,16 @@ def _labels(raw: list[str | None]) -> tuple[list[int | None], tuple[str, ...]]:
     return [index[value] if value not in (None, "") else None for value in raw], classes
 
 
-class TarSource(_RangeSource):
+class TarSource(ImageSource):
     """WebDataset-style tar shards: files grouped into samples by ``webdataset``'s ``group_by_keys`` (consecutive
     files sharing the name before the first dot of their base name), per sample its first image and a ``cls`` label.
     The members' offsets, listed once from the tar headers, give random access by index (webdataset's readers
     stream a shard from its start; its indexed ``wids`` needs a shard-list description and maps whole shards).
 
     A shard on a filesystem (a path, ``https://``, ``s3://``...) is listed in one sequential read of large blocks
-    and its images read by byte range, a batch's ranges fetched together. A ``pipe:CMD`` shard has no random
-    access: it is listed from the command's output, and read forward from a new run of the command in each
-    process that reads it, the samples before the ones asked for skipped."""
+    and its images read by byte range, one request each. A ``pipe:CMD`` shard has no random access: it is listed
+    from the command's output, and read forward from a new run of the command in each process that reads it, the
+    samples before the ones asked for skipped."""
 
     kind = "tar"
 
@@ -293,19 +251,10 @@ class TarSource(_RangeSource):
         super().__init__(pattern, keys, labels)
         self._pipe: PipeReader | None = None
 
-    def byte_range(self, index: int) -> tuple[str, int | None, int | None]:
-        shard, offset, size = self.members[index]
-        return shard, offset, offset + size
-
-    def load_many(self, indices: list[int]) -> list[tuple[Any, int | None] | Exception]:
-        if any(is_pipe(self.members[index][0]) for index in indices):  # read forward, item by item
-            return ImageSource.load_many(self, indices)
-        return super().load_many(indices)
-
     def read(self, index: int) -> bytes:
         shard, offset, size = self.members[index]
         if not is_pipe(shard):
-            return super().read(index)
+            return filesystem(shard, self.storage_options).cat_file(shard, start=offset, end=offset + size)
         if self._pipe is None or self._pipe.url != shard:  # one command running per process
             if self._pipe is not None:
                 self._pipe.close()
