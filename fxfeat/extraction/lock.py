@@ -41,6 +41,7 @@ from typing import Any
 
 from fxfeat.errors import MissingDependencyError, OutputDirectoryError
 from fxfeat.extraction.files import is_url
+from fxfeat.extraction.filesystem import local_files, write_file
 from fxfeat.extraction.format import LOCK, LOCK_HOLDER, MANIFEST, STATE
 
 __all__ = ["OutputLock", "is_local_output", "output_lock"]
@@ -101,7 +102,7 @@ class OutputLock:
         self._lock = lock
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
                   "command": " ".join(sys.orig_argv)[:500]}
-        _write(os.path.join(self.out, LOCK_HOLDER), json.dumps(holder).encode())
+        write_file(local_files(), os.path.join(self.out, LOCK_HOLDER), json.dumps(holder).encode())
 
     def release(self) -> None:
         """Let the next run take the directory (nothing where the lock was not taken)."""
@@ -143,14 +144,6 @@ class OutputLock:
             if time.monotonic() > deadline:
                 return None
             time.sleep(0.1)
-
-
-def _write(path: str, value: bytes) -> None:
-    """Write a file whole: to a temporary name beside it, then renamed over it (readers see all of it or none)."""
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "wb") as handle:
-        handle.write(value)
-    os.replace(temporary, path)
 
 
 def _read_holder(path: str) -> dict[str, Any] | None:
